@@ -1,0 +1,46 @@
+"""solvers: one linear layer's pruning problem and the methods that solve it.
+
+The mathematics only: tensors in, tensors out; nothing here knows about ``torch.nn`` or transformers.
+
+>>> import torch, solvers
+>>> W, X = torch.randn(8, 16), torch.randn(16, 200)
+>>> problem = solvers.LayerProblem(W, X @ X.T, solvers.channels(16), sparsity=0.25)
+>>> solution = solvers.solve(problem, method="spap")
+>>> int((~solution.keep).sum())
+4
+"""
+
+from .problem import GramAccumulator, LayerProblem
+from .registry import SolverSpec, available_methods, get_solver, register, solve
+from .solution import Solution
+from .structure import NM, ColumnGroups, Structure, Unstructured, channels, column_groups, heads, parse_structure
+from ._validation import InvalidArgumentError
+from .refit import refit, refit_columns, refit_rows
+
+# Importing a solver module registers it.
+from . import scores as _scores  # noqa: F401,E402
+from . import penalty as _penalty  # noqa: F401,E402
+from . import exact as _exact  # noqa: F401,E402
+
+__all__ = [
+    "LayerProblem",
+    "GramAccumulator",
+    "Solution",
+    "solve",
+    "register",
+    "get_solver",
+    "available_methods",
+    "SolverSpec",
+    "ColumnGroups",
+    "Unstructured",
+    "NM",
+    "Structure",
+    "channels",
+    "heads",
+    "column_groups",
+    "parse_structure",
+    "refit",
+    "refit_columns",
+    "refit_rows",
+    "InvalidArgumentError",
+]

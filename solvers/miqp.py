@@ -1,0 +1,104 @@
+"""The layer problem as an explicit mixed-integer quadratic program, built with cvxpy.
+
+Variables: ``Ŵ`` (continuous, ``d_out×d_in``) and ``z`` (binary; 1 = kept) per group or per weight::
+
+    minimize    ½ ‖(Ŵ − W) L‖²_F            (H_d = L Lᵀ, so this is ½ tr((Ŵ−W) H_d (Ŵ−W)ᵀ))
+    subject to  |Ŵ_ri| ≤ M_ri z_{unit(r,i)}   (big-M link: a pruned unit has zero weights)
+                Σ z = number kept            (or, for N:M, Σ over each block of m = n)
+
+Big-M, derived (not guessed).  Ŵ = 0 is feasible for every mask, and for a fixed mask the rows
+decouple, so each row of an optimal Ŵ satisfies ``‖ŵ_r − w_r‖_H ≤ ‖w_r‖_H`` (its error is at most that
+of the zero row).  By Cauchy–Schwarz in the ``H`` inner product, ``|e_iᵀ v| ≤ √(H⁻¹_ii) ‖v‖_H``, hence::
+
+    |ŵ_ri| ≤ M_ri = |w_ri| + ‖w_r‖_H √(H⁻¹_ii)
+
+holds at every optimum, so the big-M constraints cut off no optimal solution.  The mixed-integer solver
+is SCIP (``pip install pyscipopt``, the ``exact`` extra) or HiGHS; cvxpy is imported lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._validation import InvalidArgumentError
+from .problem import LayerProblem
+from .structure import NM, ColumnGroups
+
+
+@dataclass
+class MIQP:
+    """A built model: the cvxpy problem, its variables and the derived big-M bounds."""
+
+    problem: Any  # cvxpy.Problem
+    W_hat: Any  # cvxpy.Variable (d_out, d_in)
+    z: Any  # cvxpy.Variable, boolean: (n_groups,) or (d_out, d_in)
+    big_m: np.ndarray  # (d_out, d_in)
+
+
+def big_m(problem: LayerProblem) -> torch.Tensor:
+    """The bounds ``M_ri = |w_ri| + ‖w_r‖_H √(H⁻¹_ii)`` (float64, shape ``(d_out, d_in)``)."""
+    W, H, Hinv = problem.W64, problem.hessian, problem.hessian_inverse
+    row_norm = ((W @ H) * W).sum(1).clamp_min(0).sqrt()  # ‖w_r‖_H
+    return W.abs() + row_norm[:, None] * Hinv.diagonal().clamp_min(0).sqrt()[None, :]
+
+
+def build_miqp(problem: LayerProblem) -> MIQP:
+    """Build the MIQP of ``problem`` (column groups, unstructured or N:M)."""
+    try:
+        import cvxpy as cp
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("The MIQP needs cvxpy: pip install 'spap[exact]'.") from exc
+    W = problem.W64.cpu().numpy()
+    L = problem.hessian_cholesky.cpu().numpy()
+    M = big_m(problem).cpu().numpy()
+    d_out, d_in = W.shape
+    W_hat = cp.Variable((d_out, d_in))
+    s = problem.structure
+    objective = cp.Minimize(0.5 * cp.sum_squares((W_hat - W) @ L))
+    if isinstance(s, ColumnGroups):
+        z = cp.Variable(s.n_groups, boolean=True)
+        # Column c of group j: |Ŵ[:, c]| ≤ M[:, c] z_j.  Build the (d_in, n_groups) incidence matrix.
+        incidence = np.zeros((d_in, s.n_groups))
+        for j, group in enumerate(s.groups):
+            incidence[list(group), j] = 1.0
+        cols = np.nonzero(incidence.sum(1) > 0)[0]
+        kept_col = cp.reshape(incidence[cols] @ z, (1, len(cols)), order="C")  # z of each column's group
+        constraints = [
+            cp.abs(W_hat[:, cols]) <= cp.multiply(M[:, cols], np.ones((d_out, 1)) @ kept_col),
+            cp.sum(z) == s.n_groups - problem.n_pruned_target,
+        ]
+    else:
+        z = cp.Variable((d_out, d_in), boolean=True)
+        constraints = [cp.abs(W_hat) <= cp.multiply(M, z)]
+        if isinstance(s, NM):
+            for b in range(d_in // s.m):
+                constraints.append(cp.sum(z[:, b * s.m : (b + 1) * s.m], axis=1) == s.n)
+        else:
+            constraints.append(cp.sum(z) == d_out * d_in - problem.n_pruned_target)
+    return MIQP(cp.Problem(objective, constraints), W_hat, z, M)
+
+
+def solve_miqp(problem: LayerProblem, *, solver: str = "SCIP", time_limit: float = 600.0) -> tuple[torch.Tensor, dict]:
+    """Solve the MIQP; returns the kept mask (groups or weights) and solver information."""
+    import cvxpy as cp
+
+    if solver not in cp.installed_solvers():
+        raise InvalidArgumentError(
+            f"The 'solver' argument names {solver!r}, which is not installed; installed: {cp.installed_solvers()}. "
+            "Install SCIP with: pip install pyscipopt"
+        )
+    model = build_miqp(problem)
+    opts = {"limits/time": time_limit} if solver == "SCIP" else {"time_limit": time_limit}
+    key = "scip_params" if solver == "SCIP" else None
+    kwargs = {key: opts} if key else opts
+    model.problem.solve(solver=solver, **kwargs)
+    if model.z.value is None:
+        raise RuntimeError(f"The MIQP solver {solver} returned no solution (status {model.problem.status}).")
+    keep = torch.from_numpy(np.round(model.z.value).astype(bool)).to(problem.device)
+    if isinstance(problem.structure, ColumnGroups):
+        keep = keep.reshape(-1)
+    return keep, {"backend": "miqp", "solver": solver, "status": model.problem.status, "miqp_objective": float(model.problem.value)}

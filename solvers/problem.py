@@ -1,0 +1,303 @@
+"""One linear layer's pruning problem, stated as data.
+
+The problem (Hu & Yuan 2025, eq. 1) for a weight ``W`` of shape ``(d_out, d_in)`` with calibration
+inputs ``X`` of shape ``(d_in, p)``::
+
+    minimize_{Ŵ}  ½‖ŴX − WX‖²_F = ½ tr((Ŵ − W) H (Ŵ − W)ᵀ),   H = X Xᵀ
+    subject to    Ŵ has the given sparsity structure and target.
+
+Only the Gram matrix ``H`` (shape ``(d_in, d_in)``) is needed, so calibration tokens never have to sit
+in memory: :class:`GramAccumulator` streams them.  ``H`` is a *sum* over tokens (not a mean), so the
+error is in units of "squared output error summed over calibration tokens, halved".
+
+Damping.  A Gram matrix of a wide layer can be singular (dead inputs, fewer tokens than ``d_in``).  The
+solvers therefore minimise the same objective with ``H_d = H + δ·mean(diag H)·I`` where
+``δ = damp`` (default 0.01, the relative damping of SparseGPT).  :meth:`LayerProblem.objective` uses
+``H_d``; :meth:`LayerProblem.error` reports the undamped reconstruction error that users care about.
+With ``damp=0`` the two coincide.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional
+
+import torch
+
+from ._validation import Interval, InvalidArgumentError, NoneOr, check
+from .structure import NM, ColumnGroups, Structure, Unstructured
+
+_CALLER = "LayerProblem"
+
+
+class GramAccumulator:
+    """Streams calibration inputs into ``H = Σ x xᵀ`` (float64), their sum and their count.
+
+    Parameters
+    ----------
+    d_in : int
+        Input width of the layer.
+    device : torch.device or str, optional
+        Where ``H`` lives; batches are moved there.  Accumulation is in float64 because a sum over
+        millions of tokens loses digits in float32 (the relative error of a float32 sum grows with the
+        number of terms; SparseGPT's float32 running mean is adequate for masks but not for the exact
+        refit used here).
+
+    Examples
+    --------
+    >>> acc = GramAccumulator(4)
+    >>> acc.add_batch(torch.randn(2, 10, 4))   # (batch, seq, d_in): any leading shape
+    >>> acc.n_samples
+    20
+    """
+
+    def __init__(self, d_in: int, device: torch.device | str | None = None) -> None:
+        check("d_in", d_in, Interval(int, 1, None), "GramAccumulator")
+        self.d_in = d_in
+        self.H = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.n_samples = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add inputs of shape ``(..., d_in)``; every leading index is one sample (token)."""
+        if x.shape[-1] != self.d_in:
+            raise InvalidArgumentError(
+                f"The 'x' argument of GramAccumulator.add_batch must have last dimension {self.d_in}. "
+                f"Got shape {tuple(x.shape)} instead."
+            )
+        flat = x.detach().reshape(-1, self.d_in).to(device=self.H.device, dtype=torch.float64)
+        self.H.addmm_(flat.T, flat)
+        self.sum += flat.sum(0)
+        self.n_samples += flat.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean input, shape ``(d_in,)``."""
+        return self.sum / max(self.n_samples, 1)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerProblem:
+    """The pruning problem of one linear layer.
+
+    Parameters
+    ----------
+    weight : Tensor of shape (d_out, d_in)
+        The dense weight ``W``.  Any float dtype; solvers compute in float64 and return this dtype.
+    gram : Tensor of shape (d_in, d_in)
+        ``H = Σ x xᵀ`` of the calibration inputs, symmetric positive semi-definite.
+    structure : ColumnGroups, Unstructured or NM
+        What may be pruned.
+    sparsity : float in [0, 1), optional
+        Fraction of groups (column structures) or of weights (unstructured) to prune.  Exactly one of
+        ``sparsity`` and ``n_prune`` for column and unstructured targets; neither for N:M, whose
+        sparsity is fixed by the pattern.
+    n_prune : int, optional
+        Number of groups (or weights) to prune.
+    bias : Tensor of shape (d_out,), optional
+        Carried along for methods that compensate into it (FLAP); the reconstruction objective is
+        bias-free.
+    damp : float, default 0.01
+        Relative damping ``δ``: the solvers use ``H + δ·mean(diag H)·I``.
+    input_mean : Tensor of shape (d_in,), optional
+        Mean calibration input (from :class:`GramAccumulator`), for methods that need it.
+    n_samples : int, optional
+        Number of calibration tokens behind ``gram``.
+    """
+
+    weight: torch.Tensor
+    gram: torch.Tensor
+    structure: Structure
+    sparsity: Optional[float] = None
+    n_prune: Optional[int] = None
+    bias: Optional[torch.Tensor] = None
+    damp: float = 0.01
+    input_mean: Optional[torch.Tensor] = None
+    n_samples: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        W, H = self.weight, self.gram
+        if not isinstance(W, torch.Tensor) or W.ndim != 2 or not W.is_floating_point():
+            raise InvalidArgumentError(
+                f"The 'weight' argument of {_CALLER} must be a 2-D float tensor (d_out, d_in). Got {_describe(W)}."
+            )
+        d_out, d_in = W.shape
+        if not isinstance(H, torch.Tensor) or H.shape != (d_in, d_in) or not H.is_floating_point():
+            raise InvalidArgumentError(
+                f"The 'gram' argument of {_CALLER} must be a float tensor of shape ({d_in}, {d_in}) to match "
+                f"weight {tuple(W.shape)}. Got {_describe(H)}."
+            )
+        if H.device != W.device:
+            raise InvalidArgumentError(
+                f"The 'gram' argument of {_CALLER} must be on the weight's device {W.device}. Got {H.device}."
+            )
+        if not torch.isfinite(W).all():
+            raise InvalidArgumentError(f"The 'weight' argument of {_CALLER} contains NaN or Inf.")
+        if not torch.isfinite(H).all():
+            raise InvalidArgumentError(f"The 'gram' argument of {_CALLER} contains NaN or Inf.")
+        H64 = H.to(torch.float64)
+        scale = H64.abs().max().clamp_min(1e-300)
+        if (H64 - H64.T).abs().max() > 1e-6 * scale:
+            raise InvalidArgumentError(f"The 'gram' argument of {_CALLER} must be symmetric (H = Σ x xᵀ).")
+        if (torch.diagonal(H64) < -1e-9 * scale).any():
+            raise InvalidArgumentError(
+                f"The 'gram' argument of {_CALLER} has a negative diagonal entry; it must be positive semi-definite."
+            )
+        if torch.diagonal(H64).sum() <= 0:
+            raise InvalidArgumentError(f"The 'gram' argument of {_CALLER} is zero: no calibration input reached it.")
+        check("damp", self.damp, Interval(float, 0.0, None), _CALLER)
+        check("sparsity", self.sparsity, NoneOr(Interval(float, 0.0, 1.0, closed="left")), _CALLER)
+        check("n_prune", self.n_prune, NoneOr(Interval(int, 0, None)), _CALLER)
+        if self.bias is not None and (not isinstance(self.bias, torch.Tensor) or self.bias.shape != (d_out,)):
+            raise InvalidArgumentError(
+                f"The 'bias' argument of {_CALLER} must be a tensor of shape ({d_out},). Got {_describe(self.bias)}."
+            )
+        if self.input_mean is not None and (
+            not isinstance(self.input_mean, torch.Tensor) or self.input_mean.shape != (d_in,)
+        ):
+            raise InvalidArgumentError(
+                f"The 'input_mean' argument of {_CALLER} must be a tensor of shape ({d_in},). "
+                f"Got {_describe(self.input_mean)}."
+            )
+        self._check_structure(d_out, d_in)
+
+    def _check_structure(self, d_out: int, d_in: int) -> None:
+        s = self.structure
+        both = self.sparsity is not None and self.n_prune is not None
+        neither = self.sparsity is None and self.n_prune is None
+        if isinstance(s, NM):
+            if not neither:
+                raise InvalidArgumentError(
+                    f"An N:M structure fixes the sparsity; give neither 'sparsity' nor 'n_prune' to {_CALLER}."
+                )
+            if d_in % s.m:
+                raise InvalidArgumentError(
+                    f"The 'structure' argument of {_CALLER}: m={s.m} must divide d_in={d_in}."
+                )
+            return
+        if both or neither:
+            raise InvalidArgumentError(f"{_CALLER} needs exactly one of 'sparsity' and 'n_prune'.")
+        if isinstance(s, ColumnGroups):
+            flat = [c for g in s.groups for c in g]
+            if min(flat) < 0 or max(flat) >= d_in:
+                raise InvalidArgumentError(
+                    f"The 'structure' argument of {_CALLER} has column indices outside [0, {d_in})."
+                )
+            if len(flat) != len(set(flat)):
+                raise InvalidArgumentError(f"The 'structure' argument of {_CALLER} has overlapping groups.")
+            total = s.n_groups
+        elif isinstance(s, Unstructured):
+            total = d_out * d_in
+        else:
+            raise InvalidArgumentError(
+                f"The 'structure' argument of {_CALLER} must be a ColumnGroups, Unstructured or NM. Got {s!r}."
+            )
+        if self.n_prune is not None and self.n_prune >= total:
+            raise InvalidArgumentError(
+                f"The 'n_prune' argument of {_CALLER} must be below the number of prunable units ({total}). "
+                f"Got {self.n_prune}."
+            )
+
+    # --- sizes -----------------------------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @cached_property
+    def n_units(self) -> int:
+        """Number of prunable units: groups, or weights for unstructured and N:M."""
+        s = self.structure
+        return s.n_groups if isinstance(s, ColumnGroups) else self.weight.numel()
+
+    @cached_property
+    def n_pruned_target(self) -> int:
+        """Exact number of units to prune (groups, or weights)."""
+        if isinstance(self.structure, NM):
+            return self.weight.numel() // self.structure.m * (self.structure.m - self.structure.n)
+        if self.n_prune is not None:
+            return self.n_prune
+        return int(math.floor(self.sparsity * self.n_units + 0.5))
+
+    # --- matrices (float64, cached) ---------------------------------------------------------------
+
+    @cached_property
+    def W64(self) -> torch.Tensor:
+        """The weight in float64, shape ``(d_out, d_in)``."""
+        return self.weight.detach().to(torch.float64)
+
+    @cached_property
+    def H64(self) -> torch.Tensor:
+        """The undamped Gram matrix in float64, symmetrised."""
+        H = self.gram.detach().to(torch.float64)
+        return 0.5 * (H + H.T)
+
+    @cached_property
+    def hessian(self) -> torch.Tensor:
+        """The damped Gram matrix ``H + δ·mean(diag H)·I`` (float64) that every solver minimises with."""
+        H = self.H64.clone()
+        H.diagonal().add_(self.damp * H.diagonal().mean())
+        return H
+
+    @cached_property
+    def hessian_cholesky(self) -> torch.Tensor:
+        """Lower Cholesky factor of :attr:`hessian`; raises a clear error when it is singular."""
+        from ._linalg import cholesky
+
+        return cholesky(self.hessian, what="the damped Gram matrix", hint="raise 'damp'")
+
+    @cached_property
+    def hessian_inverse(self) -> torch.Tensor:
+        """``(H + δ·mean(diag H)·I)⁻¹`` in float64."""
+        return torch.cholesky_inverse(self.hessian_cholesky)
+
+    # --- objective ---------------------------------------------------------------------------------
+
+    def _quad(self, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+        if W_hat.shape != self.weight.shape:
+            raise InvalidArgumentError(
+                f"The 'W_hat' argument must have the weight's shape {self.shape}. Got {tuple(W_hat.shape)}."
+            )
+        D = W_hat.detach().to(device=H.device, dtype=torch.float64) - self.W64
+        return 0.5 * float(((D @ H) * D).sum())
+
+    def error(self, W_hat: torch.Tensor) -> float:
+        """Reconstruction error ``½ tr((Ŵ−W) H (Ŵ−W)ᵀ)`` with the undamped ``H``."""
+        return self._quad(W_hat, self.H64)
+
+    def objective(self, W_hat: torch.Tensor) -> float:
+        """The solvers' objective ``½ tr((Ŵ−W) H_d (Ŵ−W)ᵀ)`` with the damped ``H_d``."""
+        return self._quad(W_hat, self.hessian)
+
+    @cached_property
+    def dense_energy(self) -> float:
+        """``½ tr(W H Wᵀ)``: the error of pruning everything; the scale of :meth:`relative_error`."""
+        return 0.5 * float(((self.W64 @ self.H64) * self.W64).sum())
+
+    def relative_error(self, W_hat: torch.Tensor) -> float:
+        """:meth:`error` divided by ``½ tr(W H Wᵀ)``."""
+        return self.error(W_hat) / max(self.dense_energy, 1e-300)
+
+    def to_cvxpy(self, **kwargs):
+        """The explicit mixed-integer model of this problem; see :func:`solvers.miqp.build_miqp`."""
+        from .miqp import build_miqp
+
+        return build_miqp(self, **kwargs)
+
+    def __repr__(self) -> str:
+        target = f"sparsity={self.sparsity}" if self.sparsity is not None else f"n_prune={self.n_prune}"
+        if isinstance(self.structure, NM):
+            target = f"sparsity={self.structure.sparsity:g}"
+        return f"LayerProblem(shape={self.shape}, structure={self.structure!r}, {target}, damp={self.damp})"
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__} {x!r}"[:80]
