@@ -1,0 +1,107 @@
+"""Real layer problems from SmolLM2-135M: Gram matrices of every linear's input, cached on disk.
+
+One dense forward pass of the calibration windows through the whole model, with hooks that stream each
+linear's input into a :class:`solvers.GramAccumulator` (inputs shared by several linears, q/k/v and
+gate/up, are accumulated once).  This is the *dense-input* Gram of every layer: right for comparing
+solvers on the same problems, while ``spap.prune_layerwise`` re-captures inputs block by block from the
+pruned model.
+
+The cache (float64, about 0.8 GB for 64×1024 tokens) goes to ``$SPAP_CACHE`` or ``~/.cache/spap``.
+
+    python benchmarks/real_layers.py --n 64 --seqlen 1024      # build the cache once (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import solvers  # noqa: E402
+
+# Linear whose input Gram is captured -> the linears sharing that input.
+SHARED_INPUTS = {
+    "self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+
+
+def cache_path(n: int, seqlen: int, seed: int) -> Path:
+    root = Path(os.environ.get("SPAP_CACHE", Path.home() / ".cache" / "spap"))
+    return root / f"smollm2-grams-c4-n{n}-L{seqlen}-s{seed}.pt"
+
+
+def capture(n: int = 64, seqlen: int = 1024, seed: int = 0, batch: int = 4) -> dict:
+    """Run the calibration windows through SmolLM2 and return ``{"grams": {...}, "weights": {...}}``."""
+    from spap.data import c4_documents, random_windows
+    from spap.models import load_model
+
+    model, tokenizer = load_model("smollm2")
+    ids = random_windows(c4_documents(0, 500), tokenizer, n=n, seqlen=seqlen, seed=seed)
+    accs: dict[str, solvers.GramAccumulator] = {}
+    handles = []
+    for name, module in model.named_modules():
+        for suffix in SHARED_INPUTS:
+            if name.endswith(suffix):
+                acc = accs[name] = solvers.GramAccumulator(module.in_features)
+                handles.append(module.register_forward_pre_hook(lambda mod, args, acc=acc: acc.add_batch(args[0])))
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            model(ids[i : i + batch])
+    for h in handles:
+        h.remove()
+    weights = {
+        name: module.weight.detach().clone()
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and "layers." in name
+    }
+    grams = {name: (acc.H, acc.mean, acc.n_samples) for name, acc in accs.items()}
+    return {"grams": grams, "weights": weights, "seconds": time.perf_counter() - start, "n": n, "seqlen": seqlen}
+
+
+def load(n: int = 64, seqlen: int = 1024, seed: int = 0) -> dict:
+    """The cached capture, building it on first use."""
+    path = cache_path(n, seqlen, seed)
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    data = capture(n, seqlen, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(data, tmp)
+    tmp.replace(path)
+    return data
+
+
+def problem(data: dict, layer: int, linear: str, structure, **target) -> solvers.LayerProblem:
+    """The :class:`solvers.LayerProblem` of ``model.layers.{layer}.{linear}`` (e.g. ``"mlp.down_proj"``)."""
+    name = f"model.layers.{layer}.{linear}"
+    source = next(k for k, shared in SHARED_INPUTS.items() if linear in shared)
+    H, mean, count = data["grams"][f"model.layers.{layer}.{source}"]
+    W = data["weights"][name]
+    if callable(structure):
+        structure = structure(W.shape[1])
+    return solvers.LayerProblem(W, H, structure, input_mean=mean.float(), n_samples=count, **target)
+
+
+def n_layers(data: dict) -> int:
+    return 1 + max(int(k.split(".")[2]) for k in data["weights"])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    data = load(args.n, args.seqlen, args.seed)
+    print(f"{len(data['grams'])} Gram matrices from {data['n']}x{data['seqlen']} tokens; capture {data['seconds']:.1f} s")
+    print(f"cache: {cache_path(args.n, args.seqlen, args.seed)}")

@@ -1,0 +1,132 @@
+"""LayerProblem, GramAccumulator and solve(): the data, the objective and the argument checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import solvers
+from solvers.synthetic import make_inputs, make_problem
+
+
+def _WH(d_out=4, d_in=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(d_in, 50, generator=g, dtype=torch.float64)
+    return torch.randn(d_out, d_in, generator=g, dtype=torch.float64), X @ X.T, X
+
+
+# --- bad input raises ValueError naming the argument -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        (lambda W, H: (W, H[:-1, :-1]), "gram"),  # shape mismatch
+        (lambda W, H: (W[0], H), "weight"),  # not 2-D
+        (lambda W, H: (W.masked_fill(torch.zeros_like(W, dtype=torch.bool).index_fill(1, torch.tensor([2]), True), float("nan")), H), "weight"),
+        (lambda W, H: (W, H.clone().fill_diagonal_(float("inf"))), "gram"),
+        (lambda W, H: (W, H + torch.triu(torch.ones_like(H), 1)), "gram"),  # not symmetric
+        (lambda W, H: (W, torch.zeros_like(H)), "gram"),  # no calibration input reached it
+    ],
+    ids=["shape", "ndim", "nan-weight", "inf-gram", "asymmetric", "zero-gram"],
+)
+def test_bad_matrices_name_the_argument(change, name):
+    W, H, _ = _WH()
+    W, H = change(W, H)
+    with pytest.raises(ValueError, match=f"'{name}'"):
+        solvers.LayerProblem(W, H, solvers.channels(8), sparsity=0.5)
+
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5, float("nan"), "0.3", True])
+def test_sparsity_outside_unit_interval(sparsity):
+    W, H, _ = _WH()
+    with pytest.raises(ValueError, match=r"'sparsity'.*\[0, 1\)"):
+        solvers.LayerProblem(W, H, solvers.channels(8), sparsity=sparsity)
+
+
+def test_group_size_must_divide_width():
+    with pytest.raises(ValueError, match="'head_dim'.*divide"):
+        solvers.heads(10, 3)
+    W, H, _ = _WH(d_in=10)
+    with pytest.raises(ValueError, match="m=4 must divide"):
+        solvers.LayerProblem(W, H, solvers.NM(2, 4))
+
+
+def test_target_arguments():
+    W, H, _ = _WH()
+    with pytest.raises(ValueError, match="exactly one of 'sparsity' and 'n_prune'"):
+        solvers.LayerProblem(W, H, solvers.channels(8))
+    with pytest.raises(ValueError, match="exactly one"):
+        solvers.LayerProblem(W, H, solvers.channels(8), sparsity=0.5, n_prune=2)
+    with pytest.raises(ValueError, match="'n_prune'"):
+        solvers.LayerProblem(W, H, solvers.channels(8), n_prune=8)
+    with pytest.raises(ValueError, match="N:M structure fixes the sparsity"):
+        solvers.LayerProblem(W, H, solvers.NM(2, 4), sparsity=0.5)
+    with pytest.raises(ValueError, match="'damp'"):
+        solvers.LayerProblem(W, H, solvers.channels(8), sparsity=0.5, damp=-1.0)
+    with pytest.raises(ValueError, match="outside"):
+        solvers.LayerProblem(W, H, solvers.column_groups([[0, 9]]), n_prune=0)
+    with pytest.raises(ValueError, match="'n' and 'm'"):
+        solvers.NM(4, 4)
+    with pytest.raises(ValueError, match="'structure'.*'2:4'"):
+        solvers.parse_structure("rows", 8)
+
+
+def test_solve_rejects_unknown_method_and_options():
+    p = make_problem()
+    with pytest.raises(ValueError, match="'method'.*'spap'"):
+        solvers.solve(p, "nope")
+    with pytest.raises(ValueError, match="unknown option.*'rho'"):
+        solvers.solve(p, "spap", rho=1.0)
+    with pytest.raises(ValueError, match="'rho_growth'.*range"):
+        solvers.solve(p, "spap", rho_growth=0.5)
+    with pytest.raises(ValueError, match="'problem'"):
+        solvers.solve("not a problem")
+
+
+# --- the data ------------------------------------------------------------------------------------------
+
+
+def test_gram_accumulator_streams_batches_in_float64():
+    X = make_inputs(6, 300, "correlated", seed=3)
+    acc = solvers.GramAccumulator(6)
+    # Mixed batch shapes (tokens, batch x seq x d) and a float32 input: the sum is still float64.
+    acc.add_batch(X[:, :100].T.float())
+    acc.add_batch(X[:, 100:].T.reshape(4, 50, 6))
+    assert acc.H.dtype == torch.float64 and acc.n_samples == 300
+    Xq = torch.cat([X[:, :100].float().double(), X[:, 100:]], dim=1)
+    torch.testing.assert_close(acc.H, Xq @ Xq.T, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(acc.mean, Xq.mean(1), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="'x'"):
+        acc.add_batch(torch.ones(3, 5))
+
+
+def test_error_is_the_output_reconstruction_error():
+    W, H, X = _WH()
+    p = solvers.LayerProblem(W, H, solvers.channels(8), sparsity=0.25, damp=0.0)
+    W_hat = W.clone()
+    W_hat[:, :2] = 0
+    expected = 0.5 * float(((W_hat - W) @ X).pow(2).sum())
+    assert math.isclose(p.error(W_hat), expected, rel_tol=1e-10)
+    assert math.isclose(p.relative_error(torch.zeros_like(W)), 1.0, rel_tol=1e-12)
+    assert p.error(W) == 0.0
+
+
+def test_damping_is_relative_to_mean_diagonal():
+    W, H, _ = _WH()
+    p = solvers.LayerProblem(W, H, solvers.channels(8), sparsity=0.25, damp=0.1)
+    torch.testing.assert_close(p.hessian, H + 0.1 * H.diagonal().mean() * torch.eye(8, dtype=torch.float64))
+    # A rank-deficient H (fewer samples than features) still factors once damped.
+    X = torch.randn(8, 3, dtype=torch.float64)
+    q = solvers.LayerProblem(W, X @ X.T, solvers.channels(8), sparsity=0.25)
+    assert torch.isfinite(q.hessian_inverse).all()
+
+
+def test_targets_are_exact_counts():
+    p = make_problem(3, 10, sparsity=0.3)
+    assert p.n_pruned_target == 3
+    assert make_problem(3, 10, n_prune=7).n_pruned_target == 7
+    assert make_problem(3, 8, structure=solvers.NM(2, 4)).n_pruned_target == 12
+    assert make_problem(3, 8, structure=solvers.Unstructured(), sparsity=0.5).n_pruned_target == 12

@@ -1,0 +1,166 @@
+"""Property-based tests (hypothesis) of the invariants every solver result must satisfy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import solvers
+from solvers.synthetic import make_problem
+
+from .helpers import DEVICES, kept_gradient
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+METHODS = ["spap", "magnitude", "wanda", "exact"]
+
+
+@st.composite
+def small_problems(draw, structures=("channels", "heads", "unstructured", "2:4")):
+    """Problems small enough for the exact solvers: ≤ 12 groups, ≤ 24 weights unstructured."""
+    kind = draw(st.sampled_from(["random", "correlated"]))
+    structure = draw(st.sampled_from(structures))
+    seed = draw(st.integers(0, 10_000))
+    if structure == "channels":
+        d_in = draw(st.integers(3, 12))
+        return make_problem(draw(st.integers(1, 6)), d_in, kind=kind, n_prune=draw(st.integers(0, d_in - 1)), seed=seed)
+    if structure == "heads":
+        n_heads, head_dim = draw(st.integers(2, 6)), draw(st.integers(1, 3))
+        return make_problem(
+            draw(st.integers(1, 6)), n_heads * head_dim, kind=kind, structure=solvers.heads(n_heads * head_dim, head_dim),
+            n_prune=draw(st.integers(0, n_heads - 1)), seed=seed,
+        )
+    if structure == "unstructured":
+        d_out, d_in = draw(st.integers(1, 3)), draw(st.integers(2, 8))
+        return make_problem(d_out, d_in, kind=kind, structure=solvers.Unstructured(),
+                            n_prune=draw(st.integers(0, d_out * d_in - 1)), seed=seed)
+    return make_problem(draw(st.integers(1, 3)), 4 * draw(st.integers(1, 2)), kind=kind, structure=solvers.NM(2, 4), seed=seed)
+
+
+def _entry_keep(problem, solution) -> torch.Tensor:
+    """Kept mask over weights, shape (d_out, d_in)."""
+    s = problem.structure
+    if isinstance(s, solvers.ColumnGroups):
+        cols = s.column_keep_mask(solution.keep, problem.shape[1])
+        return cols.expand(problem.shape)
+    return solution.keep
+
+
+@pytest.mark.parametrize("method", METHODS)
+@SETTINGS
+@given(problem=small_problems())
+def test_exact_sparsity_and_structure(method, problem):
+    options = {"refit": True} if method in ("magnitude", "wanda") else {}
+    sol = solvers.solve(problem, method, **options)
+    s = problem.structure
+    assert sol.weight.shape == problem.shape and sol.weight.dtype == problem.weight.dtype
+    assert int((~sol.keep).sum()) == problem.n_pruned_target
+    if isinstance(s, solvers.ColumnGroups):
+        assert sol.keep.shape == (s.n_groups,)
+    else:
+        assert sol.keep.shape == problem.shape
+    if isinstance(s, solvers.NM):
+        per_block = sol.keep.reshape(problem.shape[0], -1, s.m).sum(-1)
+        assert bool((per_block == s.n).all())
+    # Pruned entries are exactly zero.
+    assert bool((sol.weight[~_entry_keep(problem, sol)] == 0).all())
+    assert math.isclose(sol.error, problem.error(sol.weight), rel_tol=1e-9, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["spap", "exact", "magnitude"])
+@SETTINGS
+@given(problem=small_problems())
+def test_refit_is_optimal_for_its_mask(method, problem):
+    """The gradient of the damped objective vanishes on every kept weight."""
+    sol = solvers.solve(problem, method, **({"refit": True} if method == "magnitude" else {}))
+    assert kept_gradient(problem, sol.weight, _entry_keep(problem, sol)) < 1e-8
+
+
+@SETTINGS
+@given(problem=small_problems())
+def test_spap_between_optimum_and_heuristics(problem):
+    """optimum ≤ SPAP ≤ magnitude + refit (and ≤ Wanda + refit for column structures)."""
+    spap = solvers.solve(problem, "spap").objective
+    optimum = solvers.solve(problem, "exact").objective
+    magnitude = solvers.solve(problem, "magnitude", refit=True).objective
+    tol = 1e-9 * max(problem.dense_energy, 1e-12)
+    assert optimum <= spap + tol
+    if isinstance(problem.structure, solvers.ColumnGroups):
+        # The guard starts the swap search from the best of the penalty, weighted-magnitude and
+        # magnitude masks, so SPAP never loses to magnitude selection.
+        assert spap <= magnitude + tol
+        assert spap <= solvers.solve(problem, "wanda", refit=True).objective + tol
+
+
+@SETTINGS
+@given(problem=small_problems(structures=("channels", "heads")))
+def test_spap_ends_at_a_one_swap_local_optimum(problem):
+    """No exchange of one pruned and one kept group lowers the error (checked by brute force)."""
+    sol = solvers.solve(problem, "spap")
+    s = problem.structure
+    best = sol.objective
+    for p in torch.nonzero(~sol.keep).flatten().tolist():
+        for q in torch.nonzero(sol.keep).flatten().tolist():
+            keep = sol.keep.clone()
+            keep[p], keep[q] = True, False
+            W_hat = solvers.refit_columns(problem, s.column_keep_mask(keep, problem.shape[1]))
+            assert problem.objective(W_hat) >= best * (1 - 1e-7) - 1e-12
+
+
+@SETTINGS
+@given(problem=small_problems(structures=("channels", "heads", "unstructured", "2:4")))
+def test_penalized_objective_never_increases_at_fixed_rho(problem):
+    """Each W-step and s-step minimises F_ρ exactly, so F_ρ is monotone within one ρ."""
+    stats = solvers.solve(problem, "spap").stats
+    for values in stats.get("penalized_objective", []):
+        for before, after in zip(values, values[1:]):
+            assert after <= before * (1 + 1e-9) + 1e-12
+
+
+@SETTINGS
+@given(problem=small_problems(structures=("channels",)), seed=st.integers(0, 1000))
+def test_invariant_to_permuting_groups(problem, seed):
+    """Permuting the columns of W and H (and the groups with them) permutes the answer."""
+    perm = torch.randperm(problem.shape[1], generator=torch.Generator().manual_seed(seed))
+    permuted = solvers.LayerProblem(
+        problem.weight[:, perm], problem.gram[perm][:, perm], problem.structure, n_prune=problem.n_pruned_target
+    )
+    for method in ("spap", "exact"):
+        a, b = solvers.solve(problem, method), solvers.solve(permuted, method)
+        assert math.isclose(a.error, b.error, rel_tol=1e-6, abs_tol=1e-9 * problem.dense_energy)
+        torch.testing.assert_close(b.weight, a.weight[:, perm])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("structure", ["channels", "heads", "unstructured"])
+def test_sparsity_zero_returns_w_unchanged(method, structure):
+    s = {"channels": solvers.channels(8), "heads": solvers.heads(8, 2), "unstructured": solvers.Unstructured()}[structure]
+    p = make_problem(3, 8, kind="correlated", structure=s, sparsity=0.0)
+    sol = solvers.solve(p, method)
+    assert torch.equal(sol.weight, p.weight)
+    assert sol.error == 0.0 and bool(sol.keep.all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("structure", ["channels", "heads", "unstructured", "2:4"])
+@pytest.mark.parametrize("method", METHODS)
+def test_same_code_on_every_device(device, structure, method):
+    s = solvers.parse_structure(structure, 8, head_dim=2)
+    target = {} if structure == "2:4" else {"sparsity": 0.5}
+    p = make_problem(3, 8, kind="correlated", structure=s, device=device, dtype=torch.float32, **target)
+    sol = solvers.solve(p, method)
+    assert sol.weight.device.type == device and sol.keep.device.type == device
+    assert sol.weight.dtype == torch.float32
+    ref = solvers.solve(make_problem(3, 8, kind="correlated", structure=s, dtype=torch.float32, **target), method)
+    assert torch.equal(sol.keep.cpu(), ref.keep)
+    assert math.isclose(sol.error, ref.error, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["spap", "magnitude", "wanda"])
+def test_deterministic(method):
+    p = make_problem(6, 24, kind="correlated", sparsity=0.5, seed=7)
+    a, b = solvers.solve(p, method), solvers.solve(p, method)
+    assert torch.equal(a.keep, b.keep) and torch.equal(a.weight, b.weight)
