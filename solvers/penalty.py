@@ -34,17 +34,18 @@ import torch
 
 from ._linalg import cholesky
 from ._validation import Boolean, Interval
-from .masks import group_scores, project
+from .masks import group_scores, keep_largest, project
 from .problem import LayerProblem
 from .refit import refit_columns, refit_rows
 from .registry import register
-from .structure import ColumnGroups
+from .structure import ColumnGroups, Unstructured
 from .swap import swap_search
 
 _OPTIONS = {
     "rho0": Interval(float, 0.0, None, closed="neither"),
     "rho_max": Interval(float, 0.0, None, closed="neither"),
-    "rho_growth": Interval(float, 1.0, None, closed="neither"),
+    "steps": Interval(int, 1, None),
+    "gradual": Boolean(),
     "max_inner": Interval(int, 1, None),
     "swap": Boolean(),
     "max_swaps": Interval(int, 0, None),
@@ -52,149 +53,197 @@ _OPTIONS = {
 }
 
 
-def rho_schedule(rho0: float, rho_max: float, growth: float) -> list[float]:
-    """Geometric penalty schedule ``rho0·growth^t`` up to and including the first value ≥ ``rho_max``."""
-    rhos = [rho0]
-    while rhos[-1] < rho_max:
-        rhos.append(rhos[-1] * growth)
-    return rhos
+def rho_schedule(rho0: float, rho_max: float, steps: int) -> list[float]:
+    """``steps`` penalty parameters growing geometrically from ``rho0`` to ``rho_max``."""
+    if steps == 1:
+        return [rho_max]
+    return [rho0 * (rho_max / rho0) ** (t / (steps - 1)) for t in range(steps)]
+
+
+def prune_schedule(k: int, steps: int, gradual: bool) -> list[int]:
+    """Units pruned at each step: all ``k`` at once, or the cubic ramp ``k(1 − (1 − t/T)³)``."""
+    if not gradual:
+        return [k] * steps
+    return [int(round(k * (1 - (1 - (t + 1) / steps) ** 3))) for t in range(steps)]
 
 
 @register(
     "spap",
     reference="Hu & Yuan, Structured Pruning via Alternating Optimization and Penalty Methods, 2025; "
-    "penalty schedule, Woodbury W-step and swap search: this package (docs/method.md).",
+    "OBS-weighted penalty, gradual schedule, Woodbury W-step and swap search: this package (docs/method.md).",
     options=_OPTIONS,
 )
 def spap(
     problem: LayerProblem,
     *,
-    rho0: float = 1e-3,
-    rho_max: float = 1e3,
-    rho_growth: float = 2.0,
+    rho0: float = 0.01,
+    rho_max: float = 100.0,
+    steps: int = 10,
+    gradual: bool = True,
     max_inner: int = 3,
     swap: bool = True,
     max_swaps: int = 10_000,
     guard: bool = True,
 ):
-    """Penalty method + alternating minimization (+ exact 1-swap search for column groups)."""
-    schedule = rho_schedule(rho0, rho_max, rho_growth)
+    """Penalty method + alternating minimization (+ exact 1-swap search for column groups).
+
+    Parameters
+    ----------
+    rho0, rho_max : float, default 0.01 and 100
+        First and last penalty parameter.  The penalty weights are ``1/[H⁻¹]_jj``, so ``ρ`` is unitless:
+        a lone penalized column shrinks by about ``1/(1+ρ)`` in the Ŵ-step.
+    steps : int, default 10
+        Number of penalty parameters, geometric between ``rho0`` and ``rho_max``.
+    gradual : bool, default True
+        Raise the number of pruned units along the cubic ramp ``k(1 − (1 − t/T)³)`` (all ``k`` by the last
+        step) instead of pruning ``k`` from the first step.
+    max_inner : int, default 3
+        Alternating (Ŵ, s) rounds per step; a step ends early when the mask stops changing.
+    swap : bool, default True
+        Column groups of equal size: finish with the exact 1-swap local search.
+    max_swaps : int, default 10000
+        Upper bound on swaps (the search normally stops at a local optimum long before).
+    guard : bool, default True
+        Also refit the ρ→0 limits of the method (the OBS-score and magnitude masks) and continue from the
+        best of the three, so SPAP is never worse than those selections with the exact refit.
+    """
+    schedule = rho_schedule(rho0, rho_max, steps)
+    counts = prune_schedule(problem.n_pruned_target, steps, gradual)
     if isinstance(problem.structure, ColumnGroups):
-        return _spap_columns(problem, schedule, max_inner, swap, max_swaps, guard)
-    return _spap_rows(problem, schedule, max_inner, guard)
+        return _spap_columns(problem, schedule, counts, max_inner, swap, max_swaps, guard)
+    return _spap_rows(problem, schedule, counts, max_inner, guard)
 
 
 # --- column groups ---------------------------------------------------------------------------------
 
 
-def _spap_columns(problem: LayerProblem, schedule, max_inner: int, swap: bool, max_swaps: int, guard: bool):
+def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap: bool, max_swaps: int, guard: bool):
     s: ColumnGroups = problem.structure  # type: ignore[assignment]
     W, H = problem.W64, problem.hessian
     k = problem.n_pruned_target
     g = s.n_groups
     if k == 0:
         return W.clone(), torch.ones(g, dtype=torch.bool, device=W.device), {"iterations": 0}
-    D = H.diagonal()
     Hinv = problem.hessian_inverse
-    n_keep = g - k
-    keep = project(problem, group_scores(problem, D * (W * W).sum(0)))
-    penalized, objective_after_w, rhos, changes = [], [], [], []
+    c = 1.0 / Hinv.diagonal()  # OBS weights: c_j‖w_j‖² is the cost of pruning column j alone
+    obs_score = group_scores(problem, c * (W * W).sum(0))
+    keep = torch.ones(g, dtype=torch.bool, device=W.device)
+    score = obs_score
+    penalized, fits, changes = [], [], []
     iterations = 0
-    for rho in schedule:
+    for rho, k_t in zip(schedule, counts):
         changed = 0
-        values: list[float] = []  # F_rho after each W-step and each s-step: non-increasing
-        for _ in range(max_inner):
+        values: list[float] = []  # F_rho after each s-step and W-step at this (rho, k_t): non-increasing
+        for inner in range(max_inner):
+            new_keep = keep_largest(score, g - k_t)  # s-step: exact for the current W_hat
+            moved = int((new_keep != keep).sum())
+            keep = new_keep
+            if inner > 0 and moved == 0:
+                break
+            changed += moved
             Pc = s.columns(~keep)
-            M = Hinv[Pc][:, Pc] + torch.diag(1.0 / (rho * D[Pc]))
+            if inner > 0:
+                values.append(fits[-1] + 0.5 * rho * float(score[~keep].sum()))
+            # W-step (Woodbury): W_hat = W − E Hinv[P,:],  E = W_P (Hinv_PP + (ρ c_P)⁻¹)⁻¹.
+            M = Hinv[Pc][:, Pc] + torch.diag(1.0 / (rho * c[Pc]))
             E = torch.cholesky_solve(W[:, Pc].T, cholesky(M, what="the penalty system")).T  # (m, |P|)
             W_hat = W - E @ Hinv[Pc]
             iterations += 1
-            fit = 0.5 * float(((E @ Hinv[Pc][:, Pc]) * E).sum())
-            score = group_scores(problem, D * (W_hat * W_hat).sum(0))
-            values.append(fit + 0.5 * rho * float(score[~keep].sum()))
-            new_keep = project(problem, score)
-            objective_after_w.append(fit)
-            moved = int((new_keep != keep).sum()) // 2
-            keep = new_keep
-            values.append(fit + 0.5 * rho * float(score[~keep].sum()))
-            changed += moved
-            if moved == 0:
-                break
+            fits.append(0.5 * float(((E @ Hinv[Pc][:, Pc]) * E).sum()))  # ½ tr((Ŵ−W) H (Ŵ−W)ᵀ)
+            score = group_scores(problem, c * (W_hat * W_hat).sum(0))
+            values.append(fits[-1] + 0.5 * rho * float(score[~keep].sum()))
         penalized.append(values)
-        rhos.append(rho)
         changes.append(changed)
+    keep = keep_largest(score, g - k)
     stats = {
         "iterations": iterations,
-        "rho": rhos,
+        "rho": list(schedule),
+        "pruned_per_step": list(counts),
         "mask_changes": changes,
-        "penalized_objective": penalized,  # one list per rho
-        "penalty_fit": objective_after_w,
+        "penalized_objective": penalized,  # one list per step
+        "penalty_fit": fits,
     }
     candidates = {"penalty": keep}
     if guard:
-        # The rho -> 0 limits of the method (weighted magnitude) and plain magnitude: start the swap
-        # search from the best exact error of the three, so SPAP is never worse than either.
-        candidates["weighted_magnitude"] = project(problem, group_scores(problem, D * (W * W).sum(0)))
-        candidates["magnitude"] = project(problem, group_scores(problem, (W * W).sum(0)))
-    errors = {}
-    for name, mask in candidates.items():
-        errors[name] = problem.objective(refit_columns(problem, s.column_keep_mask(mask, W.shape[1])))
+        # The rho -> 0 limits of the method: OBS scores of the dense weight, and plain magnitude.
+        candidates["obs_score"] = keep_largest(obs_score, g - k)
+        candidates["magnitude"] = keep_largest(group_scores(problem, (W * W).sum(0)), g - k)
+    # Exact refit error of each mask from the pruned block of H⁻¹ (|P|×|P|), without refitting.
+    errors = {name: mask_objective(Hinv, W, s.columns(~mask)) for name, mask in candidates.items()}
     start = min(errors, key=errors.get)
     stats["start_errors"] = errors
     stats["start"] = start
     keep = candidates[start]
-    if swap and s.group_size is not None and 0 < n_keep < g:
+    if swap and s.group_size is not None and 0 < k < g:
         keep, swap_stats = swap_search(H, W, s.index(W.device), keep, max_swaps=max_swaps)
         stats.update({"swaps": swap_stats["swaps"], "local_optimum": swap_stats["local_optimum"], "swap_errors": swap_stats["errors"]})
     elif swap:
         stats["swaps"] = 0
         stats["swap_skipped"] = "groups of unequal size" if s.group_size is None else "nothing to swap"
-    W_hat = refit_columns(problem, s.column_keep_mask(keep, W.shape[1]))
-    final = problem.objective(W_hat)
+    final = mask_objective(Hinv, W, s.columns(~keep))
     if final > errors[start] * (1 + 1e-9):  # round-off in the rank updates; never return worse
         stats["fallback"] = f"swap result {final:.6g} above its start {errors[start]:.6g}; start kept"
         keep = candidates[start]
-        W_hat = refit_columns(problem, s.column_keep_mask(keep, W.shape[1]))
-    return W_hat, keep, stats
+    return refit_columns(problem, s.column_keep_mask(keep, W.shape[1])), keep, stats
+
+
+def mask_objective(Hinv: torch.Tensor, W: torch.Tensor, pruned_cols: torch.Tensor) -> float:
+    """Damped objective of the exact refit for pruned columns ``P``: ``½ tr(W_P (H⁻¹_PP)⁻¹ W_Pᵀ)``.
+
+    ``O(|P|³ + m|P|²)``, against ``O(|K|³ + m n²)`` for a refit followed by the quadratic form.
+    """
+    if pruned_cols.numel() == 0:
+        return 0.0
+    WP = W[:, pruned_cols]
+    L = cholesky(Hinv[pruned_cols][:, pruned_cols], what="the pruned block of the inverse Gram matrix")
+    return 0.5 * float((WP.T * torch.cholesky_solve(WP.T, L)).sum())
 
 
 # --- unstructured and N:M --------------------------------------------------------------------------
 
 
-def _spap_rows(problem: LayerProblem, schedule, max_inner: int, guard: bool):
+def _project_count(problem: LayerProblem, scores: torch.Tensor, n_pruned: int) -> torch.Tensor:
+    """Projection onto the structure with ``n_pruned`` weights pruned (N:M: its fixed pattern)."""
+    if isinstance(problem.structure, Unstructured):
+        return keep_largest(scores.flatten(), scores.numel() - n_pruned).reshape(scores.shape)
+    return project(problem, scores)
+
+
+def _spap_rows(problem: LayerProblem, schedule, counts, max_inner: int, guard: bool):
     W, H = problem.W64, problem.hessian
-    D = H.diagonal()
     if problem.n_pruned_target == 0:
         return W.clone(), torch.ones_like(W, dtype=torch.bool), {"iterations": 0}
+    c = 1.0 / problem.hessian_inverse.diagonal()
     WH = W @ H
-    keep = project(problem, W * W * D)
-    Z = W * keep
-    penalized, rhos = [], []
+    keep = torch.ones_like(W, dtype=torch.bool)
+    W_hat = W
+    penalized = []
     iterations = 0
-    for rho in schedule:
-        L = cholesky(H + rho * torch.diag(D), what="the penalty system")
+    for rho, k_t in zip(schedule, counts):
+        L = cholesky(H + rho * torch.diag(c), what="the penalty system")
         values: list[float] = []
-        for _ in range(max_inner):
-            W_hat = torch.cholesky_solve((WH + rho * Z * D).T, L).T
-            iterations += 1
-            new_keep = project(problem, W_hat * W_hat * D)
-            Z = W_hat * new_keep
-            R = W_hat - W
-            values.append(0.5 * float(((R @ H) * R).sum()) + 0.5 * rho * float((((W_hat - Z) ** 2) * D).sum()))
+        for inner in range(max_inner):
+            new_keep = _project_count(problem, W_hat * W_hat * c, k_t)  # Z-step: exact projection
             moved = int((new_keep != keep).sum())
             keep = new_keep
-            if moved == 0:
+            if inner > 0 and moved == 0:
                 break
+            Z = W_hat * keep
+            # W-step: Ŵ (H + ρC) = W H + ρ Z C, one Cholesky per ρ shared by every row.
+            W_hat = torch.cholesky_solve((WH + rho * Z * c).T, L).T
+            iterations += 1
+            R = W_hat - W
+            values.append(0.5 * float(((R @ H) * R).sum()) + 0.5 * rho * float((((W_hat - Z) ** 2) * c).sum()))
         penalized.append(values)
-        rhos.append(rho)
-    stats = {"iterations": iterations, "rho": rhos, "penalized_objective": penalized}
+    keep = _project_count(problem, W_hat * W_hat * c, problem.n_pruned_target)
+    stats = {"iterations": iterations, "rho": list(schedule), "pruned_per_step": list(counts), "penalized_objective": penalized}
     W_hat = refit_rows(problem, keep)
     if guard:
-        start = project(problem, W * W * D)
+        start = project(problem, W * W * c)
         W_start = refit_rows(problem, start)
         e_pen, e_start = problem.objective(W_hat), problem.objective(W_start)
-        stats["start_errors"] = {"penalty": e_pen, "weighted_magnitude": e_start}
+        stats["start_errors"] = {"penalty": e_pen, "obs_score": e_start}
         if e_start < e_pen:
-            stats["fallback"] = "weighted-magnitude mask refit beat the penalty mask"
+            stats["fallback"] = "OBS-score mask refit beat the penalty mask"
             keep, W_hat = start, W_start
     return W_hat, keep, stats

@@ -113,7 +113,7 @@ def solve(problem: LayerProblem, method: str = "spap", **options: Any) -> Soluti
         keep=keep,
         error=error,
         relative_error=error / max(problem.dense_energy, 1e-300),
-        objective=problem.objective(weight64),
+        objective=problem.objective(weight64, error=error),
         method=method,
         bias=bias,
         stats=stats,

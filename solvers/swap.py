@@ -69,25 +69,29 @@ class _ColumnState:
         k, r = self.pruned.numel(), kept.numel()
         Pidx = self.groups[self.pruned]  # (k, d)
         Kidx = self.groups[kept]  # (r, d)
-        Ub = self.U.reshape(k, d, -1)
-        Ab = self.A.reshape(k, d, -1)
-        Hp = H[:, Pidx]  # (n, k, d)
-        S = H[Pidx[:, :, None], Pidx[:, None, :]] - torch.einsum("kan,nkb->kab", Ub, Hp)
-        Gp = self.G[:, Pidx]  # (m, k, d)
-        GG = torch.einsum("mka,mkb->kab", Gp, Gp)
-        Wq = self.W_hat[:, Kidx]  # (m, r, d)
-        WW = torch.einsum("mra,mrb->rab", Wq, Wq)
-        Kqq = self.Kinv[Kidx[:, :, None], Kidx[:, None, :]]  # (r, d, d)
-        Upq = Ub[:, :, Kidx]  # (k, d, r, d)
-        Apq = Ab[:, :, Kidx]
         if d == 1:
-            s, gg = S[:, 0, 0], GG[:, 0, 0]
-            u, a = Upq[:, 0, :, 0], Apq[:, 0, :, 0]
+            # Channels: every block is a scalar; plain reductions (einsum takes a slow path here).
+            P, K = Pidx[:, 0], Kidx[:, 0]
+            s = H[P, P] - (self.U * H[P]).sum(1)
+            gg = self.G[:, P].square().sum(0)
+            ww = self.W_hat[:, K].square().sum(0)
+            u, a = self.U[:, K], self.A[:, K]
             X = u / s[:, None]
-            kq = Kqq[:, 0, 0][None, :] + u * X
-            num = WW[:, 0, 0][None, :] + 2 * a * X + X * X * gg[:, None]
+            kq = self.Kinv[K, K][None, :] + u * X
+            num = ww[None, :] + 2 * a * X + X * X * gg[:, None]
             delta = 0.5 * (num / kq) - 0.5 * (gg / s)[:, None]
         else:
+            Ub = self.U.reshape(k, d, -1)
+            Ab = self.A.reshape(k, d, -1)
+            Hp = H[:, Pidx]  # (n, k, d)
+            S = H[Pidx[:, :, None], Pidx[:, None, :]] - torch.einsum("kan,nkb->kab", Ub, Hp)
+            Gp = self.G[:, Pidx]  # (m, k, d)
+            GG = torch.einsum("mka,mkb->kab", Gp, Gp)
+            Wq = self.W_hat[:, Kidx]  # (m, r, d)
+            WW = torch.einsum("mra,mrb->rab", Wq, Wq)
+            Kqq = self.Kinv[Kidx[:, :, None], Kidx[:, None, :]]  # (r, d, d)
+            Upq = Ub[:, :, Kidx]  # (k, d, r, d)
+            Apq = Ab[:, :, Kidx]
             Sinv = spd_inverse(S, what="a Schur complement in the swap search")
             U4 = Upq.permute(0, 2, 1, 3)  # (k, r, d, d)
             A4 = Apq.permute(0, 2, 1, 3)
@@ -106,15 +110,21 @@ class _ColumnState:
     # --- updates -----------------------------------------------------------------------------------
 
     def _rank_update(self, Z: torch.Tensor, M: torch.Tensor, c: torch.Tensor) -> None:
-        """``Kinv += Z M Zᵀ``, ``W_hat += c Zᵀ``, ``G += c (H Z)ᵀ`` and the rows of ``U`` and ``A``."""
+        """``Kinv += Z M Zᵀ``, ``W_hat += c Zᵀ``, ``G += c (H Z)ᵀ`` and the rows of ``U`` and ``A``.
+
+        In place (``addmm_``): the update is memory-bound, and temporaries of the size of ``Kinv`` would
+        double its traffic.
+        """
         HZ = self.H @ Z  # (n, d)
         HZr = HZ[self.pcols()]  # (|P|d, d)
         cW = c.T @ self.W_hat  # (d, n), before W_hat changes
-        self.A += (self.G[:, self.pcols()].T @ c) @ Z.T + HZr @ cW + HZr @ (c.T @ c) @ Z.T
-        self.U += HZr @ M @ Z.T
-        self.Kinv += Z @ M @ Z.T
-        self.W_hat += c @ Z.T
-        self.G += c @ HZ.T
+        ZT = Z.T.contiguous()
+        Gc = self.G[:, self.pcols()].T @ c  # (|P|d, d), before G changes
+        self.A.addmm_(Gc + HZr @ (c.T @ c), ZT).addmm_(HZr, cW)
+        self.U.addmm_(HZr @ M, ZT)
+        self.Kinv.addmm_(Z @ M, ZT)
+        self.W_hat.addmm_(c, ZT)
+        self.G.addmm_(c, HZ.T)
 
     def apply_swap(self, pos: int, q: int) -> None:
         d = self.d

@@ -80,8 +80,8 @@ def test_solve_rejects_unknown_method_and_options():
         solvers.solve(p, "nope")
     with pytest.raises(ValueError, match="unknown option.*'rho'"):
         solvers.solve(p, "spap", rho=1.0)
-    with pytest.raises(ValueError, match="'rho_growth'.*range"):
-        solvers.solve(p, "spap", rho_growth=0.5)
+    with pytest.raises(ValueError, match="'steps'.*range"):
+        solvers.solve(p, "spap", steps=0)
     with pytest.raises(ValueError, match="'problem'"):
         solvers.solve("not a problem")
 
