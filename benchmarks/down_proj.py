@@ -29,16 +29,15 @@ BASELINES = {"magnitude+refit": ("magnitude", {"refit": True}), "wanda+refit": (
 
 # The settings compared by --grid (the first is the default).
 GRID = {
-    "default (ρ×2, 3 inner, swap)": {},
-    "ρ×4": {"rho_growth": 4.0},
-    "ρ×1.5": {"rho_growth": 1.5},
-    "1 inner": {"max_inner": 1},
-    "10 inner": {"max_inner": 10},
-    "ρ0=1e-5": {"rho0": 1e-5},
+    "default (10 steps, gradual, swap)": {},
+    "5 steps": {"steps": 5},
+    "20 steps": {"steps": 20},
+    "not gradual": {"gradual": False},
+    "1 inner round": {"max_inner": 1},
+    "rho 1e-3 .. 1e3": {"rho0": 1e-3, "rho_max": 1e3},
     "no swap": {"swap": False},
-    "no guard": {"guard": False},
+    "no swap, no guard": {"swap": False, "guard": False},
 }
-
 
 def run(layers, sparsity: float, spap_options: dict) -> list[dict]:
     data = load()
@@ -83,14 +82,15 @@ def summary(rows: list[dict]) -> None:
 def grid(layers, sparsity: float) -> None:
     data = load()
     problems = [problem(data, layer, "mlp.down_proj", solvers.channels, sparsity=sparsity) for layer in layers]
-    print(f"{'setting':<30}{'mean rel.err':>14}{'vs default':>12}{'mean s':>9}{'max s':>8}")
+    print(f"{'setting':<36}{'mean rel.err':>14}{'vs default':>12}{'swaps':>7}{'mean s':>9}{'max s':>8}")
     base = None
     for name, options in GRID.items():
         sols = [solvers.solve(p, "spap", **options) for p in problems]
         err = statistics.mean(s.relative_error for s in sols)
         secs = [s.stats["seconds"] for s in sols]
         base = base or err
-        print(f"{name:<30}{err:>14.5f}{err / base - 1:>+12.2%}{statistics.mean(secs):>9.3f}{max(secs):>8.3f}", flush=True)
+        swaps = statistics.mean(s.stats.get("swaps", 0) for s in sols)
+        print(f"{name:<36}{err:>14.5f}{err / base - 1:>+12.2%}{swaps:>7.1f}{statistics.mean(secs):>9.3f}{max(secs):>8.3f}", flush=True)
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -31,5 +31,9 @@ def spd_solve(A: torch.Tensor, B: torch.Tensor, *, what: str = "matrix") -> torc
 
 def spd_inverse(A: torch.Tensor, *, what: str = "matrix") -> torch.Tensor:
     """Inverse of a symmetric positive-definite matrix (batched), symmetrised."""
+    if A.shape[-1] == 1:  # scalars (channels in the swap search): skip the LAPACK call overhead
+        if not bool((A > 0).all()):
+            raise SingularGramError(f"{what} is not positive definite. To fix: raise 'damp', or use more calibration tokens.")
+        return 1.0 / A
     inv = torch.cholesky_inverse(cholesky(A, what=what))
     return 0.5 * (inv + inv.transpose(-1, -2))

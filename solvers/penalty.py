@@ -165,8 +165,10 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
     }
     candidates = {"penalty": keep}
     if guard:
-        # The rho -> 0 limits of the method: OBS scores of the dense weight, and plain magnitude.
+        # The rho -> 0 limit of the method (OBS scores of the dense weight) and the score selections
+        # (Wanda's weighting, magnitude): continue from whichever refits best.
         candidates["obs_score"] = keep_largest(obs_score, g - k)
+        candidates["weighted_magnitude"] = keep_largest(group_scores(problem, H.diagonal() * (W * W).sum(0)), g - k)
         candidates["magnitude"] = keep_largest(group_scores(problem, (W * W).sum(0)), g - k)
     # Exact refit error of each mask from the pruned block of H⁻¹ (|P|×|P|), without refitting.
     errors = {name: mask_objective(Hinv, W, s.columns(~mask)) for name, mask in candidates.items()}
@@ -175,7 +177,7 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
     stats["start"] = start
     keep = candidates[start]
     if swap and s.group_size is not None and 0 < k < g:
-        keep, swap_stats = swap_search(H, W, s.index(W.device), keep, max_swaps=max_swaps)
+        keep, swap_stats = swap_search(H, W, s.index(W.device), keep, max_swaps=max_swaps, Hinv=Hinv)
         stats.update({"swaps": swap_stats["swaps"], "local_optimum": swap_stats["local_optimum"], "swap_errors": swap_stats["errors"]})
     elif swap:
         stats["swaps"] = 0

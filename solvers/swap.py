@@ -9,7 +9,8 @@ the state is updated by rank-``d`` corrections (``d`` = group size), so one swap
 State, for kept columns ``K`` (always including the columns of no group) and pruned groups ``P``:
 
 - ``Kinv``  (n, n): ``(H_KK)⁻¹`` embedded in zeros,
-- ``W_hat`` (m, n): the exact refit for ``K``; ``G = (W_hat − W) H`` its gradient (zero on ``K``),
+- ``W_hat`` (m, n): the exact refit for ``K``; ``GP`` (m, |P|d): the pruned columns of its gradient
+  ``G = (W_hat − W) H`` (which is zero on ``K``),
 - ``U``  (|P|d, n): ``H[P, :] Kinv``,  ``A`` (|P|d, n): ``G[:, P]ᵀ W_hat``.
 
 With ``S_p = H_pp − U_p H[:, p]`` (Schur complement), ``X = S_p⁻¹ U_pq``::
@@ -29,130 +30,157 @@ _REFRESH_EVERY = 32
 
 
 class _ColumnState:
-    def __init__(self, H: torch.Tensor, W: torch.Tensor, groups: torch.Tensor, keep_groups: torch.Tensor) -> None:
-        self.H, self.W, self.groups = H, W, groups
+    def __init__(self, H: torch.Tensor, W: torch.Tensor, groups: torch.Tensor, keep_groups: torch.Tensor,
+                 Hinv: torch.Tensor) -> None:
+        self.H, self.W, self.groups, self.Hinv = H, W, groups, Hinv
         self.d = groups.shape[1]
         self.reset(keep_groups)
 
     def reset(self, keep_groups: torch.Tensor) -> None:
-        H, W = self.H, self.W
-        n = H.shape[0]
+        """Build the state for a partition from ``H⁻¹`` alone (all products, no ``n×n`` factorization).
+
+        With ``B = (H⁻¹_PP)⁻¹`` and ``T = B H⁻¹_{P,:}``: ``Kinv = H⁻¹ − H⁻¹_{:,P} T`` (the inverse of
+        ``H_KK``, zero on ``P``), ``U = H_{P,:} Kinv = −T`` off ``P``, ``Ŵ = W − W_P T`` (OBS) and
+        ``G_P = (Ŵ − W) H_{:,P} = −W_P B``.
+        """
+        W, Hinv = self.W, self.Hinv
         self.keep_groups = keep_groups.clone()
-        self.pruned = torch.nonzero(~keep_groups).flatten()  # group ids, in a fixed order
-        keep_cols = torch.ones(n, dtype=torch.bool, device=H.device)
-        keep_cols[self.groups[self.pruned].flatten()] = False
-        K = torch.nonzero(keep_cols).flatten()
-        L = cholesky(H[K][:, K], what="the Gram matrix on the kept columns", hint="raise 'damp'")
-        self.Kinv = torch.zeros_like(H)
-        self.Kinv[K[:, None], K[None, :]] = torch.cholesky_inverse(L)
+        self.pruned = torch.nonzero(~keep_groups).flatten()  # group ids; slot i holds pruned[i]
         Pc = self.pcols()
-        self.W_hat = W.clone()
+        B = spd_inverse(Hinv[Pc][:, Pc], what="the pruned block of the inverse Gram matrix")
+        T = B @ Hinv[Pc]  # (|P|d, n)
+        self.Kinv = Hinv - Hinv[:, Pc] @ T
+        self.Kinv[Pc, :] = 0
+        self.Kinv[:, Pc] = 0
+        self.U = -T
+        self.U[:, Pc] = 0
+        self.W_hat = W - W[:, Pc] @ T
         self.W_hat[:, Pc] = 0
-        self.W_hat[:, K] += torch.cholesky_solve(H[K][:, Pc] @ W[:, Pc].T, L).T
-        self.G = (self.W_hat - W) @ H
-        self.U = H[Pc] @ self.Kinv
-        self.A = self.G[:, Pc].T @ self.W_hat
+        self.GP = -W[:, Pc] @ B  # (m, |P|d), in slot order
+        self.A = self.GP.T @ self.W_hat
+        self.reset_error = -0.5 * float((W[:, Pc] * self.GP).sum())  # ½ tr(W_P B W_Pᵀ)
 
     def pcols(self) -> torch.Tensor:
         return self.groups[self.pruned].flatten()
 
     def error(self) -> float:
+        """``½ tr((Ŵ−W) H (Ŵ−W)ᵀ)`` recomputed from scratch (tests; ``O(m n²)``)."""
         D = self.W_hat - self.W
         return 0.5 * float(((D @ self.H) * D).sum())
 
     # --- swap table --------------------------------------------------------------------------------
 
-    def best_swap(self) -> tuple[float, int, int]:
-        """(Δ, index into ``pruned``, kept group id) of the best swap."""
+    def deltas(self, slots: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact error change ``Δ(p, q)`` of every swap, shape ``(len(slots), len(kept))``.
+
+        ``slots`` index ``pruned`` (default: all); ``kept`` are kept group ids (default: all).
+        """
         H, d = self.H, self.d
-        kept = torch.nonzero(self.keep_groups).flatten()
-        k, r = self.pruned.numel(), kept.numel()
-        Pidx = self.groups[self.pruned]  # (k, d)
+        if slots is None:
+            slots = torch.arange(self.pruned.numel(), device=self.pruned.device)
+        if kept is None:
+            kept = torch.nonzero(self.keep_groups).flatten()
+        k = slots.numel()
+        Pidx = self.groups[self.pruned[slots]]  # (k, d)
         Kidx = self.groups[kept]  # (r, d)
+        rows = (slots[:, None] * d + torch.arange(d, device=slots.device)).flatten()  # rows of U, A; cols of GP
+        U, A, GP = self.U[rows], self.A[rows], self.GP[:, rows]
         if d == 1:
             # Channels: every block is a scalar; plain reductions (einsum takes a slow path here).
             P, K = Pidx[:, 0], Kidx[:, 0]
-            s = H[P, P] - (self.U * H[P]).sum(1)
-            gg = self.G[:, P].square().sum(0)
+            s = H[P, P] - (U * H[P]).sum(1)
+            gg = GP.square().sum(0)
             ww = self.W_hat[:, K].square().sum(0)
-            u, a = self.U[:, K], self.A[:, K]
+            u, a = U[:, K], A[:, K]
             X = u / s[:, None]
             kq = self.Kinv[K, K][None, :] + u * X
             num = ww[None, :] + 2 * a * X + X * X * gg[:, None]
-            delta = 0.5 * (num / kq) - 0.5 * (gg / s)[:, None]
-        else:
-            Ub = self.U.reshape(k, d, -1)
-            Ab = self.A.reshape(k, d, -1)
-            Hp = H[:, Pidx]  # (n, k, d)
-            S = H[Pidx[:, :, None], Pidx[:, None, :]] - torch.einsum("kan,nkb->kab", Ub, Hp)
-            Gp = self.G[:, Pidx]  # (m, k, d)
-            GG = torch.einsum("mka,mkb->kab", Gp, Gp)
-            Wq = self.W_hat[:, Kidx]  # (m, r, d)
-            WW = torch.einsum("mra,mrb->rab", Wq, Wq)
-            Kqq = self.Kinv[Kidx[:, :, None], Kidx[:, None, :]]  # (r, d, d)
-            Upq = Ub[:, :, Kidx]  # (k, d, r, d)
-            Apq = Ab[:, :, Kidx]
-            Sinv = spd_inverse(S, what="a Schur complement in the swap search")
-            U4 = Upq.permute(0, 2, 1, 3)  # (k, r, d, d)
-            A4 = Apq.permute(0, 2, 1, 3)
-            X = Sinv[:, None] @ U4
-            kq = Kqq[None] + U4.transpose(-1, -2) @ X
-            quad = WW[None] + A4.transpose(-1, -2) @ X + X.transpose(-1, -2) @ A4
-            quad = quad + X.transpose(-1, -2) @ GG[:, None] @ X
-            kq = 0.5 * (kq + kq.transpose(-1, -2))
-            gain = 0.5 * torch.einsum("kab,kba->k", Sinv, GG)
-            delta = 0.5 * torch.cholesky_solve(quad, cholesky(kq, what="a kept block in the swap search")).diagonal(
-                dim1=-2, dim2=-1
-            ).sum(-1) - gain[:, None]
-        flat = int(torch.argmin(delta))
-        return float(delta.flatten()[flat]), flat // r, int(kept[flat % r])
+            return 0.5 * (num / kq) - 0.5 * (gg / s)[:, None]
+        Ub = U.reshape(k, d, -1)
+        Ab = A.reshape(k, d, -1)
+        Hp = H[:, Pidx]  # (n, k, d)
+        S = H[Pidx[:, :, None], Pidx[:, None, :]] - torch.einsum("kan,nkb->kab", Ub, Hp)
+        Gp = GP.reshape(-1, k, d)  # (m, k, d)
+        GG = torch.einsum("mka,mkb->kab", Gp, Gp)
+        Wq = self.W_hat[:, Kidx]  # (m, r, d)
+        WW = torch.einsum("mra,mrb->rab", Wq, Wq)
+        Kqq = self.Kinv[Kidx[:, :, None], Kidx[:, None, :]]  # (r, d, d)
+        U4 = Ub[:, :, Kidx].permute(0, 2, 1, 3)  # (k, r, d, d)
+        A4 = Ab[:, :, Kidx].permute(0, 2, 1, 3)
+        Sinv = spd_inverse(S, what="a Schur complement in the swap search")
+        X = Sinv[:, None] @ U4
+        kq = Kqq[None] + U4.transpose(-1, -2) @ X
+        quad = WW[None] + A4.transpose(-1, -2) @ X + X.transpose(-1, -2) @ A4
+        quad = quad + X.transpose(-1, -2) @ GG[:, None] @ X
+        kq = 0.5 * (kq + kq.transpose(-1, -2))
+        gain = 0.5 * torch.einsum("kab,kba->k", Sinv, GG)
+        trace = torch.cholesky_solve(quad, cholesky(kq, what="a kept block in the swap search"))
+        return 0.5 * trace.diagonal(dim1=-2, dim2=-1).sum(-1) - gain[:, None]
+
+    def improving_swaps(self, threshold: float, batch: int) -> list[tuple[float, int, int]]:
+        """Up to ``batch`` disjoint swaps ``(Δ, slot, q)`` with ``Δ < threshold``, best first."""
+        kept = torch.nonzero(self.keep_groups).flatten()
+        table = self.deltas(None, kept)
+        r = kept.numel()
+        n_best = min(table.numel(), 8 * batch)
+        values, flat = torch.topk(table.flatten(), n_best, largest=False)
+        picked: list[tuple[float, int, int]] = []
+        used_slots, used_q = set(), set()
+        for value, f in zip(values.tolist(), flat.tolist()):
+            if not value < threshold or len(picked) == batch:
+                break
+            pos, q = f // r, int(kept[f % r])
+            if pos in used_slots or q in used_q:
+                continue
+            used_slots.add(pos)
+            used_q.add(q)
+            picked.append((value, pos, q))
+        return picked
 
     # --- updates -----------------------------------------------------------------------------------
 
-    def _rank_update(self, Z: torch.Tensor, M: torch.Tensor, c: torch.Tensor) -> None:
-        """``Kinv += Z M Zᵀ``, ``W_hat += c Zᵀ``, ``G += c (H Z)ᵀ`` and the rows of ``U`` and ``A``.
+    def _rank_update(self, Z: torch.Tensor, M: torch.Tensor, c: torch.Tensor, HZ_P: torch.Tensor) -> None:
+        """``Kinv += Z M Zᵀ``, ``Ŵ += c Zᵀ``, ``G += c (H Z)ᵀ`` and the matching rows of ``U`` and ``A``.
 
-        In place (``addmm_``): the update is memory-bound, and temporaries of the size of ``Kinv`` would
-        double its traffic.
+        ``HZ_P = (H Z)_P`` (|P|d × d) comes from the caller in closed form: ``H Z`` vanishes on the kept
+        rows, so no ``n×n`` product is needed.  In place (``addmm_``): the update is memory-bound, and
+        temporaries of the size of ``Kinv`` would double its traffic.
         """
-        HZ = self.H @ Z  # (n, d)
-        HZr = HZ[self.pcols()]  # (|P|d, d)
-        cW = c.T @ self.W_hat  # (d, n), before W_hat changes
+        cW = c.T @ self.W_hat  # (d, n), before Ŵ changes
         ZT = Z.T.contiguous()
-        Gc = self.G[:, self.pcols()].T @ c  # (|P|d, d), before G changes
-        self.A.addmm_(Gc + HZr @ (c.T @ c), ZT).addmm_(HZr, cW)
-        self.U.addmm_(HZr @ M, ZT)
+        Gc = self.GP.T @ c  # (|P|d, d), before G changes
+        self.A.addmm_(Gc + HZ_P @ (c.T @ c), ZT).addmm_(HZ_P, cW)
+        self.U.addmm_(HZ_P @ M, ZT)
         self.Kinv.addmm_(Z @ M, ZT)
         self.W_hat.addmm_(c, ZT)
-        self.G.addmm_(c, HZ.T)
+        self.GP.addmm_(c, HZ_P.T)
 
     def apply_swap(self, pos: int, q: int) -> None:
+        """Restore the group in slot ``pos`` and prune kept group ``q`` into the same slot."""
         d = self.d
         p = int(self.pruned[pos])
-        pc = self.groups[p]
-        # 1. Restore p: Newton step in the Schur complement.
-        Up = self.U[pos * d : (pos + 1) * d]  # (d, n)
-        S = self.H[pc][:, pc] - Up @ self.H[:, pc]
+        pc, qc = self.groups[p], self.groups[q]
+        slot = slice(pos * d, (pos + 1) * d)
+        # 1. Restore p: Newton step in the Schur complement S_p = H_pp − U_p H_{:,p}.
+        Up = self.U[slot]  # (d, n)
+        HZ_P = self.H[self.pcols()][:, pc] - self.U @ self.H[:, pc]  # (H Z)_P with Z = [−U_pᵀ; I at p]
+        S = HZ_P[slot]
         M = spd_inverse(S, what="a Schur complement in the swap search")
         Z = -Up.T.clone()
         Z[pc] = torch.eye(d, dtype=Z.dtype, device=Z.device)
-        c = -self.G[:, pc] @ M
-        self._rank_update(Z, M, c)
-        keep_rows = torch.ones(self.U.shape[0], dtype=torch.bool, device=self.U.device)
-        keep_rows[pos * d : (pos + 1) * d] = False
-        self.U, self.A = self.U[keep_rows], self.A[keep_rows]
-        self.pruned = torch.cat([self.pruned[:pos], self.pruned[pos + 1 :]])
+        self._rank_update(Z, M, -self.GP[:, slot] @ M, HZ_P)
         self.keep_groups[p] = True
-        # 2. Prune q: the OBS step.
-        qc = self.groups[q]
+        # 2. Prune q: the OBS step, Z = Kinv_{:,q}; (H Z)_P = U_{:,q} (slot pos is stale, overwritten below).
         Zq = self.Kinv[:, qc].clone()
         Kqq_inv = spd_inverse(self.Kinv[qc][:, qc], what="a kept block in the swap search")
-        self._rank_update(Zq, -Kqq_inv, -self.W_hat[:, qc] @ Kqq_inv)
+        c = -self.W_hat[:, qc] @ Kqq_inv
+        self._rank_update(Zq, -Kqq_inv, c, self.U[:, qc].clone())
         self.W_hat[:, qc] = 0  # exact in theory; removes round-off
         self.keep_groups[q] = False
-        self.pruned = torch.cat([self.pruned, torch.tensor([q], device=self.pruned.device)])
-        self.U = torch.cat([self.U, self.H[qc] @ self.Kinv])
-        self.A = torch.cat([self.A, self.G[:, qc].T @ self.W_hat])
+        self.pruned[pos] = q
+        self.GP[:, slot] = c  # G_q = c (H Kinv)_{q,q} = c
+        self.U[slot] = self.H[qc] @ self.Kinv
+        self.A[slot] = c.T @ self.W_hat
 
 
 def swap_search(
@@ -163,8 +191,10 @@ def swap_search(
     *,
     max_swaps: int = 1000,
     rel_tol: float = 1e-9,
+    batch: int = 8,
+    Hinv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Best-improvement 1-swap local search.
+    """Exact 1-swap local search: best swap first, then up to ``batch − 1`` more per table.
 
     Parameters
     ----------
@@ -180,6 +210,11 @@ def swap_search(
         Stop after this many swaps even if an improving swap remains.
     rel_tol : float
         A swap must lower the error by more than ``rel_tol`` times the current error.
+    batch : int
+        Swaps tried per table of all ``Δ(p, q)``: the table costs about as much as a swap, and most of
+        its best disjoint entries still improve after the first is applied.  1 = best improvement.
+    Hinv : Tensor of shape (n, n), optional
+        ``H⁻¹`` when the caller has it; computed here otherwise.
 
     Returns
     -------
@@ -188,21 +223,34 @@ def swap_search(
     """
     if bool(keep_groups.all()) or not bool(keep_groups.any()):
         return keep_groups.clone(), {"swaps": 0, "local_optimum": True, "errors": []}
-    state = _ColumnState(H, W, groups, keep_groups)
-    err = state.error()
+    if Hinv is None:
+        Hinv = torch.cholesky_inverse(cholesky(H, what="the Gram matrix", hint="raise 'damp'"))
+    state = _ColumnState(H, W, groups, keep_groups, Hinv)
+    err = state.reset_error
     errors = [err]
-    swaps, local_optimum = 0, False
+    swaps, local_optimum, tables = 0, False, 0
     while swaps < max_swaps:
-        delta, pos, q = state.best_swap()
-        if not delta < -rel_tol * max(err, 1e-300):
+        # One table, then up to `batch` disjoint swaps from its best entries: the first is the best
+        # swap; each later one is re-evaluated exactly on the updated state and applied only if it
+        # still improves.  The loop ends on a table with no improving swap: a 1-swap local optimum.
+        candidates = state.improving_swaps(-rel_tol * max(err, 1e-300), batch)
+        tables += 1
+        if not candidates:
             local_optimum = True
             break
-        state.apply_swap(pos, q)
-        swaps += 1
-        if swaps % _REFRESH_EVERY == 0:
-            state.reset(state.keep_groups)  # bound the round-off of the rank updates
-            err = state.error()
-        else:
-            err += delta
-        errors.append(err)
-    return state.keep_groups.clone(), {"swaps": swaps, "local_optimum": local_optimum, "errors": errors}
+        for i, (delta, pos, q) in enumerate(candidates):
+            if swaps >= max_swaps:
+                break
+            if i > 0:
+                delta = float(state.deltas(torch.tensor([pos], device=H.device), torch.tensor([q], device=H.device))[0, 0])
+                if not delta < -rel_tol * max(err, 1e-300):
+                    continue
+            state.apply_swap(pos, q)
+            swaps += 1
+            if swaps % _REFRESH_EVERY == 0:
+                state.reset(state.keep_groups)  # bound the round-off of the rank updates
+                err = state.reset_error
+            else:
+                err += delta
+            errors.append(err)
+    return state.keep_groups.clone(), {"swaps": swaps, "tables": tables, "local_optimum": local_optimum, "errors": errors}
