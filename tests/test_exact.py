@@ -85,3 +85,20 @@ def test_refit_matches_least_squares(structure):
         expected = torch.linalg.solve(p.hessian[K][:, K], (p.W64[r] @ p.hessian[:, K]))
         torch.testing.assert_close(W_hat[r, K], expected, rtol=1e-9, atol=1e-10)
         assert bool((W_hat[r, ~entries[r]] == 0).all())
+
+
+def test_spap_near_the_optimum_on_small_problems():
+    """A looser version of benchmarks/spap_vs_exact.py: ≥ 90% within 1% of the optimum over random and
+    strongly correlated H, channels and heads; never worse than magnitude selection + exact refit."""
+    gaps, worse = [], 0
+    for kind in ("random", "correlated"):
+        for structure in (solvers.channels(16), solvers.heads(16, 2)):
+            for seed in range(10):
+                p = make_problem(12, 16, kind=kind, structure=structure, sparsity=0.5, seed=seed)
+                optimum = solvers.solve(p, "exact").objective
+                spap = solvers.solve(p, "spap").objective
+                worse += spap > solvers.solve(p, "magnitude", refit=True).objective * (1 + 1e-9)
+                gaps.append((spap - optimum) / optimum)
+    assert min(gaps) > -1e-9  # nothing beats the optimum
+    assert sum(g <= 0.01 for g in gaps) >= 0.9 * len(gaps)
+    assert worse == 0
