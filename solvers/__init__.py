@@ -11,7 +11,7 @@ The mathematics only: tensors in, tensors out; nothing here knows about ``torch.
 """
 
 from .problem import GramAccumulator, LayerProblem
-from .registry import SolverSpec, available_methods, get_solver, register, solve
+from .registry import SolverSpec, available_methods, check_method, get_solver, register, solve
 from .solution import Solution
 from .structure import NM, ColumnGroups, Structure, Unstructured, channels, column_groups, heads, parse_structure
 from ._validation import InvalidArgumentError
@@ -30,6 +30,7 @@ __all__ = [
     "register",
     "get_solver",
     "available_methods",
+    "check_method",
     "SolverSpec",
     "ColumnGroups",
     "Unstructured",

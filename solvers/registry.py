@@ -76,6 +76,18 @@ def get_solver(name: str) -> SolverSpec:
     return _REGISTRY[name]
 
 
+def check_method(method: str, options: dict[str, Any] | None = None, structure: object | None = None) -> SolverSpec:
+    """Validate a method name, its options and (optionally) a structure before any work is done."""
+    spec = get_solver(method)
+    if structure is not None and not spec.supports(structure):
+        allowed = ", ".join(s.__name__ for s in spec.structures)
+        raise InvalidArgumentError(
+            f"Method {method!r} does not support structure {structure!r}; it supports: {allowed}."
+        )
+    check_options(dict(options or {}), spec.options, f"solve(method={method!r})")
+    return spec
+
+
 def solve(problem: LayerProblem, method: str = "spap", **options: Any) -> Solution:
     """Solve one layer's pruning problem with the named method.
 

@@ -60,3 +60,30 @@ def load_model(source: str | Path = "smollm2", *, dtype: torch.dtype = torch.flo
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     model.eval()
     return model.to(device), tokenizer
+
+
+def save_model(model, tokenizer, path: str | Path, *, report=None) -> Path:
+    """Save ``model`` (and ``tokenizer``, and ``report`` as ``spap_report.json``) to ``path`` atomically.
+
+    Everything is written into a temporary sibling directory that is renamed to ``path`` at the end, so
+    an interrupted save never leaves a half-written checkpoint.  ``path`` must not exist yet.
+    """
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"The 'path' argument names {path}, which already exists; choose a new directory.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            report.to_json(str(tmp / "spap_report.json"))
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,235 @@
+"""Architecture adapters: where each model family keeps its decoder blocks, MLP and attention linears.
+
+One adapter per family, chosen from ``config.model_type`` (never from a hub name), in the spirit of
+SliceGPT's model adapters.  The pipeline only talks to this interface, so a new architecture is one new
+adapter registered in :data:`ADAPTERS` and nothing else.
+
+Weights are always seen as ``(d_out, d_in)`` through :class:`LinearView`, which hides GPT-2's ``Conv1D``
+(it stores the transpose).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class LinearView:
+    """A linear layer as ``y = x Wᵀ + b`` with ``W`` of shape ``(d_out, d_in)``, for ``nn.Linear`` or
+    transformers' ``Conv1D`` (weight stored as ``(d_in, d_out)``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.transposed = type(module).__name__ == "Conv1D"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.module.weight.data
+        return w.T if self.transposed else w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = getattr(self.module, "bias", None)
+        return None if b is None else b.data
+
+    @property
+    def d_in(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.weight.shape[0]
+
+    def set_weight(self, W: torch.Tensor) -> None:
+        """Replace the weight (same shape), keeping dtype and device."""
+        w = self.module.weight
+        w.data.copy_((W.T if self.transposed else W).to(dtype=w.dtype, device=w.device))
+
+    def keep_inputs(self, idx: torch.Tensor) -> None:
+        """Keep only the input features ``idx`` (columns of ``W``)."""
+        W = self.weight[:, idx].clone()
+        self._replace(W, self.bias.clone() if self.bias is not None else None)
+
+    def keep_outputs(self, idx: torch.Tensor) -> None:
+        """Keep only the output features ``idx`` (rows of ``W``, entries of the bias)."""
+        W = self.weight[idx].clone()
+        self._replace(W, self.bias[idx].clone() if self.bias is not None else None)
+
+    def _replace(self, W: torch.Tensor, b: torch.Tensor | None) -> None:
+        m = self.module
+        m.weight = nn.Parameter((W.T if self.transposed else W).contiguous(), requires_grad=False)
+        if b is not None:
+            m.bias = nn.Parameter(b.contiguous(), requires_grad=False)
+        if self.transposed:
+            m.nf = W.shape[0]
+            if hasattr(m, "nx"):
+                m.nx = W.shape[1]
+        else:
+            m.out_features, m.in_features = W.shape
+
+
+@dataclass
+class Attention:
+    """Attention linears of one block: ``q``/``k``/``v`` read the block input, ``o`` writes it back."""
+
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+
+
+class Adapter:
+    """How to find things in one model family.  Subclasses set the class attributes and the methods."""
+
+    model_types: tuple[str, ...] = ()
+    intermediate_key = "intermediate_size"  # config field of the MLP width
+    supports_heads = True  # head pruning changes num_attention_heads; needs an explicit head_dim
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    # --- blocks ----------------------------------------------------------------------------------
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def mlp_in(self, block: nn.Module) -> list[nn.Module]:
+        """Linears whose *rows* are the MLP channels (gate and up, or fc1)."""
+        raise NotImplementedError
+
+    def mlp_out(self, block: nn.Module) -> nn.Module:
+        """The linear whose *columns* are the MLP channels (down_proj, fc2)."""
+        raise NotImplementedError
+
+    def attention(self, block: nn.Module) -> Attention:
+        raise NotImplementedError
+
+    def linear_groups(self, block: nn.Module) -> list[dict[str, nn.Module]]:
+        """The block's linears, grouped by shared input (one Gram matrix per group), in forward order."""
+        a = self.attention(block)
+        return [
+            {"q": a.q, "k": a.k, "v": a.v},
+            {"o": a.o},
+            {f"mlp_in{i}": m for i, m in enumerate(self.mlp_in(block))},
+            {"mlp_out": self.mlp_out(block)},
+        ]
+
+    # --- shapes ----------------------------------------------------------------------------------
+    @property
+    def intermediate_size(self) -> int:
+        return getattr(self.config, self.intermediate_key)
+
+    def set_intermediate_size(self, width: int) -> None:
+        setattr(self.config, self.intermediate_key, width)
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.n_heads
+
+    def set_heads(self, n_heads: int, n_kv_heads: int) -> None:
+        head_dim = self.head_dim
+        self.config.head_dim = head_dim  # no longer hidden_size // num_attention_heads
+        self.config.num_attention_heads = n_heads
+        self.config.num_key_value_heads = n_kv_heads
+        for block in self.blocks():
+            attn = block.self_attn
+            for name, value in (("num_heads", n_heads), ("num_key_value_heads", n_kv_heads)):
+                if hasattr(attn, name):
+                    setattr(attn, name, value)
+            if hasattr(attn, "num_key_value_groups"):
+                attn.num_key_value_groups = n_heads // n_kv_heads
+
+
+class LlamaFamily(Adapter):
+    """Llama, SmolLM, TinyLlama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3: gated MLP, GQA."""
+
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+
+    def blocks(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    def mlp_in(self, block):
+        return [block.mlp.gate_proj, block.mlp.up_proj]
+
+    def mlp_out(self, block):
+        return block.mlp.down_proj
+
+    def attention(self, block):
+        a = block.self_attn
+        return Attention(a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+
+
+class OPT(Adapter):
+    """OPT: plain MLP ``fc1 → ReLU → fc2`` with biases; multi-head attention."""
+
+    model_types = ("opt",)
+    intermediate_key = "ffn_dim"
+    supports_heads = False  # OPTAttention derives head_dim from hidden_size // num_heads
+
+    def blocks(self):
+        return self.model.model.decoder.layers
+
+    def mlp_in(self, block):
+        return [block.fc1]
+
+    def mlp_out(self, block):
+        return block.fc2
+
+    def attention(self, block):
+        a = block.self_attn
+        return Attention(a.q_proj, a.k_proj, a.v_proj, a.out_proj)
+
+
+class GPT2(Adapter):
+    """GPT-2: ``Conv1D`` layers (transposed weights), fused ``c_attn``; plain MLP with biases."""
+
+    model_types = ("gpt2",)
+    intermediate_key = "n_inner"
+    supports_heads = False  # GPT2Attention derives head_dim from n_embd // n_head
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.config.n_inner or 4 * self.config.n_embd
+
+    def blocks(self):
+        return self.model.transformer.h
+
+    def mlp_in(self, block):
+        return [block.mlp.c_fc]
+
+    def mlp_out(self, block):
+        return block.mlp.c_proj
+
+    def attention(self, block):
+        raise NotImplementedError("GPT-2 fuses q, k and v in c_attn")
+
+    def linear_groups(self, block):
+        return [{"c_attn": block.attn.c_attn}, {"attn.c_proj": block.attn.c_proj},
+                {"mlp.c_fc": block.mlp.c_fc}, {"mlp.c_proj": block.mlp.c_proj}]
+
+
+ADAPTERS: dict[str, Callable[[nn.Module], Adapter]] = {
+    t: cls for cls in (LlamaFamily, OPT, GPT2) for t in cls.model_types
+}
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model``, from ``model.config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"The 'model' argument is a {type(model).__name__} (model_type={model_type!r}), which spap does not "
+            f"support. Supported model types: {', '.join(sorted(ADAPTERS))}."
+        )
+    return ADAPTERS[model_type](model)

@@ -1,0 +1,93 @@
+"""What a pruning run cost and what it changed: per-layer records and totals."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerRecord:
+    """One solved layer problem: ``block``, ``target`` (``"mlp"``, ``"heads"`` or a linear's name),
+    ``kept``/``total`` units, relative reconstruction error and solver seconds."""
+
+    block: int
+    target: str
+    structure: str
+    kept: int
+    total: int
+    relative_error: float
+    seconds: float
+
+    @classmethod
+    def from_solution(cls, block: int, target: str, solution, problem) -> "LayerRecord":
+        return cls(block, target, repr(problem.structure), int(solution.keep.sum()), int(solution.keep.numel()),
+                   float(solution.relative_error), float(solution.stats["seconds"]))
+
+
+@dataclass
+class PruneReport:
+    """Returned by :func:`spap.prune_layerwise`.  ``seconds`` is wall time of the whole run; memory in bytes."""
+
+    settings: dict[str, Any]
+    params_before: int
+    params_after: int = 0
+    seconds: float = 0.0
+    peak_memory: dict[str, int] = field(default_factory=dict)
+    layers: list[LayerRecord] = field(default_factory=list)
+
+    @property
+    def solver_seconds(self) -> float:
+        return sum(r.seconds for r in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["solver_seconds"] = self.solver_seconds
+        return d
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=1)
+
+    def summary(self) -> str:
+        """A table of the layers (aggregated per target) and the totals."""
+        lines = [f"{'target':<12}{'layers':>7}{'kept/total':>14}{'mean rel.err':>14}{'max rel.err':>13}{'solver s':>10}"]
+        for target in dict.fromkeys(r.target for r in self.layers):
+            rs = [r for r in self.layers if r.target == target]
+            lines.append(
+                f"{target:<12}{len(rs):>7}{f'{rs[0].kept}/{rs[0].total}':>14}"
+                f"{sum(r.relative_error for r in rs) / len(rs):>14.5f}{max(r.relative_error for r in rs):>13.5f}"
+                f"{sum(r.seconds for r in rs):>10.1f}"
+            )
+        lines.append(
+            f"parameters {self.params_before:,} -> {self.params_after:,} "
+            f"({1 - self.params_after / self.params_before:.1%} fewer); "
+            f"time {self.seconds:.1f} s (solver {self.solver_seconds:.1f} s); "
+            + ", ".join(f"peak {k} {v / 2**30:.2f} GiB" for k, v in self.peak_memory.items())
+        )
+        return "\n".join(lines)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def peak_memory(device: torch.device | None = None) -> dict[str, int]:
+    """Peak resident memory of this process (and peak CUDA memory when on CUDA), in bytes."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"rss": rss if sys.platform == "darwin" else rss * 1024}
+    if device is not None and torch.device(device).type == "cuda":
+        out["cuda"] = torch.cuda.max_memory_allocated(device)
+    return out

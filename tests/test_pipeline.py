@@ -1,0 +1,166 @@
+"""prune_layerwise on tiny random-weight models of every supported family."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import spap
+from spap.adapters import LinearView, get_adapter
+
+COMMON = dict(vocab_size=128, num_hidden_layers=2, max_position_embeddings=64)
+LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, **COMMON)
+
+
+def _configs():
+    out = {
+        "llama": transformers.LlamaConfig(**LLAMA_LIKE),
+        "mistral": transformers.MistralConfig(**LLAMA_LIKE),
+        "qwen2": transformers.Qwen2Config(**LLAMA_LIKE),
+        "qwen3": transformers.Qwen3Config(head_dim=16, **LLAMA_LIKE),
+        "gemma": transformers.GemmaConfig(head_dim=16, **LLAMA_LIKE),
+        "gemma2": transformers.Gemma2Config(head_dim=16, **LLAMA_LIKE),
+        "gemma3_text": transformers.Gemma3TextConfig(head_dim=16, **LLAMA_LIKE),
+        "opt": transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
+                                      vocab_size=128, num_hidden_layers=2, max_position_embeddings=64),
+        "gpt2": transformers.GPT2Config(n_embd=64, n_inner=128, n_head=4, n_layer=2, vocab_size=128, n_positions=64),
+    }
+    return out
+
+
+CONFIGS = _configs()
+STRUCTURES = ["mlp", "heads", "mlp+heads", "unstructured", "2:4"]
+
+
+def _model(name: str):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS[name]))
+    return model.eval()
+
+
+def _ids(n=8, seqlen=32):
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+def _supports(name, structure):
+    return "heads" not in structure or get_adapter(_model(name)).supports_heads
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_structure_runs_with_exact_sparsity_and_reloads(name, structure, tmp_path):
+    if not _supports(name, structure):
+        pytest.skip(f"{name}: heads pruning unsupported (checked in test_heads_refused)")
+    model = _model(name)
+    adapter = get_adapter(model)
+    width, kv = adapter.intermediate_size, adapter.n_kv_heads
+    dense = {n: LinearView(m).weight.clone() for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")}
+    model, report = spap.prune_layerwise(model, _ids(), 0.5, structure=structure, progress=False)
+    if "mlp" in structure:
+        assert adapter.intermediate_size == width // 2
+        for block in adapter.blocks():
+            assert LinearView(adapter.mlp_out(block)).d_in == width // 2
+            assert all(LinearView(m).d_out == width // 2 for m in adapter.mlp_in(block))
+    if "heads" in structure:
+        assert adapter.n_kv_heads == kv - round(0.5 * kv)
+        assert model.config.num_attention_heads == adapter.n_kv_heads * (4 // kv)
+    if structure in ("unstructured", "2:4"):
+        for n, m in model.named_modules():
+            if n in dense and ".layers." in f".{n}." or (n in dense and ".h." in f".{n}."):
+                W = LinearView(m).weight
+                assert W.shape == dense[n].shape
+                if structure == "2:4":
+                    assert bool(((W.reshape(W.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+                else:
+                    assert int((W == 0).sum()) >= W.numel() // 2
+    assert report.params_after <= report.params_before
+    ids = _ids(2, 16)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    spap.save_model(model, None, tmp_path / "out", report=report)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, logits, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "out" / "spap_report.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["opt", "gpt2"])
+def test_heads_refused_where_head_dim_is_derived(name):
+    with pytest.raises(ValueError, match="structure='heads' is not supported"):
+        spap.prune_layerwise(_model(name), _ids(), 0.5, structure="heads", progress=False)
+
+
+def test_bad_arguments_fail_before_any_work():
+    model = _model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cases = [
+        (dict(sparsity=1.0), "'sparsity'"),
+        (dict(structure="rows"), "'structure'"),
+        (dict(method="nope"), "'method'"),
+        (dict(method_options={"rho": 1}), "unknown option"),
+        (dict(propagate="sideways"), "'propagate'"),
+        (dict(batch_size=0), "'batch_size'"),
+        (dict(resume=True), "checkpoint_dir"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            spap.prune_layerwise(model, _ids(), **{"sparsity": 0.3, **kwargs}, progress=False)
+    with pytest.raises(ValueError, match="'calib'"):
+        spap.prune_layerwise(model, "just one string", 0.3, progress=False)
+    with pytest.raises(ValueError, match="'tokenizer'"):
+        spap.prune_layerwise(model, ["some text", "more text"], 0.3, progress=False)
+    with pytest.raises(ValueError, match="does not support.*Supported model types"):
+        spap.prune_layerwise(torch.nn.Linear(2, 2), _ids(), 0.3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_same_seed_same_result():
+    a, _ = spap.prune_layerwise(_model("llama"), _ids(), 0.3, progress=False)
+    b, _ = spap.prune_layerwise(_model("llama"), _ids(), 0.3, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("structure", ["mlp+heads", "unstructured"])
+def test_resume_after_interruption_gives_the_identical_result(structure, tmp_path):
+    cfg = copy.deepcopy(CONFIGS["llama"])
+    cfg.num_hidden_layers = 4
+    fresh = lambda: transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg)).eval()  # noqa: E731
+    torch.manual_seed(0)
+    reference, _ = spap.prune_layerwise(fresh(), _ids(), 0.5, structure=structure, progress=False)
+    torch.manual_seed(0)
+    model = fresh()
+    with pytest.raises(spap.checkpoint.Interrupted):
+        spap.prune_layerwise(model, _ids(), 0.5, structure=structure, checkpoint_dir=str(tmp_path), progress=False,
+                             _stop_after_blocks=2)
+    torch.manual_seed(0)
+    resumed, report = spap.prune_layerwise(fresh(), _ids(), 0.5, structure=structure, checkpoint_dir=str(tmp_path),
+                                           resume=True, progress=False)
+    assert [r.block for r in report.layers] == sorted(r.block for r in report.layers)
+    assert {r.block for r in report.layers} == {0, 1, 2, 3}
+    ref_state = reference.state_dict()
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, ref_state[k]), k
+
+
+def test_resume_refuses_other_arguments(tmp_path):
+    with pytest.raises(spap.checkpoint.Interrupted):
+        spap.prune_layerwise(_model("llama"), _ids(), 0.5, checkpoint_dir=str(tmp_path), progress=False, _stop_after_blocks=1)
+    with pytest.raises(ValueError, match="different arguments"):
+        spap.prune_layerwise(_model("llama"), _ids(), 0.25, checkpoint_dir=str(tmp_path), resume=True, progress=False)
+
+
+def test_dense_propagation_and_list_of_batches():
+    model, report = spap.prune_layerwise(_model("llama"), list(_ids().split(3)), 0.25, propagate="dense", progress=False)
+    assert report.settings["n_batches"] == 3 and model.config.intermediate_size == 96
+
+
+def test_nan_in_activations_names_the_block():
+    model = _model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="block 1"):
+        spap.prune_layerwise(model, _ids(), 0.3, progress=False)
