@@ -69,3 +69,37 @@ def random_windows(
         j = int(torch.randint(len(ids) - seqlen, (1,), generator=gen))
         windows.append(ids[j : j + seqlen])
     return torch.tensor(windows, dtype=torch.long)
+
+
+def text_file(path: str | Path) -> list[str]:
+    """Paragraphs (blank-line separated) of a plain UTF-8 text file."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [p for p in text.split("\n\n") if p.strip()]
+
+
+def calibration_set(source, tokenizer, *, n: int = 64, seqlen: int = 1024, seed: int = 0,
+                    path: str | Path | None = None) -> torch.Tensor:
+    """``n`` random windows of ``seqlen`` tokens (LongTensor ``(n, seqlen)``) from a named source.
+
+    ``source``: ``"c4"`` (documents ``[:500]`` of the shared C4 sample, the calibration split),
+    ``"wikitext"`` (the WikiText-2 test rows, joined: for experiments only, it is the evaluation set),
+    a path to a plain text file, a list of strings, or a Hugging Face ``datasets.Dataset`` with a
+    ``"text"`` column.  Documents shorter than ``seqlen`` are skipped (as in SparseGPT).
+    """
+    if isinstance(source, str) and source == "c4":
+        texts = c4_documents(0, 500, path=path)
+    elif isinstance(source, str) and source == "wikitext":
+        texts = ["\n\n".join(wikitext_rows(path=path))]
+    elif isinstance(source, (str, Path)):
+        if not Path(source).is_file():
+            raise ValueError(f"The 'source' argument must be 'c4', 'wikitext', a text file, a list of strings or a "
+                             f"datasets.Dataset. Got {source!r}, which is not a file.")
+        texts = text_file(source)
+    elif hasattr(source, "column_names") and "text" in getattr(source, "column_names", ()):
+        texts = list(source["text"])
+    elif isinstance(source, Sequence) and all(isinstance(t, str) for t in source):
+        texts = list(source)
+    else:
+        raise ValueError(f"The 'source' argument must be 'c4', 'wikitext', a text file, a list of strings or a "
+                         f"datasets.Dataset. Got {type(source).__name__}.")
+    return random_windows(texts, tokenizer, n=n, seqlen=seqlen, seed=seed)
