@@ -44,6 +44,9 @@ class GramAccumulator:
         millions of tokens loses digits in float32 (the relative error of a float32 sum grows with the
         number of terms; SparseGPT's float32 running mean is adequate for masks but not for the exact
         refit used here).
+    product_dtype : torch.float64 (default) or torch.float32
+        Precision of each batch's ``XᵀX``.  The running sum is float64 either way; float32 products
+        (summing one batch, a few thousand tokens, in float32) are about twice as fast on CPU.
 
     Examples
     --------
@@ -53,9 +56,15 @@ class GramAccumulator:
     20
     """
 
-    def __init__(self, d_in: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, d_in: int, device: torch.device | str | None = None, *,
+                 product_dtype: torch.dtype = torch.float64) -> None:
         check("d_in", d_in, Interval(int, 1, None), "GramAccumulator")
+        if product_dtype not in (torch.float32, torch.float64):
+            raise InvalidArgumentError(
+                f"The 'product_dtype' argument of GramAccumulator must be torch.float32 or torch.float64. Got {product_dtype}."
+            )
         self.d_in = d_in
+        self.product_dtype = product_dtype
         self.H = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
         self.sum = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.n_samples = 0
@@ -67,9 +76,12 @@ class GramAccumulator:
                 f"The 'x' argument of GramAccumulator.add_batch must have last dimension {self.d_in}. "
                 f"Got shape {tuple(x.shape)} instead."
             )
-        flat = x.detach().reshape(-1, self.d_in).to(device=self.H.device, dtype=torch.float64)
-        self.H.addmm_(flat.T, flat)
-        self.sum += flat.sum(0)
+        flat = x.detach().reshape(-1, self.d_in).to(device=self.H.device, dtype=self.product_dtype)
+        if self.product_dtype == torch.float64:
+            self.H.addmm_(flat.T, flat)
+        else:
+            self.H += (flat.T @ flat).to(torch.float64)
+        self.sum += flat.sum(0, dtype=torch.float64)
         self.n_samples += flat.shape[0]
 
     @property

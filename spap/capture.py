@@ -133,12 +133,12 @@ class GramHooks:
     the group), since the pipeline shares the Gram matrix.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], device: torch.device) -> None:
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device, product_dtype: torch.dtype = torch.float64) -> None:
         self.accumulators: dict[str, solvers.GramAccumulator] = {}
         self._handles = []
         for name, module in modules.items():
             d_in = module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.in_features
-            acc = self.accumulators[name] = solvers.GramAccumulator(d_in, device=device)
+            acc = self.accumulators[name] = solvers.GramAccumulator(d_in, device=device, product_dtype=product_dtype)
             self._handles.append(module.register_forward_pre_hook(lambda m, args, acc=acc: acc.add_batch(args[0])))
 
     def remove(self) -> None:

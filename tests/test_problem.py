@@ -130,3 +130,16 @@ def test_targets_are_exact_counts():
     assert make_problem(3, 10, n_prune=7).n_pruned_target == 7
     assert make_problem(3, 8, structure=solvers.NM(2, 4)).n_pruned_target == 12
     assert make_problem(3, 8, structure=solvers.Unstructured(), sparsity=0.5).n_pruned_target == 12
+
+
+def test_float32_products_keep_a_float64_sum():
+    X = make_inputs(6, 4000, "correlated", seed=4).float()
+    exact = solvers.GramAccumulator(6)
+    mixed = solvers.GramAccumulator(6, product_dtype=torch.float32)
+    for batch in X.T.split(1000):
+        exact.add_batch(batch)
+        mixed.add_batch(batch)
+    assert mixed.H.dtype == torch.float64
+    assert float((mixed.H - exact.H).norm() / exact.H.norm()) < 1e-5
+    with pytest.raises(ValueError, match="'product_dtype'"):
+        solvers.GramAccumulator(6, product_dtype=torch.float16)
