@@ -107,6 +107,15 @@ class Adapter:
     def attention(self, block: nn.Module) -> Attention:
         raise NotImplementedError
 
+    def mlp_tail(self, block: nn.Module):
+        """``(entry, tail)`` when the block ends with ``out = tail(residual)`` where ``residual`` is the input
+        of module ``entry`` and ``tail`` only runs the MLP part; ``None`` when the family has no such form.
+
+        Lets the pipeline skip the attention half of the second pass for MLP pruning: the block output of
+        the pruned MLP is ``tail(residual)`` with the residual recorded in the first pass.
+        """
+        return None
+
     def linear_groups(self, block: nn.Module) -> list[dict[str, nn.Module]]:
         """The block's linears, grouped by shared input (one Gram matrix per group), in forward order."""
         a = self.attention(block)
@@ -168,6 +177,13 @@ class LlamaFamily(Adapter):
     def attention(self, block):
         a = block.self_attn
         return Attention(a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+
+    def mlp_tail(self, block):
+        if hasattr(block, "pre_feedforward_layernorm"):  # Gemma 2 and 3: norms before and after the MLP
+            pre, post = block.pre_feedforward_layernorm, block.post_feedforward_layernorm
+            return pre, lambda r: r + post(block.mlp(pre(r)))
+        norm = block.post_attention_layernorm
+        return norm, lambda r: r + block.mlp(norm(r))
 
 
 class OPT(Adapter):

@@ -70,6 +70,7 @@ def prune_layerwise(
     resume: bool = False,
     progress: bool = True,
     _stop_after_blocks: int | None = None,
+    _mlp_tail: bool = True,
 ):
     """Prune ``model`` in place, block by block, and return ``(model, report)``.
 
@@ -169,13 +170,16 @@ def prune_layerwise(
     for i in bar:
         block = blocks[i]
         block.to(device)
+        tail = adapter.mlp_tail(block) if (_mlp_tail and targets == {"mlp"} and propagate == "pruned") else None
         records, kept = _prune_block(adapter, block, i, hidden, kwargs_list, device, targets, row_structure,
-                                     sparsity, n_kv_prune, method, method_options, damp, propagate, gram_dtype)
+                                     sparsity, n_kv_prune, method, method_options, damp, propagate, gram_dtype, tail)
         report.layers.extend(records)
         if propagate == "pruned":
             with torch.no_grad():
                 for b, h in enumerate(hidden):
-                    hidden[b] = _checked(run_block(block, h, kwargs_list[b], device), f"output of block {i}").to(offload)
+                    # With a tail, `hidden` holds the residuals entering the MLP (first pass).
+                    out = tail[1](h.to(device)) if tail is not None else run_block(block, h, kwargs_list[b], device)
+                    hidden[b] = _checked(out, f"output of block {i}").to(offload)
         block.to(offload if device.type == "cuda" else device)
         if checkpoint_dir is not None:
             ckpt.save_block(checkpoint_dir, i, block, kept, hidden, kwargs_list, report.layers)
@@ -194,8 +198,12 @@ def prune_layerwise(
 
 
 def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden, kwargs_list, device, targets,
-                 row_structure, sparsity, n_kv_prune, method, options, damp, propagate, gram_dtype):
-    """Capture the block's Gram matrices, solve its problems and write the results into it."""
+                 row_structure, sparsity, n_kv_prune, method, options, damp, propagate, gram_dtype, tail=None):
+    """Capture the block's Gram matrices, solve its problems and write the results into it.
+
+    With ``tail`` (MLP pruning, pruned propagation) the first pass stops at the MLP's output linear and
+    replaces ``hidden[b]`` by the residual entering the MLP, from which the tail recomputes the output.
+    """
     groups = adapter.linear_groups(block)
     wanted: dict[str, nn.Module] = {}
     if row_structure is not None:
@@ -205,15 +213,26 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden, kwargs_
     if "heads" in targets:
         wanted["o"] = adapter.attention(block).o
     hooks = GramHooks(wanted, device, gram_dtype)
+    extra = []
+    residuals: list[torch.Tensor] = []
+    if tail is not None:
+        extra.append(tail[0].register_forward_pre_hook(lambda m, args: residuals.append(args[0].detach())))
+        extra.append(wanted["mlp_out"].register_forward_pre_hook(_stop_forward))  # after the Gram hook
     dense_out = []
     try:
         with torch.no_grad():
             for b, h in enumerate(hidden):
-                out = run_block(block, h, kwargs_list[b], device)
+                try:
+                    out = run_block(block, h, kwargs_list[b], device)
+                except _StopBlock:
+                    hidden[b] = residuals.pop().to(h.device)
+                    continue
                 if propagate == "dense":
                     dense_out.append(_checked(out, f"output of block {index}").to(h.device))
     finally:
         hooks.remove()
+        for handle in extra:
+            handle.remove()
     if propagate == "dense":
         hidden[:] = dense_out
     records, kept = [], {}
@@ -259,6 +278,14 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden, kwargs_
         _keep_kv_groups(adapter, attn, kv)
         records.append(LayerRecord.from_solution(index, "heads", sol, p))
     return records, kept
+
+
+class _StopBlock(Exception):
+    """Ends a first pass at the MLP's output linear once its input is recorded."""
+
+
+def _stop_forward(module, args):
+    raise _StopBlock
 
 
 def _keep_mlp_channels(adapter: Adapter, block: nn.Module, idx: torch.Tensor) -> None:

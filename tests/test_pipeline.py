@@ -164,3 +164,12 @@ def test_nan_in_activations_names_the_block():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="block 1"):
         spap.prune_layerwise(model, _ids(), 0.3, progress=False)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma2", "gemma3_text"])
+def test_mlp_tail_shortcut_equals_the_full_second_pass(name):
+    """The first pass may stop at down_proj and the second run only the MLP: same model as full passes."""
+    fast, _ = spap.prune_layerwise(_model(name), _ids(), 0.5, progress=False)
+    full, _ = spap.prune_layerwise(_model(name), _ids(), 0.5, progress=False, _mlp_tail=False)
+    for (k, a), b in zip(fast.state_dict().items(), full.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
