@@ -143,3 +143,12 @@ def test_float32_products_keep_a_float64_sum():
     assert float((mixed.H - exact.H).norm() / exact.H.norm()) < 1e-5
     with pytest.raises(ValueError, match="'product_dtype'"):
         solvers.GramAccumulator(6, product_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("d", [5, 300, 517])
+def test_gram_panels_equal_the_full_product(d):
+    X = torch.randn(700, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
+    acc = solvers.GramAccumulator(d)
+    acc.add_batch(X)
+    torch.testing.assert_close(acc.H, X.T @ X, rtol=1e-12, atol=1e-9)
+    assert torch.equal(acc.H, acc.H.T)

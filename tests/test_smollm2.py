@@ -46,3 +46,9 @@ def test_spap_30pct_mlp_reloads_smaller_and_beats_magnitude(calib, tmp_path):
     ppl_magnitude = perplexity(magnitude, tok, wikitext_rows(), **EVAL)
     assert math.isfinite(ppl_spap)
     assert ppl_spap < ppl_magnitude, (ppl_spap, ppl_magnitude)
+
+
+def test_dense_perplexity_matches_the_reference_protocol():
+    """The shared data README's dense figure: first 16 windows of 2048 tokens of WikiText-2 test, 20.71."""
+    model, tok = spap.load_model("smollm2")
+    assert round(perplexity(model, tok, wikitext_rows(), seqlen=2048, max_windows=16), 2) == 20.71
