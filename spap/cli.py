@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="WikiText-2 perplexity and tokens/second")
     p.add_argument("model")
+    p.add_argument("--text", default="wikitext", help="wikitext (WikiText-2 test rows) or a text/.json/.jsonl file")
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--device")
@@ -84,10 +85,25 @@ def _validate(args) -> None:
             raise SystemExit(f"spap: error: --{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
     if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
         raise SystemExit("spap: error: --device cuda, but torch sees no CUDA device")
+    model = getattr(args, "model", "smollm2")
+    if model != "smollm2" and not (Path(model).is_dir() or (Path(model).suffix == ".gguf" and Path(model).is_file())):
+        raise SystemExit(f"spap: error: model {model!r} must be 'smollm2', a Hugging Face model directory or a "
+                         ".gguf file, and it was not found")
+    for name in ("calib", "text"):
+        value = getattr(args, name, None)
+        if value not in (None, "c4", "wikitext") and not Path(value).is_file():
+            raise SystemExit(f"spap: error: --{name} must be c4, wikitext or an existing file; got {value!r}")
     if args.command == "prune":
         out = Path(args.out)
         if out.exists():
             raise SystemExit(f"spap: error: --out {out} already exists; choose a new directory")
+        if args.resume and not (_partial(out) / "settings.json").is_file():
+            raise SystemExit(f"spap: error: --resume, but {_partial(out)} holds no interrupted run")
+
+
+def _partial(out: Path) -> Path:
+    """Where ``prune`` keeps its per-block checkpoints until the output is saved."""
+    return Path(str(out).rstrip("/") + ".partial")
 
 
 def _calibration(args, tokenizer) -> torch.Tensor:
@@ -107,18 +123,19 @@ def _prune(args, model, tokenizer, checkpoint_dir=None, resume=False):
     )
 
 
-def _wikitext_ppl(model, tokenizer, windows: int, data_dir=None, seqlen: int = 1024) -> float:
-    from .data import wikitext_rows
+def _wikitext_ppl(model, tokenizer, windows: int, data_dir=None, seqlen: int = 1024, text: str = "wikitext") -> float:
+    from .data import text_file, wikitext_rows
     from .eval import perplexity
 
-    return perplexity(model, tokenizer, wikitext_rows(path=data_dir), seqlen=seqlen, max_windows=windows, progress=True)
+    rows = wikitext_rows(path=data_dir) if text == "wikitext" else text_file(text)
+    return perplexity(model, tokenizer, rows, seqlen=seqlen, max_windows=windows, progress=True)
 
 
 def cmd_prune(args) -> None:
     from .models import load_model, save_model
 
     model, tokenizer = load_model(args.model)
-    partial = Path(str(args.out).rstrip("/") + ".partial")
+    partial = _partial(Path(args.out))
     model, report = _prune(args, model, tokenizer, checkpoint_dir=str(partial), resume=args.resume)
     if args.eval_windows:
         report.settings["wikitext_ppl"] = _wikitext_ppl(model, tokenizer, args.eval_windows, args.data_dir)
@@ -137,9 +154,9 @@ def cmd_eval(args) -> None:
     from .models import load_model
 
     model, tokenizer = load_model(args.model, device=args.device or "cpu")
-    ppl = _wikitext_ppl(model, tokenizer, args.max_windows, args.data_dir, args.seqlen)
+    ppl = _wikitext_ppl(model, tokenizer, args.max_windows, args.data_dir, args.seqlen, args.text)
     speed = tokens_per_second(model)
-    print(json.dumps({"wikitext_ppl": ppl, "windows": args.max_windows, "seqlen": args.seqlen,
+    print(json.dumps({"text": args.text, "perplexity": ppl, "windows": args.max_windows, "seqlen": args.seqlen,
                       "prefill_tokens_per_s": speed["prefill"], "decode_tokens_per_s": speed["decode"]}, indent=1))
 
 

@@ -72,8 +72,19 @@ def random_windows(
 
 
 def text_file(path: str | Path) -> list[str]:
-    """Paragraphs (blank-line separated) of a plain UTF-8 text file."""
-    text = Path(path).read_text(encoding="utf-8")
+    """Documents of a UTF-8 file: ``.jsonl`` is JSON lines with a ``"text"`` field (the C4 format),
+    ``.json`` a JSON list of strings (the WikiText rows format, joined into one document), anything else
+    plain text cut into blank-line separated paragraphs."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as fh:
+            return [json.loads(line)["text"] for line in fh if line.strip()]
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not (isinstance(rows, list) and all(isinstance(r, str) for r in rows)):
+            raise ValueError(f"{path} must hold a JSON list of strings.")
+        return ["\n\n".join(rows)]
+    text = path.read_text(encoding="utf-8")
     return [p for p in text.split("\n\n") if p.strip()]
 
 
@@ -83,7 +94,8 @@ def calibration_set(source, tokenizer, *, n: int = 64, seqlen: int = 1024, seed:
 
     ``source``: ``"c4"`` (documents ``[:500]`` of the shared C4 sample, the calibration split),
     ``"wikitext"`` (the WikiText-2 test rows, joined: for experiments only, it is the evaluation set),
-    a path to a plain text file, a list of strings, or a Hugging Face ``datasets.Dataset`` with a
+    a path to a file (``.jsonl`` C4-style JSON lines, ``.json`` list of rows, or plain text; see
+    :func:`text_file`), a list of strings, or a Hugging Face ``datasets.Dataset`` with a
     ``"text"`` column.  Documents shorter than ``seqlen`` are skipped (as in SparseGPT).
     """
     if isinstance(source, str) and source == "c4":
@@ -102,4 +114,6 @@ def calibration_set(source, tokenizer, *, n: int = 64, seqlen: int = 1024, seed:
     else:
         raise ValueError(f"The 'source' argument must be 'c4', 'wikitext', a text file, a list of strings or a "
                          f"datasets.Dataset. Got {type(source).__name__}.")
+    if not texts:
+        raise ValueError("The 'source' argument holds no text.")
     return random_windows(texts, tokenizer, n=n, seqlen=seqlen, seed=seed)

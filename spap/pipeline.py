@@ -15,6 +15,7 @@ Peak memory is one block, its Gram matrices and the calibration activations (kep
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Any
@@ -44,6 +45,8 @@ def _parse_structure(structure: str) -> tuple[set[str], solvers.Structure | None
     m = _NM.match(structure)
     if m:
         n, mm = int(m.group(1)), int(m.group(2))
+        if not 0 < n < mm:
+            raise ValueError(f"The 'structure' argument {structure!r} must be N:M with 0 < N < M (N kept of every M).")
         return set(), solvers.NM(n, mm)
     raise ValueError(
         f"The 'structure' argument must be one of 'mlp', 'heads', 'mlp+heads', 'unstructured' or 'N:M' such as "
@@ -131,18 +134,25 @@ def prune_layerwise(
             f"structure='heads' is not supported for model_type={model.config.model_type!r}: its attention "
             "derives head_dim from the hidden size, so fewer heads would not reload. Use 'mlp'."
         )
+    if isinstance(row_structure, solvers.NM):
+        widths = {LinearView(m).d_in for g in adapter.linear_groups(adapter.blocks()[0]) for m in g.values()}
+        if any(w % row_structure.m for w in widths):
+            raise ValueError(f"The 'structure' argument {structure!r} needs every linear's input width to be a "
+                             f"multiple of {row_structure.m}; this model's widths are {sorted(widths)}.")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
+        raise ValueError(f"The 'damp' argument must be a float >= 0. Got {damp!r} instead.")
     if gram_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"The 'gram_dtype' argument must be torch.float32 or torch.float64. Got {gram_dtype!r}.")
     if propagate not in ("pruned", "dense"):
         raise ValueError(f"The 'propagate' argument must be 'pruned' or 'dense'. Got {propagate!r} instead.")
-    if not isinstance(batch_size, int) or batch_size <= 0:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"The 'batch_size' argument must be a positive int. Got {batch_size!r} instead.")
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise ValueError(f"The 'checkpoint_dir' argument must be a path or None. Got {checkpoint_dir!r} instead.")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs the 'checkpoint_dir' argument.")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"The 'device' argument is {device}, but torch sees no CUDA device.")
-    offload = torch.device(offload)
+    device = _device("device", device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    offload = _device("offload", offload)
     n_kv_prune = round(sparsity * adapter.n_kv_heads) if "heads" in targets else 0
     if "heads" in targets and n_kv_prune >= adapter.n_kv_heads:
         raise ValueError(f"sparsity={sparsity} would prune all {adapter.n_kv_heads} key-value groups.")
@@ -311,6 +321,17 @@ def apply_kept(adapter: Adapter, block: nn.Module, kept: dict[str, torch.Tensor]
         _keep_mlp_channels(adapter, block, kept["mlp"])
     if "heads" in kept:
         _keep_kv_groups(adapter, adapter.attention(block), kept["heads"])
+
+
+def _device(name: str, value) -> torch.device:
+    """``value`` as a usable torch.device, or a ValueError naming the argument."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"The {name!r} argument must be a torch device such as 'cpu' or 'cuda'. Got {value!r}.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"The {name!r} argument is {device}, but torch sees no CUDA device.")
+    return device
 
 
 def _checked(x: torch.Tensor, what: str) -> torch.Tensor:

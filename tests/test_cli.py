@@ -23,3 +23,78 @@ def test_prune_refuses_an_existing_output(tmp_path):
 
     with pytest.raises(SystemExit, match="already exists"):
         main(["prune", "smollm2", "--out", str(tmp_path)])
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with a word-level tokenizer, saved like a Hugging Face checkpoint (offline)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(120)]
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    root = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    gen = torch.Generator().manual_seed(0)
+    docs = [" ".join(words[int(j)] for j in torch.randint(0, 120, (80,), generator=gen)) for _ in range(12)]
+    (root / "calib.txt").write_text("\n\n".join(docs))
+    return root
+
+
+def test_prune_eval_info_on_a_tiny_checkpoint(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    import torch
+    import transformers
+
+    from spap.cli import main
+
+    out = tmp_path / "pruned"
+    main(["prune", str(tiny_model_dir / "model"), "--out", str(out), "--structure", "mlp+heads", "--sparsity", "0.5",
+          "--calib", str(tiny_model_dir / "calib.txt"), "--n", "4", "--seqlen", "32", "--method", "magnitude"])
+    printed = capsys.readouterr().out
+    assert "parameters" in printed and "saved to" in printed
+    report = json.loads((out / "spap_report.json").read_text())
+    assert report["settings"]["structure"] == "mlp+heads" and len(report["layers"]) == 6
+    assert not (tmp_path / "pruned.partial").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == 64 and model.config.num_key_value_heads == 1
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(10)[None]).logits).all()
+
+    main(["info", str(out)])
+    assert "MLP width 64" in capsys.readouterr().out
+    main(["eval", str(out), "--seqlen", "16", "--max-windows", "2", "--text", str(tiny_model_dir / "calib.txt")])
+    result = json.loads(capsys.readouterr().out)
+    assert result["windows"] == 2 and result["perplexity"] > 1
+
+
+def test_prune_resumes_from_the_partial_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+    import transformers
+
+    import spap
+    from spap import pipeline
+    from spap.cli import main
+
+    argv = ["--calib", str(tiny_model_dir / "calib.txt"), "--n", "4", "--seqlen", "32", "--sparsity", "0.25"]
+    main(["prune", str(tiny_model_dir / "model"), "--out", str(tmp_path / "reference"), *argv])
+    real = pipeline.prune_layerwise
+    monkeypatch.setattr(pipeline, "prune_layerwise", lambda *a, **k: real(*a, **k, _stop_after_blocks=1))
+    with pytest.raises(spap.checkpoint.Interrupted):
+        main(["prune", str(tiny_model_dir / "model"), "--out", str(tmp_path / "resumed"), *argv])
+    assert (tmp_path / "resumed.partial").is_dir() and not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(pipeline, "prune_layerwise", real)
+    main(["prune", str(tiny_model_dir / "model"), "--out", str(tmp_path / "resumed"), "--resume", *argv])
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "reference").state_dict()
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resumed").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

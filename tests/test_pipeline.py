@@ -105,6 +105,12 @@ def test_bad_arguments_fail_before_any_work():
         (dict(propagate="sideways"), "'propagate'"),
         (dict(batch_size=0), "'batch_size'"),
         (dict(resume=True), "checkpoint_dir"),
+        (dict(damp=-0.1), "'damp'"),
+        (dict(device="gpu0"), "'device'"),
+        (dict(offload="nowhere"), "'offload'"),
+        (dict(structure="4:2"), "'structure'"),
+        (dict(structure="2:7"), "multiple of 7"),
+        (dict(gram_dtype=torch.float16), "'gram_dtype'"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
