@@ -21,6 +21,9 @@ from .refit import refit, refit_columns, refit_rows
 from . import scores as _scores  # noqa: F401,E402
 from . import penalty as _penalty  # noqa: F401,E402
 from . import exact as _exact  # noqa: F401,E402
+from . import obs as _obs  # noqa: F401,E402
+from . import sparsegpt as _sparsegpt  # noqa: F401,E402
+from . import admm as _admm  # noqa: F401,E402
 
 __all__ = [
     "LayerProblem",

@@ -1,4 +1,4 @@
-"""Score-based selections: magnitude and Wanda, with an optional exact refit.
+"""Score-based selections: magnitude, Wanda, Wanda-sp and FLAP, with an optional exact refit.
 
 Cost: one pass over ``W`` (plus a sort), and one refit when ``refit=True``.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import Boolean
+from ._validation import Boolean, InvalidArgumentError
 from .masks import group_scores, project
 from .problem import LayerProblem
 from .refit import refit
@@ -62,3 +62,66 @@ def wanda(problem: LayerProblem, *, refit: bool = False):
     """Keep the largest |W_ij|·‖x_j‖₂, compared per output row (unstructured); optionally refit."""
     norms = problem.H64.diagonal().clamp_min(0).sqrt()
     return _finish(problem, select(problem, norms, per_row=True), refit)
+
+
+def _column_structured_finish(problem: LayerProblem, column_scores: torch.Tensor, do_refit: bool):
+    """Keep the groups with the largest summed column scores; optional exact refit."""
+    keep = project(problem, group_scores(problem, column_scores))
+    return _finish(problem, keep, do_refit)
+
+
+@register(
+    "wanda_sp",
+    structures=(ColumnGroups,),
+    reference="An et al., Fluctuation-based Adaptive Structured Pruning for Large Language Models (FLAP), AAAI 2024: "
+    "the structured Wanda baseline (Wanda-sp) of its experiments; Sun et al., Wanda, ICLR 2024.",
+    options=_OPTIONS,
+)
+def wanda_sp(problem: LayerProblem, *, refit: bool = False):
+    """Structured Wanda: a group scores ``Σ_{j∈g} Σ_i |W_ij|·‖x_j‖₂``; keep the largest; optionally refit.
+
+    Cost: one pass over ``W``, a sort over groups, and one refit when ``refit=True``.
+    """
+    norms = problem.H64.diagonal().clamp_min(0).sqrt()
+    return _column_structured_finish(problem, (problem.W64.abs() * norms[None, :]).sum(0), refit)
+
+
+def input_variance(problem: LayerProblem, caller: str) -> torch.Tensor:
+    """Per-feature sample variance of the calibration inputs, ``H_jj/N − μ_j²``, shape ``(d_in,)``."""
+    if problem.input_mean is None or problem.n_samples is None:
+        missing = "input_mean" if problem.input_mean is None else "n_samples"
+        raise InvalidArgumentError(
+            f"Method {caller!r} needs the calibration input statistics: build the LayerProblem with "
+            f"'input_mean' and 'n_samples' (GramAccumulator.mean and .n_samples); {missing!r} is missing."
+        )
+    mean = problem.input_mean.to(problem.H64)
+    return (problem.H64.diagonal() / problem.n_samples - mean * mean).clamp_min(0)
+
+
+@register(
+    "flap",
+    structures=(ColumnGroups,),
+    reference="An et al., Fluctuation-based Adaptive Structured Pruning for Large Language Models (FLAP), AAAI 2024.",
+    options=_OPTIONS,
+)
+def flap(problem: LayerProblem, *, refit: bool = False):
+    """FLAP: fluctuation metric ``Var(x_j)·‖W_{:,j}‖²`` summed over a group, and bias compensation.
+
+    The pruned inputs' mean contribution moves into the bias, ``b ← b + (W − Ŵ) μ``
+    (``W_{:,P} μ_P`` without refit): :attr:`Solution.bias` carries the new bias, and
+    ``stats["error_with_bias"]`` the layer error once that bias is used,
+    ``½ tr((Ŵ−W)(H − N μμᵀ)(Ŵ−W)ᵀ)``.  FLAP's cross-layer standardisation of the scores and its adaptive
+    per-layer widths concern a whole model, not one layer, and are not part of this solver.
+
+    Needs ``problem.input_mean`` and ``problem.n_samples``.  Cost: one pass over ``W``, a sort over
+    groups, and one refit when ``refit=True``.
+    """
+    variance = input_variance(problem, "flap")
+    W_hat, keep, stats = _column_structured_finish(problem, variance * (problem.W64**2).sum(0), refit)
+    mean = problem.input_mean.to(problem.H64)
+    shift = (problem.W64 - W_hat) @ mean
+    bias = shift if problem.bias is None else problem.bias.to(shift) + shift
+    D = W_hat - problem.W64
+    centered = 0.5 * float(((D @ problem.H64) * D).sum()) - 0.5 * problem.n_samples * float(((D @ mean) ** 2).sum())
+    stats.update({"bias": bias.to(problem.weight.dtype), "error_with_bias": centered})
+    return W_hat, keep, stats
