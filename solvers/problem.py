@@ -280,8 +280,16 @@ class LayerProblem:
 
     @cached_property
     def hessian_inverse(self) -> torch.Tensor:
-        """``(H + δ·mean(diag H)·I)⁻¹`` in float64."""
-        return torch.cholesky_inverse(self.hessian_cholesky)
+        """``(H + δ·mean(diag H)·I)⁻¹`` in float64.
+
+        Computed as ``L⁻ᵀL⁻¹`` from a triangular solve and one product: on 2 CPU cores for d=1536 this
+        takes 0.4 s, where ``torch.cholesky_inverse`` (LAPACK potri) took 1 to 11 s.
+        """
+        L = self.hessian_cholesky
+        eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+        inv = Linv.T @ Linv
+        return 0.5 * (inv + inv.T)
 
     # --- objective ---------------------------------------------------------------------------------
 
