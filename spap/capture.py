@@ -72,20 +72,34 @@ def _to(x: Any, device: torch.device | str) -> Any:
     return x
 
 
-def capture_first_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor],
-                               device: torch.device, store: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
-    """Run the embeddings of every batch and return the first block's hidden states and keyword
-    arguments, one per batch (hidden states on ``store``, keyword arguments on ``device``)."""
-    hidden, kwargs_list = [], []
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor],
+                         device: torch.device, store: torch.device) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """The first block's hidden states for every batch, and every block's keyword arguments.
 
-    def hook(module, args, kwargs):
-        h = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
-        hidden.append(h.detach().to(store))
-        kwargs_list.append(kw)
-        raise _Stop
+    Returns ``(hidden, kwargs)``: ``hidden[b]`` is the input of block 0 for batch ``b`` (on ``store``)
+    and ``kwargs[i][b]`` the keyword arguments the model passes to block ``i`` for batch ``b`` (on
+    ``device``).  Blocks can receive different arguments: Gemma 2/3 give sliding-window layers their own
+    mask and, in Gemma 3, their own rotary tables, so replaying block 0's arguments everywhere would be
+    wrong.  While capturing, every block's ``forward`` is replaced by a recorder that returns its input
+    untouched and the last one stops the pass, so no block is computed: the cost is the embeddings.
+    """
+    hidden: list[torch.Tensor] = []
+    per_block: list[list[dict]] = [[] for _ in blocks]
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            h = args[0] if args else kwargs.pop("hidden_states")
+            per_block[i].append({k: v for k, v in kwargs.items() if k not in _CACHE_ARGS})
+            if i == 0:
+                hidden.append(h.detach().to(store))
+            if i == len(blocks) - 1:
+                raise _Stop
+            return h  # ignored: the next recorder only looks at its keyword arguments
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)  # instance attribute: shadows the class's forward until deleted
     try:
         with torch.no_grad():
             for ids in batches:
@@ -94,30 +108,40 @@ def capture_first_block_inputs(model: nn.Module, first_block: nn.Module, batches
                 except _Stop:
                     pass
     finally:
-        handle.remove()
-    return hidden, _share_equal(kwargs_list)
+        for block in blocks:
+            del block.forward
+    if any(len(kw) != len(batches) for kw in per_block):
+        raise RuntimeError("Not every decoder block was called once per calibration batch; the model's forward "
+                           "does not run its blocks in order, which the pipeline needs.")
+    return hidden, _share_equal(per_block)
 
 
-def _share_equal(kwargs_list: list[dict]) -> list[dict]:
-    """Reuse the previous batch's keyword arguments when they are equal (masks and rotary tables of
-    equal-shaped batches are), so that 8 batches do not hold 8 copies of a 4-D attention mask."""
-    out = []
-    for kw in kwargs_list:
-        if out and _equal(out[-1], kw):
-            out.append(out[-1])
-        else:
-            out.append(kw)
-    return out
+_CACHE_ARGS = ("past_key_value", "past_key_values", "use_cache")
+
+
+def _share_equal(per_block: list[list[dict]]) -> list[list[dict]]:
+    """Replace equal keyword values by one shared object (masks and rotary tables are equal across
+    equal-shaped batches and across most blocks), so that 30 blocks × 8 batches do not hold 240 copies
+    of a 4-D attention mask."""
+    seen: list[Any] = []
+
+    def shared(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v)):
+            for u in seen:
+                if _equal(u, v):
+                    return u
+            seen.append(v)
+        return v
+
+    return [[{k: shared(v) for k, v in kw.items()} for kw in block] for block in per_block]
 
 
 def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    return type(a) is type(b) and a == b
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:

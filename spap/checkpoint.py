@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .capture import _share_equal, _to
 from .report import LayerRecord
 
 
@@ -38,15 +39,15 @@ def start(directory: str, settings: dict) -> None:
     os.replace(tmp, d / "settings.json")
 
 
-def save_block(directory: str, index: int, block, kept: dict, hidden, kwargs_list, records) -> None:
+def save_block(directory: str, index: int, block, kept: dict, hidden, kwargs, records) -> None:
     d = Path(directory)
     _atomic_save({"state_dict": {k: v.cpu() for k, v in block.state_dict().items()}, "kept": kept}, d / f"block_{index}.pt")
-    _atomic_save({"next_block": index + 1, "hidden": [h.cpu() for h in hidden], "kwargs": kwargs_list,
+    _atomic_save({"next_block": index + 1, "hidden": [h.cpu() for h in hidden], "kwargs": kwargs,
                   "records": [r.__dict__ for r in records]}, d / "state.pt")
 
 
 def load(directory: str, settings: dict, adapter, device: torch.device):
-    """Restore finished blocks into the model; return ``(next_block, hidden, kwargs_list, records)``."""
+    """Restore finished blocks into the model; return ``(next_block, hidden, kwargs, records)``."""
     from .pipeline import apply_kept
 
     d = Path(directory)
@@ -61,15 +62,6 @@ def load(directory: str, settings: dict, adapter, device: torch.device):
         saved_block = torch.load(d / f"block_{i}.pt", weights_only=False)
         apply_kept(adapter, blocks[i], saved_block["kept"])
         blocks[i].load_state_dict(saved_block["state_dict"])
-    kwargs_list = [_to(kw, device) for kw in state["kwargs"]]
-    return state["next_block"], state["hidden"], kwargs_list, [LayerRecord(**r) for r in state["records"]]
+    kwargs = _share_equal(_to(state["kwargs"], device))
+    return state["next_block"], state["hidden"], kwargs, [LayerRecord(**r) for r in state["records"]]
 
-
-def _to(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, tuple):
-        return tuple(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x

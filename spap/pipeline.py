@@ -27,7 +27,7 @@ import solvers
 
 from . import checkpoint as ckpt
 from .adapters import Adapter, LinearView, get_adapter
-from .capture import GramHooks, calibration_batches, capture_first_block_inputs, run_block
+from .capture import GramHooks, calibration_batches, capture_block_inputs, run_block
 from .report import LayerRecord, PruneReport, count_parameters, peak_memory
 
 STRUCTURES = ("mlp", "heads", "mlp+heads", "unstructured", "N:M")
@@ -169,11 +169,11 @@ def prune_layerwise(
     model.eval()
     first = 0
     if resume:
-        first, hidden, kwargs_list, records = ckpt.load(checkpoint_dir, settings, adapter, device)
+        first, hidden, kwargs, records = ckpt.load(checkpoint_dir, settings, adapter, device)
         report.layers.extend(records)
     else:
         with _outside_blocks_on(model, blocks, device):
-            hidden, kwargs_list = capture_first_block_inputs(model, blocks[0], batches, device, offload)
+            hidden, kwargs = capture_block_inputs(model, blocks, batches, device, offload)
         if checkpoint_dir is not None:
             ckpt.start(checkpoint_dir, settings)
     bar = _progress(range(first, len(blocks)), progress, first, len(blocks))
@@ -181,18 +181,18 @@ def prune_layerwise(
         block = blocks[i]
         block.to(device)
         tail = adapter.mlp_tail(block) if (_mlp_tail and targets == {"mlp"} and propagate == "pruned") else None
-        records, kept = _prune_block(adapter, block, i, hidden, kwargs_list, device, targets, row_structure,
+        records, kept = _prune_block(adapter, block, i, hidden, kwargs[i], device, targets, row_structure,
                                      sparsity, n_kv_prune, method, method_options, damp, propagate, gram_dtype, tail)
         report.layers.extend(records)
         if propagate == "pruned":
             with torch.no_grad():
                 for b, h in enumerate(hidden):
                     # With a tail, `hidden` holds the residuals entering the MLP (first pass).
-                    out = tail[1](h.to(device)) if tail is not None else run_block(block, h, kwargs_list[b], device)
+                    out = tail[1](h.to(device)) if tail is not None else run_block(block, h, kwargs[i][b], device)
                     hidden[b] = _checked(out, f"output of block {i}").to(offload)
         block.to(offload if device.type == "cuda" else device)
         if checkpoint_dir is not None:
-            ckpt.save_block(checkpoint_dir, i, block, kept, hidden, kwargs_list, report.layers)
+            ckpt.save_block(checkpoint_dir, i, block, kept, hidden, kwargs, report.layers)
         if _stop_after_blocks is not None and i + 1 - first >= _stop_after_blocks and i + 1 < len(blocks):
             raise ckpt.Interrupted(f"stopped after block {i} (test hook)")
     if "mlp" in targets:
@@ -207,7 +207,7 @@ def prune_layerwise(
     return model, report
 
 
-def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden, kwargs_list, device, targets,
+def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden, block_kwargs, device, targets,
                  row_structure, sparsity, n_kv_prune, method, options, damp, propagate, gram_dtype, tail=None):
     """Capture the block's Gram matrices, solve its problems and write the results into it.
 
@@ -233,7 +233,7 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden, kwargs_
         with torch.no_grad():
             for b, h in enumerate(hidden):
                 try:
-                    out = run_block(block, h, kwargs_list[b], device)
+                    out = run_block(block, h, block_kwargs[b], device)
                 except _StopBlock:
                     hidden[b] = residuals.pop().to(h.device)
                     continue

@@ -101,3 +101,35 @@ def test_shared_data_sets_are_found():
         pytest.skip("shared data folder not present")
     assert len(spap.data.c4_documents(0, 500)) == 500
     assert len(spap.data.wikitext_rows()) == 4358
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3_text", "opt", "gpt2"])
+def test_captured_block_arguments_replay_the_models_own_forward(name):
+    """Running the blocks one by one on the captured inputs gives the model's own last-block output, also
+    when layers differ in their arguments (Gemma 3: a sliding window shorter than the sequence, and other
+    rotary tables in local and global layers)."""
+    from spap.capture import capture_block_inputs, run_block
+
+    from .test_pipeline import CONFIGS
+
+    fields = CONFIGS[name].to_dict()
+    if name in ("gemma2", "gemma3_text"):
+        fields.update(sliding_window=8, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
+    cfg = CONFIGS[name].__class__(**fields)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    blocks = get_adapter(model).blocks()
+    ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(0))
+    seen = []
+    handle = blocks[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    batches = list(ids.split(2))
+    hidden, kwargs = capture_block_inputs(model, blocks, batches, torch.device("cpu"), torch.device("cpu"))
+    assert len(kwargs) == len(blocks) and all(len(k) == len(batches) for k in kwargs)
+    assert all("forward" not in vars(b) for b in blocks)  # the recorders are gone
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            hidden = [run_block(block, h, kwargs[i][b], torch.device("cpu")) for b, h in enumerate(hidden)]
+    torch.testing.assert_close(torch.cat(hidden), seen[0], rtol=1e-5, atol=1e-5)
