@@ -86,7 +86,10 @@ class Adapter:
 
     model_types: tuple[str, ...] = ()
     intermediate_key = "intermediate_size"  # config field of the MLP width
-    supports_heads = True  # head pruning changes num_attention_heads; needs an explicit head_dim
+    # True: pruned heads are removed and the config gets fewer heads with an explicit head_dim.  False:
+    # the family derives head_dim from hidden_size // num_heads, so fewer heads would not reload; pruned
+    # heads are zeroed instead (shape kept).
+    shrink_heads = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -107,12 +110,23 @@ class Adapter:
     def attention(self, block: nn.Module) -> Attention:
         raise NotImplementedError
 
-    def mlp_tail(self, block: nn.Module):
-        """``(entry, tail)`` when the block ends with ``out = tail(residual)`` where ``residual`` is the input
-        of module ``entry`` and ``tail`` only runs the MLP part; ``None`` when the family has no such form.
+    def attention_out(self, block: nn.Module) -> nn.Module:
+        """The linear whose columns are the heads' outputs (o_proj, out_proj, attn.c_proj)."""
+        return self.attention(block).o
 
-        Lets the pipeline skip the attention half of the second pass for MLP pruning: the block output of
-        the pruned MLP is ``tail(residual)`` with the residual recorded in the first pass.
+    def qkv_rows(self, block: nn.Module) -> list[tuple[nn.Module, int, str]]:
+        """``(linear, first row, "q"|"k"|"v")``: where each projection's rows are (fused layers share one
+        linear at different offsets)."""
+        a = self.attention(block)
+        return [(a.q, 0, "q"), (a.k, 0, "k"), (a.v, 0, "v")]
+
+    def mlp_tail(self, block: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None:
+        """``(entry, finish)`` when the block ends with ``out = finish(r, mlp_out(x))``, where ``r`` is the
+        input of module ``entry`` (the residual stream after attention) and ``x`` the input of
+        :meth:`mlp_out`; ``None`` when the family has no such form.
+
+        Lets the pipeline skip the second pass for MLP pruning: with ``r`` and ``x`` recorded in the
+        first pass, the pruned block's output is ``finish(r, pruned_mlp_out(x[..., kept]))``.
         """
         return None
 
@@ -180,10 +194,9 @@ class LlamaFamily(Adapter):
 
     def mlp_tail(self, block):
         if hasattr(block, "pre_feedforward_layernorm"):  # Gemma 2 and 3: norms before and after the MLP
-            pre, post = block.pre_feedforward_layernorm, block.post_feedforward_layernorm
-            return pre, lambda r: r + post(block.mlp(pre(r)))
-        norm = block.post_attention_layernorm
-        return norm, lambda r: r + block.mlp(norm(r))
+            post = block.post_feedforward_layernorm
+            return block.pre_feedforward_layernorm, lambda r, y: r + post(y)
+        return block.post_attention_layernorm, lambda r, y: r + y
 
 
 class OPT(Adapter):
@@ -191,7 +204,7 @@ class OPT(Adapter):
 
     model_types = ("opt",)
     intermediate_key = "ffn_dim"
-    supports_heads = False  # OPTAttention derives head_dim from hidden_size // num_heads
+    shrink_heads = False  # OPTAttention derives head_dim from hidden_size // num_heads
 
     def blocks(self):
         return self.model.model.decoder.layers
@@ -212,7 +225,7 @@ class GPT2(Adapter):
 
     model_types = ("gpt2",)
     intermediate_key = "n_inner"
-    supports_heads = False  # GPT2Attention derives head_dim from n_embd // n_head
+    shrink_heads = False  # GPT2Attention derives head_dim from n_embd // n_head
 
     @property
     def intermediate_size(self) -> int:
@@ -228,7 +241,14 @@ class GPT2(Adapter):
         return block.mlp.c_proj
 
     def attention(self, block):
-        raise NotImplementedError("GPT-2 fuses q, k and v in c_attn")
+        raise NotImplementedError("GPT-2 fuses q, k and v in c_attn; use qkv_rows and attention_out")
+
+    def attention_out(self, block):
+        return block.attn.c_proj
+
+    def qkv_rows(self, block):
+        d = self.config.n_embd  # c_attn's output is [q | k | v], each n_embd wide
+        return [(block.attn.c_attn, 0, "q"), (block.attn.c_attn, d, "k"), (block.attn.c_attn, 2 * d, "v")]
 
     def linear_groups(self, block):
         return [{"c_attn": block.attn.c_attn}, {"attn.c_proj": block.attn.c_proj},

@@ -173,7 +173,7 @@ def cmd_info(args) -> None:
     print(f"blocks: {len(a.blocks())}; hidden {model.config.hidden_size}; MLP width {a.intermediate_size}; "
           f"heads {a.n_heads} ({a.n_kv_heads} key-value, head_dim {a.head_dim})")
     print(f"parameters: {count_parameters(model):,}")
-    print(f"structures: mlp{', heads, mlp+heads' if a.supports_heads else ''}, unstructured, N:M")
+    print(f"structures: mlp, heads{'' if a.shrink_heads else ' (zeros stored: head_dim is derived)'}, mlp+heads, unstructured, N:M")
     print(f"methods: {', '.join(solvers.available_methods())}")
 
 

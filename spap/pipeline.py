@@ -91,7 +91,8 @@ def prune_layerwise(
     structure : {"mlp", "heads", "mlp+heads", "unstructured", "N:M"}, default "mlp"
         ``"mlp"`` prunes intermediate channels (rows of gate/up or fc1, columns of down or fc2);
         ``"heads"`` prunes whole key-value groups (all query heads of a KV head, and the KV head), which
-        keeps grouped-query attention valid; unstructured and N:M keep shapes and store zeros.
+        keeps grouped-query attention valid (OPT and GPT-2, whose head_dim is derived from the hidden
+        size, keep their shapes and store the pruned heads as zeros); unstructured and N:M keep shapes and store zeros.
     tokenizer : optional
         Needed when ``calib`` is a list of strings.
     method_options : dict, optional
@@ -129,11 +130,6 @@ def prune_layerwise(
     method_options = dict(method_options or {})
     probe = row_structure if row_structure is not None else solvers.channels(1)
     solvers.check_method(method, method_options, probe)
-    if "heads" in targets and not adapter.supports_heads:
-        raise ValueError(
-            f"structure='heads' is not supported for model_type={model.config.model_type!r}: its attention "
-            "derives head_dim from the hidden size, so fewer heads would not reload. Use 'mlp'."
-        )
     if isinstance(row_structure, solvers.NM):
         widths = {LinearView(m).d_in for g in adapter.linear_groups(adapter.blocks()[0]) for m in g.values()}
         if any(w % row_structure.m for w in widths):
@@ -181,14 +177,21 @@ def prune_layerwise(
         block = blocks[i]
         block.to(device)
         tail = adapter.mlp_tail(block) if (_mlp_tail and targets == {"mlp"} and propagate == "pruned") else None
-        records, kept = _prune_block(adapter, block, i, hidden, kwargs[i], device, targets, row_structure,
-                                     sparsity, n_kv_prune, method, method_options, damp, propagate, gram_dtype, tail)
+        records, kept, mlp_inputs = _prune_block(adapter, block, i, hidden, kwargs[i], device, targets, row_structure,
+                                                 sparsity, n_kv_prune, method, method_options, damp, propagate,
+                                                 gram_dtype, tail)
         report.layers.extend(records)
         if propagate == "pruned":
             with torch.no_grad():
                 for b, h in enumerate(hidden):
-                    # With a tail, `hidden` holds the residuals entering the MLP (first pass).
-                    out = tail[1](h.to(device)) if tail is not None else run_block(block, h, kwargs[i][b], device)
+                    if tail is not None:
+                        # `hidden` holds the residuals entering the MLP and `mlp_inputs` the inputs of its
+                        # output linear (first pass): only the pruned output linear is left to compute.
+                        x = mlp_inputs[b].index_select(-1, kept["mlp"].to(mlp_inputs[b].device)).to(device)
+                        mlp_inputs[b] = None
+                        out = tail[1](h.to(device), adapter.mlp_out(block)(x))
+                    else:
+                        out = run_block(block, h, kwargs[i][b], device)
                     hidden[b] = _checked(out, f"output of block {i}").to(offload)
         block.to(offload if device.type == "cuda" else device)
         if checkpoint_dir is not None:
@@ -197,7 +200,7 @@ def prune_layerwise(
             raise ckpt.Interrupted(f"stopped after block {i} (test hook)")
     if "mlp" in targets:
         adapter.set_intermediate_size(LinearView(adapter.mlp_out(blocks[0])).d_in)
-    if "heads" in targets:
+    if "heads" in targets and adapter.shrink_heads:
         group = adapter.n_heads // adapter.n_kv_heads
         adapter.set_heads(adapter.n_heads - n_kv_prune * group, adapter.n_kv_heads - n_kv_prune)
     model.train(was_training)
@@ -211,8 +214,12 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden, block_k
                  row_structure, sparsity, n_kv_prune, method, options, damp, propagate, gram_dtype, tail=None):
     """Capture the block's Gram matrices, solve its problems and write the results into it.
 
-    With ``tail`` (MLP pruning, pruned propagation) the first pass stops at the MLP's output linear and
-    replaces ``hidden[b]`` by the residual entering the MLP, from which the tail recomputes the output.
+    With ``tail`` (MLP pruning, pruned propagation) the first pass stops at the MLP's output linear,
+    replaces ``hidden[b]`` by the residual entering the MLP and returns the inputs of the output linear
+    (``mlp_inputs``, one ``(batch, seq, width)`` tensor per batch), from which the caller computes the
+    pruned block's output without running the block again.  This trades memory (the MLP width instead of
+    the hidden size per token) for a second pass; the equality with a full second pass is tested.
+    Returns ``(records, kept, mlp_inputs)``.
     """
     groups = adapter.linear_groups(block)
     wanted: dict[str, nn.Module] = {}
@@ -221,13 +228,18 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden, block_k
     if "mlp" in targets:
         wanted["mlp_out"] = adapter.mlp_out(block)
     if "heads" in targets:
-        wanted["o"] = adapter.attention(block).o
+        wanted["o"] = adapter.attention_out(block)
     hooks = GramHooks(wanted, device, gram_dtype)
     extra = []
     residuals: list[torch.Tensor] = []
+    mlp_inputs: list[torch.Tensor | None] = []
     if tail is not None:
+        def stop_at_mlp_out(module, args):  # registered after the Gram hook, so it runs after it
+            mlp_inputs.append(args[0].detach().to(hidden[0].device))  # NaN shows in the Gram check
+            raise _StopBlock
+
         extra.append(tail[0].register_forward_pre_hook(lambda m, args: residuals.append(args[0].detach())))
-        extra.append(wanted["mlp_out"].register_forward_pre_hook(_stop_forward))  # after the Gram hook
+        extra.append(wanted["mlp_out"].register_forward_pre_hook(stop_at_mlp_out))
     dense_out = []
     try:
         with torch.no_grad():
@@ -276,26 +288,23 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden, block_k
         records.append(LayerRecord.from_solution(index, "mlp", sol, p))
     if "heads" in targets:
         acc = grams["o"]
-        attn = adapter.attention(block)
-        o = LinearView(attn.o)
+        o = LinearView(adapter.attention_out(block))
         group_cols = adapter.head_dim * (adapter.n_heads // adapter.n_kv_heads)
         p = solvers.LayerProblem(o.weight, acc.H, solvers.heads(o.d_in, group_cols), n_prune=n_kv_prune, damp=damp,
-                                 input_mean=acc.mean, n_samples=acc.n_samples)
+                                 bias=o.bias, input_mean=acc.mean, n_samples=acc.n_samples)
         sol = solvers.solve(p, method, **options)
         o.set_weight(sol.weight)
+        if sol.bias is not None and o.bias is not None:
+            o.bias.copy_(sol.bias.to(o.bias.dtype))
         kv = torch.nonzero(sol.keep).flatten()
         kept["heads"] = kv.cpu()
-        _keep_kv_groups(adapter, attn, kv)
+        _keep_kv_groups(adapter, block, kv)
         records.append(LayerRecord.from_solution(index, "heads", sol, p))
-    return records, kept
+    return records, kept, mlp_inputs
 
 
 class _StopBlock(Exception):
     """Ends a first pass at the MLP's output linear once its input is recorded."""
-
-
-def _stop_forward(module, args):
-    raise _StopBlock
 
 
 def _keep_mlp_channels(adapter: Adapter, block: nn.Module, idx: torch.Tensor) -> None:
@@ -305,14 +314,34 @@ def _keep_mlp_channels(adapter: Adapter, block: nn.Module, idx: torch.Tensor) ->
     LinearView(out).keep_inputs(idx.to(out.weight.device))
 
 
-def _keep_kv_groups(adapter: Adapter, attn, kv: torch.Tensor) -> None:
+def _keep_kv_groups(adapter: Adapter, block: nn.Module, kv: torch.Tensor) -> None:
+    """Keep the key-value groups ``kv`` (each: one KV head and its query heads): remove the others'
+    q/k/v rows and o columns, or zero them where the family cannot shrink heads (``shrink_heads``)."""
     hd, group = adapter.head_dim, adapter.n_heads // adapter.n_kv_heads
     q_rows = (kv[:, None] * group * hd + torch.arange(group * hd, device=kv.device)).flatten()
     kv_rows = (kv[:, None] * hd + torch.arange(hd, device=kv.device)).flatten()
-    LinearView(attn.q).keep_outputs(q_rows.to(attn.q.weight.device))
-    LinearView(attn.k).keep_outputs(kv_rows.to(attn.k.weight.device))
-    LinearView(attn.v).keep_outputs(kv_rows.to(attn.v.weight.device))
-    LinearView(attn.o).keep_inputs(q_rows.to(attn.o.weight.device))
+    out = LinearView(adapter.attention_out(block))
+    if adapter.shrink_heads:
+        for module, offset, kind in adapter.qkv_rows(block):
+            if offset:
+                raise NotImplementedError("Shrinking heads of a fused q/k/v linear; set shrink_heads = False.")
+            LinearView(module).keep_outputs((q_rows if kind == "q" else kv_rows).to(module.weight.device))
+        out.keep_inputs(q_rows.to(out.weight.device))
+        return
+    for module, offset, kind in adapter.qkv_rows(block):
+        view, rows = LinearView(module), q_rows if kind == "q" else kv_rows
+        width = adapter.n_heads * hd if kind == "q" else adapter.n_kv_heads * hd
+        drop = offset + _complement(rows, width).to(module.weight.device)
+        view.weight[drop] = 0  # a view of the stored weight (transposed for Conv1D): writes through
+        if view.bias is not None:
+            view.bias[drop] = 0
+    out.weight[:, _complement(q_rows, adapter.n_heads * hd).to(out.weight.device)] = 0
+
+
+def _complement(idx: torch.Tensor, n: int) -> torch.Tensor:
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[idx.cpu()] = False
+    return torch.nonzero(mask).flatten()
 
 
 def apply_kept(adapter: Adapter, block: nn.Module, kept: dict[str, torch.Tensor]) -> None:
@@ -320,7 +349,7 @@ def apply_kept(adapter: Adapter, block: nn.Module, kept: dict[str, torch.Tensor]
     if "mlp" in kept:
         _keep_mlp_channels(adapter, block, kept["mlp"])
     if "heads" in kept:
-        _keep_kv_groups(adapter, adapter.attention(block), kept["heads"])
+        _keep_kv_groups(adapter, block, kept["heads"])
 
 
 def _device(name: str, value) -> torch.device:

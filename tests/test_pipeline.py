@@ -45,15 +45,9 @@ def _ids(n=8, seqlen=32):
     return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(1))
 
 
-def _supports(name, structure):
-    return "heads" not in structure or get_adapter(_model(name)).supports_heads
-
-
 @pytest.mark.parametrize("structure", STRUCTURES)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_structure_runs_with_exact_sparsity_and_reloads(name, structure, tmp_path):
-    if not _supports(name, structure):
-        pytest.skip(f"{name}: heads pruning unsupported (checked in test_heads_refused)")
     model = _model(name)
     adapter = get_adapter(model)
     width, kv = adapter.intermediate_size, adapter.n_kv_heads
@@ -64,9 +58,16 @@ def test_structure_runs_with_exact_sparsity_and_reloads(name, structure, tmp_pat
         for block in adapter.blocks():
             assert LinearView(adapter.mlp_out(block)).d_in == width // 2
             assert all(LinearView(m).d_out == width // 2 for m in adapter.mlp_in(block))
-    if "heads" in structure:
+    if "heads" in structure and adapter.shrink_heads:
         assert adapter.n_kv_heads == kv - round(0.5 * kv)
         assert model.config.num_attention_heads == adapter.n_kv_heads * (4 // kv)
+    if "heads" in structure and not adapter.shrink_heads:  # OPT, GPT-2: same shapes, pruned heads zeroed
+        for block in adapter.blocks():
+            W = LinearView(adapter.attention_out(block)).weight
+            zero_heads = (W.reshape(W.shape[0], 4, -1) == 0).all(-1).all(0)
+            assert int(zero_heads.sum()) == 2
+            qkv = LinearView(adapter.qkv_rows(block)[0][0]).weight.reshape(3 if name == "gpt2" else 1, 4, -1)
+            assert torch.equal((qkv == 0).flatten(2).all(-1).all(0), zero_heads)
     if structure in ("unstructured", "2:4"):
         for n, m in model.named_modules():
             if n in dense and ".layers." in f".{n}." or (n in dense and ".h." in f".{n}."):
@@ -86,12 +87,6 @@ def test_structure_runs_with_exact_sparsity_and_reloads(name, structure, tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, logits, rtol=1e-5, atol=1e-5)
     assert (tmp_path / "out" / "spap_report.json").is_file()
-
-
-@pytest.mark.parametrize("name", ["opt", "gpt2"])
-def test_heads_refused_where_head_dim_is_derived(name):
-    with pytest.raises(ValueError, match="structure='heads' is not supported"):
-        spap.prune_layerwise(_model(name), _ids(), 0.5, structure="heads", progress=False)
 
 
 def test_bad_arguments_fail_before_any_work():
