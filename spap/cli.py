@@ -33,6 +33,8 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=float, default=0.3, help="fraction pruned per block (default 0.3)")
     p.add_argument("--method", default="spap", choices=solvers.available_methods())
     p.add_argument("--structure", default="mlp", help=STRUCTURE_HELP + " (default mlp)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a solver option (repeatable; VALUE read as JSON when it parses, e.g. refit=true)")
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -83,6 +85,13 @@ def _validate(args) -> None:
     for name in ("n", "seqlen", "batch_size", "max_windows"):
         if hasattr(args, name) and getattr(args, name) <= 0:
             raise SystemExit(f"spap: error: --{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
+    if hasattr(args, "option"):
+        import solvers
+
+        try:
+            solvers.check_method(args.method, _options(args.option))
+        except ValueError as e:
+            raise SystemExit(f"spap: error: --option: {e}") from None
     if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
         raise SystemExit("spap: error: --device cuda, but torch sees no CUDA device")
     model = getattr(args, "model", "smollm2")
@@ -106,6 +115,20 @@ def _partial(out: Path) -> Path:
     return Path(str(out).rstrip("/") + ".partial")
 
 
+def _options(pairs: list[str]) -> dict:
+    """``["refit=true", "rho=0.5"]`` -> ``{"refit": True, "rho": 0.5}``."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"spap: error: --option must be KEY=VALUE; got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def _calibration(args, tokenizer) -> torch.Tensor:
     from .data import calibration_set
 
@@ -118,6 +141,7 @@ def _prune(args, model, tokenizer, checkpoint_dir=None, resume=False):
     calib = _calibration(args, tokenizer)
     return prune_layerwise(
         model, calib, args.sparsity, method=args.method, structure=args.structure, damp=args.damp,
+        method_options=_options(args.option),
         batch_size=args.batch_size, device=args.device, propagate="dense" if args.dense_propagation else "pruned",
         checkpoint_dir=checkpoint_dir, resume=resume,
     )

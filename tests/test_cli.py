@@ -12,6 +12,11 @@ def test_cli_rejects_bad_arguments_before_loading():
         (["prune", "smollm2", "--out", "x", "--sparsity", "1.5"], "--sparsity"),
         (["prune", "smollm2", "--out", "x", "--structure", "rows"], "--structure"),
         (["demo", "--n", "0"], "--n"),
+        (["prune", "smollm2", "--out", "x", "--option", "bogus=1"], "--option"),
+        (["prune", "smollm2", "--out", "x", "--option", "no-equals-sign"], "--option"),
+        (["prune", "no/such/model", "--out", "x"], "not found"),
+        (["prune", "smollm2", "--out", "x", "--calib", "no/such/file.txt"], "--calib"),
+        (["prune", "smollm2", "--out", "x", "--resume"], "no interrupted run"),
     ]:
         with pytest.raises(SystemExit) as e:
             main(argv)
