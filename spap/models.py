@@ -58,8 +58,24 @@ def load_model(source: str | Path = "smollm2", *, dtype: torch.dtype = torch.flo
         where = str(path)
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    drop_gguf_quantizer(model)
     model.eval()
     return model.to(device), tokenizer
+
+
+def drop_gguf_quantizer(model) -> None:
+    """Make a model loaded from a GGUF file an ordinary float model, in place.
+
+    transformers dequantizes GGUF weights to ``dtype`` while loading but keeps a GGUF "quantizer" on
+    the model, and ``save_pretrained`` then refuses ("quantized with gguf and is not serializable")
+    although every weight is a plain float tensor.  Removing the quantizer state is what transformers'
+    own ``dequantize()`` does after converting weights; here there is nothing left to convert.
+    Models with any other quantizer are left alone.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        quantizer.remove_quantization_config(model)
 
 
 def save_model(model, tokenizer, path: str | Path, *, report=None) -> Path:
@@ -75,6 +91,7 @@ def save_model(model, tokenizer, path: str | Path, *, report=None) -> Path:
     if path.exists():
         raise FileExistsError(f"The 'path' argument names {path}, which already exists; choose a new directory.")
     path.parent.mkdir(parents=True, exist_ok=True)
+    drop_gguf_quantizer(model)  # a GGUF-loaded model the caller built itself
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.save_pretrained(tmp)

@@ -117,10 +117,16 @@ def prune_layerwise(
         uninterrupted run with the same arguments.
     progress : bool, default True
         Show a progress bar over blocks.
+    _stop_after_blocks, _mlp_tail
+        Testing hooks: raise :class:`spap.checkpoint.Interrupted` after that many blocks (to test
+        ``resume``); switch the MLP shortcut off (to test it against full second passes).
 
     Returns
     -------
-    model, PruneReport
+    model : the same object, pruned in place
+    report : PruneReport
+        Per solved problem: block, target, structure, kept/total, relative error, seconds; totals:
+        parameters before/after, wall time, solver time, peak memory.
     """
     # --- validate everything before any model work ----------------------------------------------
     adapter = get_adapter(model)
