@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from ._linalg import cholesky
-from ._validation import Boolean, Interval
+from ._validation import Boolean, Interval, Options
 from .masks import keep_largest
 from .problem import LayerProblem
 from .refit import refit_rows
 from .registry import register
 from .structure import NM, Unstructured
 
-_OPTIONS = {"blocksize": Interval(int, 1, None), "refit": Boolean()}
+_OPTIONS = {"blocksize": Interval(int, 1, None), "refit": Boolean(), "kernel": Options(kernels.KERNELS)}
 
 
 def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,7 @@ def block_prune_counts(k: int, d_in: int, edges: list[int]) -> list[int]:
     reference="Frantar & Alistarh, SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot, ICML 2023.",
     options=_OPTIONS,
 )
-def sparsegpt(problem: LayerProblem, *, blocksize: int = 128, refit: bool = False):
+def sparsegpt(problem: LayerProblem, *, blocksize: int = 128, refit: bool = False, kernel: str = "auto"):
     """SparseGPT: column sweep with OBS updates, lazy blocks and adaptive masks (unstructured, N:M).
 
     Parameters
@@ -67,6 +68,10 @@ def sparsegpt(problem: LayerProblem, *, blocksize: int = 128, refit: bool = Fals
         chosen per block, so the block size also sets the mask's granularity.
     refit : bool, default False
         Replace the swept weights by the exact refit of the final mask (off in the paper).
+    kernel : {"auto", "numba", "torch"}, default "auto"
+        The in-block column loop: a Numba kernel that sweeps whole rows in parallel (CPU; the default
+        there) or torch rank-1 updates (any device).  Same result up to round-off
+        (``tests/test_kernels.py``); speeds in ``docs/performance.md``.
 
     Cost
     ----
@@ -85,8 +90,23 @@ def sparsegpt(problem: LayerProblem, *, blocksize: int = 128, refit: bool = Fals
         blocksize = -(-blocksize // s.m) * s.m
     edges = list(range(0, d_in, blocksize)) + [d_in]
     counts = block_prune_counts(k, d_in, edges) if isinstance(s, Unstructured) else None
+    nm = (s.n, s.m) if isinstance(s, NM) else None
+    sweep = _sweep_numba if kernels.use_numba(kernel, W) else _sweep_torch
+    W_hat, keep, loss = sweep(W, U, edges, counts, nm)
+    stats = {"iterations": d_in, "obs_loss": float(loss.sum()), "blocksize": blocksize,
+             "kernel": "numba" if sweep is _sweep_numba else "torch"}
+    if refit:
+        W_hat = refit_rows(problem, keep)
+        stats["refit"] = True
+    return W_hat, keep, stats
+
+
+def _sweep_torch(W: torch.Tensor, U: torch.Tensor, edges: list[int], counts: list[int] | None,
+                 nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The column sweep with torch operations (any device): ``(W_hat, keep, per-row loss)``."""
+    d_out, d_in = W.shape
     Wt = W.T.contiguous()  # (d_in, d_out): the sweep works on contiguous rows, one per column of W
-    keep_t = keep.T.contiguous()
+    keep_t = torch.ones_like(Wt, dtype=torch.bool)
     loss = torch.zeros(d_out, dtype=W.dtype, device=W.device)
     for b, (i1, i2) in enumerate(zip(edges[:-1], edges[1:])):
         W1 = Wt[i1:i2].clone()  # (width, d_out)
@@ -97,12 +117,12 @@ def sparsegpt(problem: LayerProblem, *, blocksize: int = 128, refit: bool = Fals
             scores = W1 * W1 / (d * d)[:, None]
             keep_t[i1:i2] = keep_largest(scores.flatten(), scores.numel() - counts[b]).reshape(scores.shape)
         for j in range(i2 - i1):
-            if counts is None and j % s.m == 0:  # N:M: choose the group's mask on the updated weights
-                group = W1[j : j + s.m]
-                scores = group * group / (d[j : j + s.m] ** 2)[:, None]
-                top = torch.argsort(scores, dim=0, descending=True, stable=True)[: s.n]  # (n, d_out)
+            if counts is None and j % nm[1] == 0:  # N:M: choose the group's mask on the updated weights
+                group = W1[j : j + nm[1]]
+                scores = group * group / (d[j : j + nm[1]] ** 2)[:, None]
+                top = torch.argsort(scores, dim=0, descending=True, stable=True)[: nm[0]]  # (n, d_out)
                 block_keep = torch.zeros_like(group, dtype=torch.bool).scatter_(0, top, True)
-                keep_t[i1 + j : i1 + j + s.m] = block_keep
+                keep_t[i1 + j : i1 + j + nm[1]] = block_keep
             w = W1[j]
             err = torch.where(keep_t[i1 + j], torch.zeros_like(w), w) / d[j]
             loss += 0.5 * err * err
@@ -110,10 +130,28 @@ def sparsegpt(problem: LayerProblem, *, blocksize: int = 128, refit: bool = Fals
             E1[j] = err
         Wt[i1:i2] = W1.masked_fill_(~keep_t[i1:i2], 0.0)
         Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)  # the block's errors, pushed right at once
-    keep = keep_t.T.contiguous()
-    W_hat = Wt.T.contiguous()
-    stats = {"iterations": d_in, "obs_loss": float(loss.sum()), "blocksize": blocksize}
-    if refit:
-        W_hat = refit_rows(problem, keep)
-        stats["refit"] = True
-    return W_hat, keep, stats
+    return Wt.T.contiguous(), keep_t.T.contiguous(), loss
+
+
+def _sweep_numba(W: torch.Tensor, U: torch.Tensor, edges: list[int], counts: list[int] | None,
+                 nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The column sweep with :func:`solvers.kernels.sparsegpt_block` (CPU): rows swept in parallel."""
+    d_out, d_in = W.shape
+    W = W.contiguous()
+    keep = torch.ones_like(W, dtype=torch.bool)
+    loss = torch.zeros(d_out, dtype=W.dtype)
+    for b, (i1, i2) in enumerate(zip(edges[:-1], edges[1:])):
+        W1 = W[:, i1:i2].contiguous()
+        U1 = U[i1:i2, i1:i2].contiguous()
+        if counts is not None:  # same scores and flat order (column-major) as the torch sweep's ties
+            d = U1.diagonal()
+            scores = (W1 * W1 / (d * d)[None, :]).T
+            keep1 = keep_largest(scores.flatten(), scores.numel() - counts[b]).reshape(scores.shape).T.contiguous()
+        else:
+            keep1 = torch.ones_like(W1, dtype=torch.bool)
+        E1 = torch.zeros_like(W1)
+        kernels.sparsegpt_block(W1, U1, keep1, nm, E1, loss)
+        W[:, i1:i2] = W1.masked_fill_(~keep1, 0.0)
+        keep[:, i1:i2] = keep1
+        W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)  # the block's errors, pushed right at once
+    return W, keep, loss

@@ -76,3 +76,43 @@ def make_problem(
         input_mean=X.mean(1).to(device=device, dtype=dtype),
         n_samples=X.shape[1],
     )
+
+
+def make_factor_problem(
+    d_out: int,
+    d_in: int,
+    *,
+    structure: Structure | None = None,
+    sparsity: float | None = 0.3,
+    rank: int = 256,
+    noise: float = 0.1,
+    seed: int = 0,
+    damp: float = 0.01,
+    device: torch.device | str = "cpu",
+) -> LayerProblem:
+    """A large random-but-realistic problem whose Gram matrix is built without any samples.
+
+    ``H = D (F C Fᵀ + noise·I) D``: a rank-``rank`` factor model (``F`` of shape ``(d_in, rank)`` with
+    standard normal entries, ``C`` an ``rank×rank`` Wishart matrix from ``4·rank`` samples) plus
+    isotropic noise, with per-channel scales ``D`` log-uniform over ``[1, e^1.5]`` (uneven channels).  That is the shape of LLM activations' second
+    moments (a few dominant directions, heavy-tailed channels), at ``O(d_in²·rank)`` cost where
+    :func:`make_problem`'s sampled inputs cost ``O(d_in³)``: it is what scaling benchmarks need for
+    Llama-3-8B/70B widths.  Built directly on ``device`` in float64.  Its pruning errors are smaller
+    than real layers' (at 576×1536 and 30% channels: relative error 0.009 against 0.07 for SmolLM2's
+    down_proj), so it is a problem for timing, not for ranking methods.
+    """
+    if d_out <= 0 or d_in <= 0 or rank <= 0:
+        raise InvalidArgumentError(
+            f"The 'd_out', 'd_in' and 'rank' arguments of make_factor_problem must be positive. Got {d_out}, {d_in}, {rank}."
+        )
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    F = torch.randn(d_in, rank, generator=gen, dtype=torch.float64).to(device)
+    Z = torch.randn(rank, 4 * rank, generator=gen, dtype=torch.float64).to(device)
+    C = Z @ Z.T / (4 * rank)
+    scale = torch.exp(torch.empty(d_in, dtype=torch.float64).uniform_(0, 1.5, generator=gen)).to(device)
+    H = F @ C @ F.T / rank
+    H.diagonal().add_(noise)
+    H.mul_(scale[:, None]).mul_(scale[None, :])
+    H = 0.5 * (H + H.T)
+    W = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64).to(device)
+    return LayerProblem(W, H, channels(d_in) if structure is None else structure, sparsity=sparsity, damp=damp)

@@ -46,23 +46,47 @@ def perplexity(model: nn.Module, tokenizer, text_or_rows: str | Sequence[str], *
     return math.exp(nll / count)
 
 
-def tokens_per_second(model: nn.Module, *, prompt_len: int = 128, new_tokens: int = 32, batch: int = 1,
-                      device: str | torch.device | None = None, repeats: int = 1) -> dict[str, float]:
-    """Prefill and decode throughput (tokens/s) with greedy generation of random prompts (best of ``repeats``)."""
+def throughput(model: nn.Module, *, prompt_len: int = 128, new_tokens: int = 32, batch: int = 1,
+               device: str | torch.device | None = None, repeats: int = 1, warmup: int = 0) -> dict[str, list[float]]:
+    """Prefill and decode throughput of every repeat, in tokens/s: ``{"prefill": [...], "decode": [...]}``.
+
+    Prefill is one forward pass over ``batch`` random prompts of ``prompt_len`` tokens with the KV cache
+    on; decode is ``new_tokens`` greedy steps of ``batch`` tokens each from that cache.  ``warmup``
+    untimed repeats come first (allocator and kernel selection).  CUDA work is synchronised before
+    each clock read.
+    """
+    for name, value, low in (("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 1), ("batch", batch, 1),
+                             ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"The '{name}' argument must be an int >= {low}. Got {value!r}.")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     vocab = model.config.vocab_size
     x = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
-    best = {"prefill": 0.0, "decode": 0.0}
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    out: dict[str, list[float]] = {"prefill": [], "decode": []}
     with torch.no_grad():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = model(input_ids=x, use_cache=True)
-            t1 = time.perf_counter()
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for i in range(warmup + repeats):
+            t0 = clock()
+            res = model(input_ids=x, use_cache=True)
+            t1 = clock()
+            past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
             for _ in range(new_tokens):
-                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            t2 = time.perf_counter()
-            best["prefill"] = max(best["prefill"], batch * prompt_len / (t1 - t0))
-            best["decode"] = max(best["decode"], batch * new_tokens / (t2 - t1))
-    return best
+                res = model(input_ids=nxt, past_key_values=past, use_cache=True)
+                past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
+            t2 = clock()
+            if i >= warmup:
+                out["prefill"].append(batch * prompt_len / (t1 - t0))
+                out["decode"].append(batch * new_tokens / (t2 - t1))
+    return out
+
+
+def tokens_per_second(model: nn.Module, *, prompt_len: int = 128, new_tokens: int = 32, batch: int = 1,
+                      device: str | torch.device | None = None, repeats: int = 1) -> dict[str, float]:
+    """Prefill and decode throughput (tokens/s) with greedy generation of random prompts (best of ``repeats``)."""
+    runs = throughput(model, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, device=device, repeats=repeats)
+    return {k: max(v) for k, v in runs.items()}

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from spap.eval import perplexity, tokens_per_second
+from spap.eval import perplexity, throughput, tokens_per_second
 
 
 class CharTokenizer:
@@ -73,3 +73,13 @@ def test_tokens_per_second_reports_prefill_and_decode(model):
     speed = tokens_per_second(model, prompt_len=8, new_tokens=4)
     assert set(speed) == {"prefill", "decode"}
     assert speed["prefill"] > 0 and speed["decode"] > 0
+
+
+def test_throughput_times_every_repeat_and_checks_its_arguments(model):
+    runs = throughput(model, prompt_len=8, new_tokens=3, batch=2, repeats=3, warmup=1)
+    assert set(runs) == {"prefill", "decode"}
+    assert len(runs["prefill"]) == len(runs["decode"]) == 3
+    assert all(v > 0 for v in runs["prefill"] + runs["decode"])
+    for bad in ({"batch": 0}, {"repeats": 0}, {"warmup": -1}, {"prompt_len": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            throughput(model, **bad)

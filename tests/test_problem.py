@@ -152,3 +152,16 @@ def test_gram_panels_equal_the_full_product(d):
     acc.add_batch(X)
     torch.testing.assert_close(acc.H, X.T @ X, rtol=1e-12, atol=1e-9)
     assert torch.equal(acc.H, acc.H.T)
+
+
+def test_factor_problem_is_a_valid_seeded_problem():
+    from solvers.synthetic import make_factor_problem
+
+    a = make_factor_problem(6, 40, rank=8, seed=1)
+    b = make_factor_problem(6, 40, rank=8, seed=1)
+    assert a.shape == (6, 40) and a.n_pruned_target == 12
+    assert torch.equal(a.H64, b.H64) and torch.equal(a.W64, b.W64)
+    assert torch.equal(a.H64, a.H64.T)
+    assert float(torch.linalg.eigvalsh(a.H64).min()) > 0  # the noise term makes H positive definite
+    with pytest.raises(ValueError, match="rank"):
+        make_factor_problem(6, 40, rank=0)

@@ -1,0 +1,314 @@
+"""Every pruning method on one real model, side by side: perplexity, prune time, memory, parameters.
+
+For each (structure, method, sparsity) the model is loaded afresh, pruned with
+``spap.prune_layerwise`` on the same calibration tokens, and evaluated on WikiText-2 test and on C4
+documents ``[500:]``.  Each run is a separate Python process, so its peak RSS is its own.  Results are
+cached in a JSON file (``--cache``) under a key that names the protocol, structure, method and
+sparsity: an interrupted sweep goes on where it stopped, and ``--report`` prints the tables from the
+cache alone.
+
+Suites (``--suite``, several allowed):
+
+- ``structured``: MLP channels with spap, obs, admm, flap, wanda_sp, magnitude at ``--sparsities``
+  (default 10..50%).
+- ``structured-heads``: the same on ``mlp+heads``.
+- ``unstructured``: 50% and 60% unstructured and 2:4, with spap, sparsegpt, admm, wanda, magnitude.
+
+Protocols (printed above every table):
+
+- ``quick`` (CPU): calibration 64 windows of 1024 tokens from C4 docs[:500], seed 0; evaluation the
+  first 40 windows of 1024 tokens of WikiText-2 test and of C4 docs[500:].
+- ``standard`` (GPU or a long CPU run): calibration 128 x 2048; all windows of 2048 tokens of
+  WikiText-2 test and of C4 docs[500:].
+
+The score methods run as in their papers (no refit); ``--refit-scores`` adds ``+refit`` variants.
+Timings are printed, never asserted.
+
+    python benchmarks/end_to_end.py --suite structured --sparsities 0.2 0.3 0.5 --cache bench-e2e.json
+    python benchmarks/end_to_end.py --suite unstructured --cache bench-e2e.json
+    python benchmarks/end_to_end.py --report --cache bench-e2e.json --plot docs/e2e
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT))
+
+STRUCTURED_METHODS = ["spap", "obs", "admm", "flap", "wanda_sp", "magnitude"]
+ROW_METHODS = ["spap", "sparsegpt", "admm", "wanda", "magnitude"]
+PROTOCOLS = {
+    "quick": {"n": 64, "seqlen": 1024, "eval_seqlen": 1024, "eval_windows": 40},
+    "standard": {"n": 128, "seqlen": 2048, "eval_seqlen": 2048, "eval_windows": None},
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One pruning run: ``structure`` as ``prune_layerwise`` takes it; ``sparsity`` None for N:M."""
+
+    structure: str
+    method: str
+    sparsity: float | None
+
+    def key(self, protocol: str) -> str:
+        s = "nm" if self.sparsity is None else f"{self.sparsity:g}"
+        return f"{protocol}|{self.structure}|{self.method}|{s}"
+
+
+def protocol_text(protocol: str) -> str:
+    p = PROTOCOLS[protocol]
+    windows = "all windows" if p["eval_windows"] is None else f"first {p['eval_windows']} windows"
+    return (f"protocol {protocol}: calibration {p['n']}x{p['seqlen']} tokens from C4 docs[:500], seed 0; "
+            f"evaluation {windows} of {p['eval_seqlen']} tokens of WikiText-2 test and of C4 docs[500:]")
+
+
+def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | None, refit_scores: bool) -> list[Job]:
+    jobs = []
+    for suite in suites:
+        if suite in ("structured", "structured-heads"):
+            structure = "mlp" if suite == "structured" else "mlp+heads"
+            names = methods or STRUCTURED_METHODS
+            if refit_scores:
+                names = names + [m + "+refit" for m in names if m in ("flap", "wanda_sp", "magnitude")]
+            jobs += [Job(structure, m, s) for s in sparsities for m in names]
+        elif suite == "unstructured":
+            names = methods or ROW_METHODS
+            if refit_scores:
+                names = names + [m + "+refit" for m in names if m in ("wanda", "magnitude")]
+            jobs += [Job("unstructured", m, s) for s in (0.5, 0.6) for m in names]
+            jobs += [Job("2:4", m, None) for m in names]
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------------
+# One run, in its own process
+
+
+def run_one(job: Job, protocol: str, model_source: str, device: str | None, threads: int) -> dict:
+    import torch
+
+    import spap
+    from spap.data import c4_documents, calibration_set, wikitext_rows
+    from spap.eval import perplexity
+
+    torch.set_num_threads(threads)
+    p = PROTOCOLS[protocol]
+    model, tok = spap.load_model(model_source)
+    calib = calibration_set("c4", tok, n=p["n"], seqlen=p["seqlen"], seed=0)
+    name, _, extra = job.method.partition("+")
+    options = {"refit": True} if extra == "refit" else {}
+    sparsity = 0.5 if job.sparsity is None else job.sparsity
+    model, report = spap.prune_layerwise(model, calib, sparsity, method=name, structure=job.structure,
+                                         method_options=options, device=device, progress=False)
+    evaluate = dict(seqlen=p["eval_seqlen"], max_windows=p["eval_windows"])
+    t = time.perf_counter()
+    wiki = perplexity(model, tok, wikitext_rows(), **evaluate)
+    c4 = perplexity(model, tok, c4_documents(500, None), **evaluate)
+    return {
+        "structure": job.structure, "method": job.method, "sparsity": job.sparsity,
+        "wikitext_ppl": wiki, "c4_ppl": c4, "eval_s": time.perf_counter() - t,
+        "prune_s": report.seconds, "solver_s": report.solver_seconds,
+        "peak_rss_gib": report.peak_memory["rss"] / 2**30,
+        "peak_cuda_gib": report.peak_memory.get("cuda", 0) / 2**30,
+        "params": report.params_after, "params_dense": report.params_before,
+        "sum_rel_err": sum(r.relative_error for r in report.layers),
+        "layers": len(report.layers),
+    }
+
+
+def dense_row(protocol: str, model_source: str, device: str | None, threads: int) -> dict:
+    import torch
+
+    import spap
+    from spap.data import c4_documents, wikitext_rows
+    from spap.eval import perplexity
+    from spap.report import count_parameters
+
+    torch.set_num_threads(threads)
+    p = PROTOCOLS[protocol]
+    model, tok = spap.load_model(model_source, device=device or "cpu")
+    evaluate = dict(seqlen=p["eval_seqlen"], max_windows=p["eval_windows"])
+    return {"structure": "dense", "method": "dense", "sparsity": 0.0,
+            "wikitext_ppl": perplexity(model, tok, wikitext_rows(), **evaluate),
+            "c4_ppl": perplexity(model, tok, c4_documents(500, None), **evaluate),
+            "params": count_parameters(model), "params_dense": count_parameters(model)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sweep: a cache of finished runs and a subprocess per missing one
+
+
+def load_cache(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_cache(path: Path, cache: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    tmp.replace(path)  # atomic: an interrupted write never leaves half a cache
+
+
+def run_in_subprocess(args_json: str, timeout: float | None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", args_json]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=os.getcwd())
+    if out.returncode != 0:
+        raise RuntimeError(f"worker failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def sweep(args) -> dict:
+    cache_path = Path(args.cache)
+    cache = load_cache(cache_path)
+    todo = []
+    dense_key = f"{args.protocol}|dense"
+    if dense_key not in cache:
+        todo.append((dense_key, None))
+    for job in jobs_for(args.suite, args.sparsities, args.methods, args.refit_scores):
+        if job.key(args.protocol) not in cache:
+            todo.append((job.key(args.protocol), job))
+    print(protocol_text(args.protocol), flush=True)
+    print(f"{len(todo)} runs to do, {len(cache)} cached in {cache_path}", flush=True)
+    for i, (key, job) in enumerate(todo, 1):
+        payload = {"protocol": args.protocol, "model": args.model, "device": args.device, "threads": args.threads,
+                   "job": None if job is None else job.__dict__}
+        t = time.perf_counter()
+        try:
+            row = run_in_subprocess(json.dumps(payload), args.timeout)
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            print(f"[{i}/{len(todo)}] {key}: FAILED: {err}", flush=True)
+            continue
+        row["wall_s"] = time.perf_counter() - t
+        row["machine"] = machine_text(args.device)
+        row["threads"] = args.threads
+        row["date"] = time.strftime("%Y-%m-%d")
+        cache[key] = row
+        save_cache(cache_path, cache)
+        print(f"[{i}/{len(todo)}] {key}: wiki {row['wikitext_ppl']:.3f}, c4 {row['c4_ppl']:.3f}, "
+              f"{row['wall_s']:.0f} s", flush=True)
+    return cache
+
+
+def machine_text(device: str | None) -> str:
+    import torch
+
+    if device and device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables and plots
+
+
+def table(cache: dict, protocol: str, structure: str) -> str:
+    rows = [r for k, r in cache.items() if k.startswith(f"{protocol}|{structure}|")]
+    if not rows:
+        return ""
+    dense = cache.get(f"{protocol}|dense")
+    lines = [f"### {structure}", "", protocol_text(protocol), ""]
+    head = "| sparsity | method | WikiText-2 ppl | C4 ppl | prune s | solver s | peak RSS GiB | params | Σ rel.err |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    if dense:
+        lines.append(f"| 0 | dense | {dense['wikitext_ppl']:.2f} | {dense['c4_ppl']:.2f} | | | | {dense['params']:,} | |")
+    order = {m: i for i, m in enumerate(STRUCTURED_METHODS + ROW_METHODS)}
+    rows.sort(key=lambda r: (r["sparsity"] if r["sparsity"] is not None else 9, order.get(r["method"].split("+")[0], 99), r["method"]))
+    for r in rows:
+        s = structure if r["sparsity"] is None else f"{r['sparsity']:.0%}"
+        lines.append(f"| {s} | {r['method']} | {r['wikitext_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['prune_s']:.0f} | "
+                     f"{r['solver_s']:.0f} | {r['peak_rss_gib']:.2f} | {r['params']:,} | {r['sum_rel_err']:.3f} |")
+    best = {}
+    for r in rows:
+        if r["wikitext_ppl"] < best.get(r["sparsity"], (float("inf"), ""))[0]:
+            best[r["sparsity"]] = (r["wikitext_ppl"], r["method"])
+    lines += ["", "lowest WikiText-2 perplexity: " + "; ".join(
+        f"{structure if s is None else f'{s:.0%}'}: {m} ({p:.2f})" for s, (p, m) in best.items())]
+    return "\n".join(lines)
+
+
+def plot(cache: dict, protocol: str, prefix: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for structure in ("mlp", "mlp+heads"):
+        rows = [r for k, r in cache.items() if k.startswith(f"{protocol}|{structure}|")]
+        if not rows:
+            continue
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for method in dict.fromkeys(r["method"] for r in rows):
+            rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
+            ax1.plot([r["sparsity"] for r in rs], [r["wikitext_ppl"] for r in rs], "o-", label=method)
+            ax2.scatter([r["prune_s"] for r in rs], [r["wikitext_ppl"] for r in rs], label=method)
+        dense = cache.get(f"{protocol}|dense")
+        if dense:
+            ax1.axhline(dense["wikitext_ppl"], color="k", ls=":", label="dense")
+        ax1.set(xlabel="sparsity (MLP channels)" if structure == "mlp" else "sparsity (MLP channels + KV groups)",
+                ylabel="WikiText-2 perplexity", yscale="log", title=f"{structure}, {protocol} protocol")
+        ax2.set(xlabel="prune time (s)", ylabel="WikiText-2 perplexity", yscale="log", title="perplexity vs prune time")
+        ax1.legend(fontsize=8)
+        fig.tight_layout()
+        path = f"{prefix}_{structure.replace('+', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", nargs="+", default=["structured"], choices=["structured", "structured-heads", "unstructured"])
+    parser.add_argument("--protocol", default="quick", choices=list(PROTOCOLS))
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--methods", nargs="+", help="default: every method of the suite")
+    parser.add_argument("--refit-scores", action="store_true", help="also run score methods with the exact refit")
+    parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, or a Hugging Face directory")
+    parser.add_argument("--device", default=None, help="default: CUDA when available, else CPU")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", default="end_to_end.json", help="JSON file of finished runs (resumable)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per run before it is abandoned")
+    parser.add_argument("--report", action="store_true", help="print the tables from the cache, run nothing")
+    parser.add_argument("--plot", help="write PREFIX_mlp.png (and PREFIX_mlp_heads.png) from the cache")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        payload = json.loads(args.worker)
+        if payload["job"] is None:
+            row = dense_row(payload["protocol"], payload["model"], payload["device"], payload["threads"])
+        else:
+            row = run_one(Job(**payload["job"]), payload["protocol"], payload["model"], payload["device"], payload["threads"])
+        print(json.dumps(row))
+        return
+    bad = [s for s in args.sparsities if not 0 < s < 1]
+    if bad:
+        parser.error(f"--sparsities must be in (0, 1); got {bad}")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    t = time.perf_counter()
+    cache = load_cache(Path(args.cache)) if args.report else sweep(args)
+    print()
+    for structure in ("mlp", "mlp+heads", "unstructured", "2:4"):
+        text = table(cache, args.protocol, structure)
+        if text:
+            print(text, end="\n\n")
+    if args.plot:
+        for path in plot(cache, args.protocol, args.plot):
+            print(f"plot: {path}")
+    if not args.report:
+        print(f"sweep wall time {time.perf_counter() - t:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Numba kernels against their torch twins: the same solver call with ``kernel="numba"`` and ``"torch"``.
+
+For each shape the problem is built once (its factorizations cached), both paths run ``--repeats``
+times after one warm-up (which also compiles the kernel), and the table gives the median seconds, the
+speedup, and the largest difference between the two results.  Timings are printed, never asserted.
+
+    python benchmarks/kernels.py                          # SmolLM2 shapes, 2 threads
+    python benchmarks/kernels.py --threads 1 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# This folder holds a file named like the package ``solvers``: take the folder off the path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import solvers  # noqa: E402
+from solvers import kernels  # noqa: E402
+from solvers.synthetic import make_problem  # noqa: E402
+
+# (label, d_out, d_in): SmolLM2-135M's linears.
+SHAPES = [("q/o_proj", 576, 576), ("gate/up_proj", 1536, 576), ("down_proj", 576, 1536)]
+CASES = [("sparsegpt", solvers.Unstructured(), 0.5), ("sparsegpt", solvers.NM(2, 4), None)]
+
+
+def timed(problem, method: str, kernel: str, repeats: int) -> tuple[float, solvers.Solution]:
+    sol = solvers.solve(problem, method, kernel=kernel)  # warm-up (and compilation)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sol = solvers.solve(problem, method, kernel=kernel)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), sol
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not kernels.HAVE_NUMBA:
+        sys.exit("numba is not importable")
+    torch.set_num_threads(args.threads)
+    import numba
+
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    kernels.warm_up()
+    print(f"torch {torch.__version__}, numba {numba.__version__}, {args.threads} threads; median of {args.repeats}")
+    print(f"{'method':<11}{'structure':<15}{'layer':<14}{'shape':>11}{'torch s':>10}{'numba s':>10}{'speedup':>9}{'max |ΔW|':>11}{'same mask':>11}")
+    for method, structure, sparsity in CASES:
+        for label, d_out, d_in in SHAPES:
+            p = make_problem(d_out, d_in, kind="correlated", structure=structure, sparsity=sparsity,
+                             n_samples=2 * d_in, seed=0)
+            p.hessian  # noqa: B018 - factor once, outside the timings
+            t_torch, a = timed(p, method, "torch", args.repeats)
+            t_numba, b = timed(p, method, "numba", args.repeats)
+            diff = float((a.weight - b.weight).abs().max())
+            print(f"{method:<11}{repr(structure):<15}{label:<14}{f'{d_out}x{d_in}':>11}{t_torch:>10.3f}{t_numba:>10.3f}"
+                  f"{t_torch / t_numba:>8.2f}x{diff:>11.1e}{str(bool(torch.equal(a.keep, b.keep))):>11}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

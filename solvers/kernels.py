@@ -1,0 +1,104 @@
+"""Numba CPU kernels for loops that torch runs as many tiny operations.
+
+Each kernel has a torch twin in the solver that uses it (the reference, and the CUDA path), a test
+that the two agree on random inputs (``tests/test_kernels.py``), and a measured reason to exist
+(``benchmarks/kernels.py``; figures in ``docs/performance.md``).  Solvers choose with their ``kernel``
+option: ``"auto"`` (Numba for CPU tensors, torch otherwise), ``"numba"`` or ``"torch"``.
+
+Kernels work in float64 on contiguous NumPy views of CPU tensors (no copies: ``Tensor.numpy()`` shares
+memory) and are compiled on first use (``cache=True`` keeps the machine code between processes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # numba is a dependency; the guard keeps ``import solvers`` working where it cannot load
+    import numba
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover
+    numba = None
+    HAVE_NUMBA = False
+
+KERNELS = ("auto", "numba", "torch")
+
+
+def use_numba(kernel: str, tensor: torch.Tensor) -> bool:
+    """Whether a solver's ``kernel`` option selects the Numba path for ``tensor``."""
+    if kernel == "torch":
+        return False
+    if tensor.device.type != "cpu":
+        if kernel == "numba":
+            raise ValueError(f"kernel='numba' runs on CPU tensors only; this problem is on {tensor.device}. "
+                             "Use kernel='auto' or 'torch'.")
+        return False
+    if not HAVE_NUMBA:
+        if kernel == "numba":
+            raise ValueError("kernel='numba' needs the numba package (pip install numba); use kernel='torch'.")
+        return False
+    return True
+
+
+if HAVE_NUMBA:
+
+    @numba.njit(parallel=True, cache=True, fastmath=False)
+    def _sparsegpt_block(W1, U1, keep1, nm_n, nm_m, E1, loss):  # pragma: no cover - compiled
+        """One lazy block of the SparseGPT sweep, for every row of ``W`` at once (rows in parallel).
+
+        ``W1`` (d_out, width): the block's columns of ``W``, updated in place; ``U1`` (width, width):
+        the block's upper Cholesky factor of ``H⁻¹``; ``keep1`` (d_out, width): the mask, read
+        (unstructured) or written (N:M, ``nm_m > 0``: the ``nm_n`` largest ``w²/U_jj²`` of each group of
+        ``nm_m`` columns, chosen on the updated weights, ties to the lower index); ``E1`` (d_out, width):
+        the errors ``(w − q)/U_jj``, written; ``loss`` (d_out,): ``½ Σ err²`` added.
+
+        The rows are independent inside a block, so each thread sweeps whole rows: the updates
+        ``W[r, j:] −= err·U[j, j:]`` run over contiguous memory with no per-column synchronisation.
+        """
+        d_out, width = W1.shape
+        for r in numba.prange(d_out):
+            w = W1[r]
+            for j in range(width):
+                if nm_m > 0 and j % nm_m == 0:
+                    stop = min(j + nm_m, width)
+                    for i in range(j, stop):
+                        keep1[r, i] = False
+                    for _ in range(nm_n):
+                        best, best_i = -1.0, -1
+                        for i in range(j, stop):
+                            if not keep1[r, i]:
+                                s = w[i] * w[i] / (U1[i, i] * U1[i, i])
+                                if s > best:
+                                    best, best_i = s, i
+                        if best_i >= 0:
+                            keep1[r, best_i] = True
+                err = 0.0 if keep1[r, j] else w[j] / U1[j, j]
+                E1[r, j] = err
+                loss[r] += 0.5 * err * err
+                if err != 0.0:
+                    for i in range(j, width):
+                        w[i] -= err * U1[j, i]
+
+
+def sparsegpt_block(W1: torch.Tensor, U1: torch.Tensor, keep1: torch.Tensor, nm: tuple[int, int] | None,
+                    E1: torch.Tensor, loss: torch.Tensor) -> None:
+    """Run :func:`_sparsegpt_block` on CPU float64 tensors in place (see its docstring for shapes)."""
+    n, m = nm if nm is not None else (0, 0)
+    arrays = [t.numpy() for t in (W1, U1, keep1, E1, loss)]
+    if any(not a.flags.c_contiguous for a in arrays):
+        raise ValueError("sparsegpt_block needs contiguous tensors")
+    _sparsegpt_block(arrays[0], arrays[1], arrays[2], n, m, arrays[3], arrays[4])
+
+
+def warm_up() -> None:
+    """Compile every kernel once (benchmarks call this so that timings exclude compilation)."""
+    if not HAVE_NUMBA:
+        return
+    W = torch.zeros(2, 4, dtype=torch.float64)
+    U = torch.eye(4, dtype=torch.float64)
+    keep = torch.ones(2, 4, dtype=torch.bool)
+    sparsegpt_block(W, U, keep, None, torch.zeros_like(W), torch.zeros(2, dtype=torch.float64))
+    sparsegpt_block(W, U, keep, (2, 4), torch.zeros_like(W), torch.zeros(2, dtype=torch.float64))
+
+
+__all__ = ["KERNELS", "HAVE_NUMBA", "use_numba", "sparsegpt_block", "warm_up"]
