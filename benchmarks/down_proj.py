@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+# The repository root first, so that ``import solvers`` finds the package and not benchmarks/solvers.py;
+# this folder stays on the path (after it) for ``real_layers``.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import solvers  # noqa: E402
 from real_layers import load, n_layers, problem  # noqa: E402
@@ -29,9 +30,10 @@ BASELINES = {"magnitude+refit": ("magnitude", {"refit": True}), "wanda+refit": (
 
 # The settings compared by --grid (the first is the default).
 GRID = {
-    "default (10 steps, gradual, swap)": {},
+    "default (5 steps, gradual, swap)": {},
     "default, again (timing noise)": {},
-    "5 steps": {"steps": 5},
+    "10 steps": {"steps": 10},
+    "10 steps, 1 inner round": {"steps": 10, "max_inner": 1},
     "20 steps": {"steps": 20},
     "not gradual": {"gradual": False},
     "1 inner round": {"max_inner": 1},
@@ -80,19 +82,42 @@ def summary(rows: list[dict]) -> None:
           f"vs wanda+refit {statistics.mean(1 - r['spap'][0] / r['wanda+refit'][0] for r in rows):.1%}")
 
 
-def grid(layers, sparsity: float) -> None:
+def grid(layers, sparsity: float, names: list[str] | None = None) -> None:
+    """Each setting of ``GRID`` (or those named) on every layer: mean error and objective against the
+    first setting, solver seconds (``H⁻¹`` is computed before each solve, so only the solver is timed)."""
     data = load()
-    print(f"{'setting':<36}{'mean rel.err':>14}{'vs default':>12}{'swaps':>7}{'mean s':>9}{'max s':>8}")
+    names = names or list(GRID)
+    print(f"{'setting':<36}{'mean rel.err':>14}{'objective vs first':>20}{'layers worse':>14}{'swaps':>7}"
+          f"{'W-steps':>9}{'mean s':>9}{'max s':>8}")
     base = None
-    for name, options in GRID.items():
+    for name in names:
         # Fresh problems per setting: the cached H⁻¹ must not favour the settings that run later.
-        problems = [problem(data, layer, "mlp.down_proj", solvers.channels, sparsity=sparsity) for layer in layers]
-        sols = [solvers.solve(p, "spap", **options) for p in problems]
-        err = statistics.mean(s.relative_error for s in sols)
+        sols = []
+        for layer in layers:
+            p = problem(data, layer, "mlp.down_proj", solvers.channels, sparsity=sparsity)
+            p.hessian_inverse  # noqa: B018 - shared by every setting; not part of the solver's time
+            sols.append(solvers.solve(p, "spap", **GRID[name]))
+        objs = [s.objective for s in sols]
+        base = base or objs
         secs = [s.stats["seconds"] for s in sols]
-        base = base or err
-        swaps = statistics.mean(s.stats.get("swaps", 0) for s in sols)
-        print(f"{name:<36}{err:>14.5f}{err / base - 1:>+12.2%}{swaps:>7.1f}{statistics.mean(secs):>9.3f}{max(secs):>8.3f}", flush=True)
+        print(f"{name:<36}{statistics.mean(s.relative_error for s in sols):>14.6f}"
+              f"{statistics.mean(o / b - 1 for o, b in zip(objs, base)):>+20.2e}"
+              f"{sum(o > b * (1 + 1e-12) for o, b in zip(objs, base)):>14}"
+              f"{statistics.mean(s.stats.get('swaps', 0) for s in sols):>7.1f}"
+              f"{statistics.mean(s.stats['iterations'] for s in sols):>9.1f}"
+              f"{statistics.mean(secs):>9.3f}{max(secs):>8.3f}", flush=True)
+
+
+def row_steps(blocks: list[int], linears: list[str]) -> None:
+    """SPAP's ``steps`` on unstructured 50% and 2:4 problems (no swap search there): 5 against 10."""
+    data = load()
+    print(f"{'block':>5} {'linear':<18}{'structure':<16}{'steps=5':>10}{'steps=10':>10}{'5 vs 10':>9}")
+    for block in blocks:
+        for linear in linears:
+            for structure, target in ((solvers.Unstructured(), {"sparsity": 0.5}), (solvers.NM(2, 4), {})):
+                p = problem(data, block, linear, structure, **target)
+                e5, e10 = (solvers.solve(p, "spap", steps=k).relative_error for k in (5, 10))
+                print(f"{block:>5} {linear:<18}{repr(structure):<16}{e5:>10.6f}{e10:>10.6f}{e5 / e10 - 1:>+9.1%}", flush=True)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -121,12 +146,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--damp", type=float, default=0.01, help="relative damping of H (default 0.01)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--grid", action="store_true", help="compare SPAP settings instead (the defaults experiment)")
+    parser.add_argument("--settings", nargs="+", choices=list(GRID), help="with --grid: only these settings")
+    parser.add_argument("--row-steps", nargs="+", metavar="LINEAR",
+                        help="instead: SPAP steps 5 vs 10 on unstructured 50%% and 2:4 for these linears of --layers")
     parser.add_argument("--plot", help="write error per layer to this image file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     layers = args.layers if args.layers is not None else list(range(n_layers(load())))
+    if args.row_steps:
+        row_steps(layers, args.row_steps)
+        return
     if args.grid:
-        grid(layers, args.sparsity)
+        print(f"SPAP settings on SmolLM2-135M down_proj, {args.sparsity:.0%} channels, torch threads {torch.get_num_threads()}")
+        grid(layers, args.sparsity, args.settings)
         return
     print(f"SmolLM2-135M down_proj (576x1536), {args.sparsity:.0%} channels, damp {args.damp:g}, "
           f"torch threads {torch.get_num_threads()}")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ._linalg import cholesky
-from ._validation import Boolean, Interval
+from ._validation import Boolean, Interval, NoneOr
 from .masks import group_scores, keep_largest, project
 from .problem import LayerProblem
 from .refit import refit_columns, refit_rows
@@ -44,7 +44,7 @@ from .swap import swap_search
 _OPTIONS = {
     "rho0": Interval(float, 0.0, None, closed="neither"),
     "rho_max": Interval(float, 0.0, None, closed="neither"),
-    "steps": Interval(int, 1, None),
+    "steps": NoneOr(Interval(int, 1, None)),
     "gradual": Boolean(),
     "max_inner": Interval(int, 1, None),
     "swap": Boolean(),
@@ -78,7 +78,7 @@ def spap(
     *,
     rho0: float = 0.01,
     rho_max: float = 100.0,
-    steps: int = 10,
+    steps: int | None = None,
     gradual: bool = True,
     max_inner: int = 3,
     swap: bool = True,
@@ -92,8 +92,11 @@ def spap(
     rho0, rho_max : float, default 0.01 and 100
         First and last penalty parameter.  The penalty weights are ``1/[H⁻¹]_jj``, so ``ρ`` is unitless:
         a lone penalized column shrinks by about ``1/(1+ρ)`` in the Ŵ-step.
-    steps : int, default 10
-        Number of penalty parameters, geometric between ``rho0`` and ``rho_max``.
+    steps : int, optional
+        Number of penalty parameters, geometric between ``rho0`` and ``rho_max``.  Default 5 for column
+        groups, where the swap search finishes the job (on the 30 SmolLM2 down_proj layers 5 steps end
+        at the same mean error as 10 in 8% less time), and 10 for unstructured and N:M, which have no
+        swap search (5 steps raised the error by 3-7% on real o_proj/k_proj layers, unstructured 50%).  ``docs/method.md`` §7.3.
     gradual : bool, default True
         Raise the number of pruned units along the cubic ramp ``k(1 − (1 − t/T)³)`` (all ``k`` by the last
         step) instead of pruning ``k`` from the first step.
@@ -107,9 +110,11 @@ def spap(
         Also refit the ρ→0 limits of the method (the OBS-score and magnitude masks) and continue from the
         best of the three, so SPAP is never worse than those selections with the exact refit.
     """
+    columns = isinstance(problem.structure, ColumnGroups)
+    steps = steps if steps is not None else (5 if columns else 10)
     schedule = rho_schedule(rho0, rho_max, steps)
     counts = prune_schedule(problem.n_pruned_target, steps, gradual)
-    if isinstance(problem.structure, ColumnGroups):
+    if columns:
         return _spap_columns(problem, schedule, counts, max_inner, swap, max_swaps, guard)
     return _spap_rows(problem, schedule, counts, max_inner, guard)
 
