@@ -42,7 +42,6 @@ def use_numba(kernel: str, tensor: torch.Tensor) -> bool:
 
 if HAVE_NUMBA:
 
-    @numba.njit(parallel=True, cache=True, fastmath=False)
     def _sparsegpt_block(W1, U1, keep1, nm_n, nm_m, E1, loss):  # pragma: no cover - compiled
         """One lazy block of the SparseGPT sweep, for every row of ``W`` at once (rows in parallel).
 
@@ -80,6 +79,63 @@ if HAVE_NUMBA:
                         w[i] -= err * U1[j, i]
 
 
+    def _channel_swap_table(U, A, rows, kept, s, gg, ww, kdiag, out):  # pragma: no cover - compiled
+        """``out[i, j] = Δ(p_i, q_j)`` for single-column groups, fused into one pass.
+
+        ``U``, ``A`` (|P|, n): the swap state's matrices; ``rows`` (k,): their rows for the pruned groups
+        asked for; ``kept`` (r,): kept column indices; ``s``, ``gg`` (k,): Schur complements and
+        ``‖G_p‖²``; ``ww``, ``kdiag`` (r,): ``‖Ŵ_q‖²`` and ``Kinv_qq``.  With ``x = u/s``::
+
+            Δ = ½ (ww + 2·a·x + x²·gg) / (kdiag + u·x) − ½ gg/s
+
+        torch evaluates this as about ten full-size temporaries (gathers, products, quotients); here each
+        entry is computed once from the gathered ``u, a`` and written once.
+        """
+        k, r = out.shape
+        for i in numba.prange(k):
+            row = rows[i]
+            si, gi = s[i], gg[i]
+            base = 0.5 * gi / si
+            for j in range(r):
+                c = kept[j]
+                u = U[row, c]
+                x = u / si
+                out[i, j] = 0.5 * (ww[j] + 2.0 * A[row, c] * x + x * x * gi) / (kdiag[j] + u * x) - base
+
+
+    # Each kernel is compiled twice: in parallel over its outer loop, and serial for small inputs, where
+    # waking threads costs more than the work (and idle pool threads would compete with torch's).
+    _COMPILED = {
+        name: (numba.njit(cache=True)(fn), numba.njit(parallel=True, cache=True)(fn))
+        for name, fn in (("sparsegpt_block", _sparsegpt_block), ("channel_swap_table", _channel_swap_table))
+    }
+
+_PARALLEL_MIN_WORK = 1 << 16  # entries of the outer x inner loop below which a kernel runs serially
+
+
+def _kernel(name: str, work: int):
+    """The serial or parallel build of kernel ``name`` for ``work`` inner iterations.
+
+    The parallel build uses as many threads as torch (``torch.get_num_threads()``), so that a caller who
+    limits torch's threads limits these too.
+    """
+    serial, parallel = _COMPILED[name]
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if work < _PARALLEL_MIN_WORK or threads < 2:
+        return serial
+    numba.set_num_threads(threads)
+    return parallel
+
+
+def channel_swap_table(U: torch.Tensor, A: torch.Tensor, rows: torch.Tensor, kept: torch.Tensor, s: torch.Tensor,
+                       gg: torch.Tensor, ww: torch.Tensor, kdiag: torch.Tensor) -> torch.Tensor:
+    """The ``(len(rows), len(kept))`` table of :func:`_channel_swap_table` on CPU float64 tensors."""
+    out = torch.empty(rows.numel(), kept.numel(), dtype=U.dtype)
+    args = [t.contiguous() for t in (U, A, rows, kept, s, gg, ww, kdiag)]
+    _kernel("channel_swap_table", out.numel())(*(t.numpy() for t in args), out.numpy())
+    return out
+
+
 def sparsegpt_block(W1: torch.Tensor, U1: torch.Tensor, keep1: torch.Tensor, nm: tuple[int, int] | None,
                     E1: torch.Tensor, loss: torch.Tensor) -> None:
     """Run :func:`_sparsegpt_block` on CPU float64 tensors in place (see its docstring for shapes)."""
@@ -87,7 +143,8 @@ def sparsegpt_block(W1: torch.Tensor, U1: torch.Tensor, keep1: torch.Tensor, nm:
     arrays = [t.numpy() for t in (W1, U1, keep1, E1, loss)]
     if any(not a.flags.c_contiguous for a in arrays):
         raise ValueError("sparsegpt_block needs contiguous tensors")
-    _sparsegpt_block(arrays[0], arrays[1], arrays[2], n, m, arrays[3], arrays[4])
+    work = W1.shape[0] * W1.shape[1] * W1.shape[1] // 2
+    _kernel("sparsegpt_block", work)(arrays[0], arrays[1], arrays[2], n, m, arrays[3], arrays[4])
 
 
 def warm_up() -> None:
@@ -99,6 +156,9 @@ def warm_up() -> None:
     keep = torch.ones(2, 4, dtype=torch.bool)
     sparsegpt_block(W, U, keep, None, torch.zeros_like(W), torch.zeros(2, dtype=torch.float64))
     sparsegpt_block(W, U, keep, (2, 4), torch.zeros_like(W), torch.zeros(2, dtype=torch.float64))
+    idx = torch.arange(2)
+    channel_swap_table(W, W, idx, idx, torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64),
+                       torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
 
 
-__all__ = ["KERNELS", "HAVE_NUMBA", "use_numba", "sparsegpt_block", "warm_up"]
+__all__ = ["KERNELS", "HAVE_NUMBA", "use_numba", "sparsegpt_block", "channel_swap_table", "warm_up"]

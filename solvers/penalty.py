@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from ._linalg import cholesky
-from ._validation import Boolean, Interval, NoneOr
+from ._validation import Boolean, Interval, NoneOr, Options
 from .masks import group_scores, keep_largest, project
 from .problem import LayerProblem
 from .refit import refit_columns, refit_rows
@@ -50,6 +51,7 @@ _OPTIONS = {
     "swap": Boolean(),
     "max_swaps": Interval(int, 0, None),
     "guard": Boolean(),
+    "kernel": Options(kernels.KERNELS),
 }
 
 
@@ -84,6 +86,7 @@ def spap(
     swap: bool = True,
     max_swaps: int = 10_000,
     guard: bool = True,
+    kernel: str = "auto",
 ):
     """Penalty method + alternating minimization (+ exact 1-swap search for column groups).
 
@@ -109,20 +112,24 @@ def spap(
     guard : bool, default True
         Also refit the ρ→0 limits of the method (the OBS-score and magnitude masks) and continue from the
         best of the three, so SPAP is never worse than those selections with the exact refit.
+    kernel : {"auto", "numba", "torch"}, default "auto"
+        The swap search's table for single-column groups: a fused Numba kernel for CPU tensors
+        (``"auto"``) or torch (any device).  Same table up to round-off (``tests/test_kernels.py``).
     """
     columns = isinstance(problem.structure, ColumnGroups)
     steps = steps if steps is not None else (5 if columns else 10)
     schedule = rho_schedule(rho0, rho_max, steps)
     counts = prune_schedule(problem.n_pruned_target, steps, gradual)
     if columns:
-        return _spap_columns(problem, schedule, counts, max_inner, swap, max_swaps, guard)
+        return _spap_columns(problem, schedule, counts, max_inner, swap, max_swaps, guard, kernel)
     return _spap_rows(problem, schedule, counts, max_inner, guard)
 
 
 # --- column groups ---------------------------------------------------------------------------------
 
 
-def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap: bool, max_swaps: int, guard: bool):
+def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap: bool, max_swaps: int, guard: bool,
+                  kernel: str = "auto"):
     s: ColumnGroups = problem.structure  # type: ignore[assignment]
     W, H = problem.W64, problem.hessian
     k = problem.n_pruned_target
@@ -182,7 +189,7 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
     stats["start"] = start
     keep = candidates[start]
     if swap and s.group_size is not None and 0 < k < g:
-        keep, swap_stats = swap_search(H, W, s.index(W.device), keep, max_swaps=max_swaps, Hinv=Hinv)
+        keep, swap_stats = swap_search(H, W, s.index(W.device), keep, max_swaps=max_swaps, Hinv=Hinv, kernel=kernel)
         stats.update({"swaps": swap_stats["swaps"], "local_optimum": swap_stats["local_optimum"], "swap_errors": swap_stats["errors"]})
     elif swap:
         stats["swaps"] = 0
