@@ -216,16 +216,16 @@ def table(cache: dict, protocol: str, structure: str) -> str:
         return ""
     dense = cache.get(f"{protocol}|dense")
     lines = [f"### {structure}", "", protocol_text(protocol), ""]
-    head = "| sparsity | method | WikiText-2 ppl | C4 ppl | prune s | solver s | peak RSS GiB | params | Σ rel.err |"
+    head = "| sparsity | method | WikiText-2 ppl | C4 ppl | prune s | solver s | threads | peak RSS GiB | params | Σ rel.err |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     if dense:
-        lines.append(f"| 0 | dense | {dense['wikitext_ppl']:.2f} | {dense['c4_ppl']:.2f} | | | | {dense['params']:,} | |")
-    order = {m: i for i, m in enumerate(STRUCTURED_METHODS + ROW_METHODS)}
+        lines.append(f"| 0 | dense | {dense['wikitext_ppl']:.2f} | {dense['c4_ppl']:.2f} | | | | | {dense['params']:,} | |")
+    order = {m: i for i, m in enumerate(dict.fromkeys(STRUCTURED_METHODS + ROW_METHODS))}
     rows.sort(key=lambda r: (r["sparsity"] if r["sparsity"] is not None else 9, order.get(r["method"].split("+")[0], 99), r["method"]))
     for r in rows:
         s = structure if r["sparsity"] is None else f"{r['sparsity']:.0%}"
         lines.append(f"| {s} | {r['method']} | {r['wikitext_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['prune_s']:.0f} | "
-                     f"{r['solver_s']:.0f} | {r['peak_rss_gib']:.2f} | {r['params']:,} | {r['sum_rel_err']:.3f} |")
+                     f"{r['solver_s']:.0f} | {r.get('threads', '?')} | {r['peak_rss_gib']:.2f} | {r['params']:,} | {r['sum_rel_err']:.3f} |")
     best = {}
     for r in rows:
         if r["wikitext_ppl"] < best.get(r["sparsity"], (float("inf"), ""))[0]:

@@ -157,11 +157,13 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
             if inner > 0:
                 values.append(fits[-1] + 0.5 * rho * float(score[~keep].sum()))
             # W-step (Woodbury): W_hat = W − E Hinv[P,:],  E = W_P (Hinv_PP + (ρ c_P)⁻¹)⁻¹.
-            M = Hinv[Pc][:, Pc] + torch.diag(1.0 / (rho * c[Pc]))
+            HinvP = Hinv[Pc]  # (|P|, n), gathered once per W-step
+            HinvPP = HinvP[:, Pc]
+            M = HinvPP + torch.diag(1.0 / (rho * c[Pc]))
             E = torch.cholesky_solve(W[:, Pc].T, cholesky(M, what="the penalty system")).T  # (m, |P|)
-            W_hat = W - E @ Hinv[Pc]
+            W_hat = W - E @ HinvP
             iterations += 1
-            fits.append(0.5 * float(((E @ Hinv[Pc][:, Pc]) * E).sum()))  # ½ tr((Ŵ−W) H (Ŵ−W)ᵀ)
+            fits.append(0.5 * float(((E @ HinvPP) * E).sum()))  # ½ tr((Ŵ−W) H (Ŵ−W)ᵀ)
             score = group_scores(problem, c * (W_hat * W_hat).sum(0))
             values.append(fits[-1] + 0.5 * rho * float(score[~keep].sum()))
         penalized.append(values)

@@ -143,48 +143,58 @@ class _ColumnState:
 
     # --- updates -----------------------------------------------------------------------------------
 
-    def _rank_update(self, Z: torch.Tensor, M: torch.Tensor, c: torch.Tensor, HZ_P: torch.Tensor) -> None:
-        """``Kinv += Z M Zᵀ``, ``Ŵ += c Zᵀ``, ``G += c (H Z)ᵀ`` and the matching rows of ``U`` and ``A``.
-
-        ``HZ_P = (H Z)_P`` (|P|d × d) comes from the caller in closed form: ``H Z`` vanishes on the kept
-        rows, so no ``n×n`` product is needed.  In place (``addmm_``): the update is memory-bound, and
-        temporaries of the size of ``Kinv`` would double its traffic.
-        """
-        cW = c.T @ self.W_hat  # (d, n), before Ŵ changes
-        ZT = Z.T.contiguous()
-        Gc = self.GP.T @ c  # (|P|d, d), before G changes
-        self.A.addmm_(Gc + HZ_P @ (c.T @ c), ZT).addmm_(HZ_P, cW)
-        self.U.addmm_(HZ_P @ M, ZT)
-        self.Kinv.addmm_(Z @ M, ZT)
-        self.W_hat.addmm_(c, ZT)
-        self.GP.addmm_(c, HZ_P.T)
-
     def apply_swap(self, pos: int, q: int) -> None:
-        """Restore the group in slot ``pos`` and prune kept group ``q`` into the same slot."""
+        """Restore the group in slot ``pos`` and prune kept group ``q`` into the same slot.
+
+        Two exact steps, each a rank-``d`` update of the state: restoring ``p`` (a Newton step in the
+        Schur complement ``S_p = H_pp − U_p H_{:,p}``) with ``Z₁ = [−U_pᵀ; I at p]``, ``M₁ = S_p⁻¹``, then
+        pruning ``q`` (the OBS step) with ``Z₂ = Kinv'_{:,q}``, ``M₂ = −(Kinv'_qq)⁻¹``, where ``'`` marks the
+        state after the first step.  Every update has the form ``Kinv += Z M Zᵀ``, ``Ŵ += c Zᵀ``,
+        ``G += c (H Z)ᵀ`` (with ``(H Z)_P`` in closed form: ``H Z`` vanishes on the kept rows) and the
+        matching rows of ``U`` and ``A``.  The few columns of the intermediate state that the second step
+        reads are formed from the first step's factors, so each large matrix is updated once, by a
+        rank-``2d`` product: the updates are memory-bound, and this halves their traffic (measured on a
+        SmolLM2 down_proj: ``docs/performance.md``).
+        """
         d = self.d
         p = int(self.pruned[pos])
         pc, qc = self.groups[p], self.groups[q]
         slot = slice(pos * d, (pos + 1) * d)
-        # 1. Restore p: Newton step in the Schur complement S_p = H_pp − U_p H_{:,p}.
-        Up = self.U[slot]  # (d, n)
-        HZ_P = self.H[self.pcols()][:, pc] - self.U @ self.H[:, pc]  # (H Z)_P with Z = [−U_pᵀ; I at p]
-        S = HZ_P[slot]
-        M = spd_inverse(S, what="a Schur complement in the swap search")
-        Z = -Up.T.clone()
-        Z[pc] = torch.eye(d, dtype=Z.dtype, device=Z.device)
-        self._rank_update(Z, M, -self.GP[:, slot] @ M, HZ_P)
-        self.keep_groups[p] = True
-        # 2. Prune q: the OBS step, Z = Kinv_{:,q}; (H Z)_P = U_{:,q} (slot pos is stale, overwritten below).
-        Zq = self.Kinv[:, qc].clone()
-        Kqq_inv = spd_inverse(self.Kinv[qc][:, qc], what="a kept block in the swap search")
-        c = -self.W_hat[:, qc] @ Kqq_inv
-        self._rank_update(Zq, -Kqq_inv, c, self.U[:, qc].clone())
+        # Step 1 factors: restore p.
+        Hpc = self.H[:, pc]  # (n, d); gathering H[P] first would copy |P|×n
+        HZ1 = Hpc[self.pcols()] - self.U @ Hpc  # (H Z₁)_P, (|P|d, d)
+        M1 = spd_inverse(HZ1[slot], what="a Schur complement in the swap search")
+        Z1 = -self.U[slot].T.clone()
+        Z1[pc] = torch.eye(d, dtype=Z1.dtype, device=Z1.device)
+        c1 = -self.GP[:, slot] @ M1  # (m, d)
+        # Step 2 factors from the state after step 1, read through step 1's factors.
+        Z1q = Z1[qc]  # (d, d)
+        Zq = self.Kinv[:, qc] + Z1 @ (M1 @ Z1q.T)  # Kinv'_{:,q}, (n, d)
+        Kqq_inv = spd_inverse(self.Kinv[qc][:, qc] + Z1q @ M1 @ Z1q.T, what="a kept block in the swap search")
+        Uq1 = self.U[:, qc] + HZ1 @ (M1 @ Z1q.T)  # U'_{:,q} = (H Z₂)_P, (|P|d, d)
+        c2 = -(self.W_hat[:, qc] + c1 @ Z1q.T) @ Kqq_inv  # −Ŵ'_q (Kinv'_qq)⁻¹, (m, d)
+        # Products with Ŵ and G before any change; step 2's are corrected for step 1.
+        cW1, Gc1 = c1.T @ self.W_hat, self.GP.T @ c1
+        cW2 = c2.T @ self.W_hat + (c2.T @ c1) @ Z1.T  # c₂ᵀŴ'
+        Gc2 = self.GP.T @ c2 + HZ1 @ (c1.T @ c2)  # G'_Pᵀ c₂
+        ZT = torch.cat([Z1, Zq], dim=1).T.contiguous()  # (2d, n)
+        self.A.addmm_(torch.cat([Gc1 + HZ1 @ (c1.T @ c1), HZ1, Gc2 + Uq1 @ (c2.T @ c2), Uq1], dim=1),
+                      torch.cat([ZT[:d], cW1, ZT[d:], cW2], dim=0))
+        self.U.addmm_(torch.cat([HZ1 @ M1, -Uq1 @ Kqq_inv], dim=1), ZT)
+        self.Kinv.addmm_(torch.cat([Z1 @ M1, -Zq @ Kqq_inv], dim=1), ZT)
+        self.W_hat.addmm_(torch.cat([c1, c2], dim=1), ZT)
+        self.GP.addmm_(torch.cat([c1, c2], dim=1), torch.cat([HZ1, Uq1], dim=1).T)
         self.W_hat[:, qc] = 0  # exact in theory; removes round-off
+        self.keep_groups[p] = True
         self.keep_groups[q] = False
         self.pruned[pos] = q
-        self.GP[:, slot] = c  # G_q = c (H Kinv)_{q,q} = c
-        self.U[slot] = self.H[qc] @ self.Kinv
-        self.A[slot] = c.T @ self.W_hat
+        self.GP[:, slot] = c2  # G_q = c₂ (H Kinv')_{q,q} = c₂
+        # U_q = H_{q,:} Kinv'' without touching Kinv'': H_{q,:} Kinv' = E_q, so
+        # U_q = E_q − (Kinv'_qq)⁻¹ Kinv'_{q,:}, which vanishes on q's columns.
+        Uq = -(Kqq_inv @ Zq.T)
+        Uq[:, qc] = 0
+        self.U[slot] = Uq
+        self.A[slot] = c2.T @ self.W_hat
 
 
 def swap_search(
