@@ -6,6 +6,7 @@ speedup, and the largest difference between the two results.  Timings are printe
 
     python benchmarks/kernels.py                          # SmolLM2 shapes, 2 threads
     python benchmarks/kernels.py --threads 1 --repeats 5
+    python benchmarks/kernels.py --real-layers            # + SPAP on the 30 real down_proj layers
 
 SPAP's problem here is synthetic (correlated inputs); on the 30 real down_proj layers the end-to-end
 effect of its kernel is in ``docs/performance.md``.
@@ -48,10 +49,33 @@ def timed(problem, method: str, kernel: str, repeats: int) -> tuple[float, solve
     return statistics.median(times), sol
 
 
+def real_layers_comparison() -> None:
+    """SPAP with either kernel on the 30 real SmolLM2 down_proj layers (30% channels), ``H⁻¹`` computed
+    beforehand; both orders alternate to cancel drift.  Needs the cache of ``benchmarks/real_layers.py``."""
+    sys.path.append(str(_HERE))  # after the repository root, so ``solvers`` stays the package
+    from real_layers import load, n_layers, problem
+
+    data = load()
+    times = {"torch": [], "numba": []}
+    same = 0
+    for layer in range(n_layers(data)):
+        p = problem(data, layer, "mlp.down_proj", solvers.channels, sparsity=0.3)
+        p.hessian_inverse  # noqa: B018
+        order = ["torch", "numba"] if layer % 2 == 0 else ["numba", "torch"]
+        sols = {k: solvers.solve(p, "spap", kernel=k) for k in order}
+        for k, sol in sols.items():
+            times[k].append(sol.stats["seconds"])
+        same += bool(torch.equal(sols["torch"].keep, sols["numba"].keep))
+    t, n = statistics.mean(times["torch"]), statistics.mean(times["numba"])
+    print(f"spap on {len(times['torch'])} real down_proj layers: mean s torch {t:.3f}, numba {n:.3f} ({t / n:.2f}x); "
+          f"same mask on {same}/{len(times['torch'])}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--real-layers", action="store_true", help="also SPAP on the 30 real SmolLM2 down_proj layers")
     args = parser.parse_args(argv)
     if not kernels.HAVE_NUMBA:
         sys.exit("numba is not importable")
@@ -72,6 +96,8 @@ def main(argv=None) -> None:
             diff = float((a.weight - b.weight).abs().max())
             print(f"{method:<11}{repr(structure) if structure else 'channels':<15}{label:<14}{f'{d_out}x{d_in}':>11}{t_torch:>10.3f}{t_numba:>10.3f}"
                   f"{t_torch / t_numba:>8.2f}x{diff:>11.1e}{str(bool(torch.equal(a.keep, b.keep))):>11}", flush=True)
+    if args.real_layers:
+        real_layers_comparison()
 
 
 if __name__ == "__main__":
