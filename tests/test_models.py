@@ -133,3 +133,27 @@ def test_captured_block_arguments_replay_the_models_own_forward(name):
         for i, block in enumerate(blocks):
             hidden = [run_block(block, h, kwargs[i][b], torch.device("cpu")) for b, h in enumerate(hidden)]
     torch.testing.assert_close(torch.cat(hidden), seen[0], rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_quantizer_state_is_dropped_and_others_are_kept():
+    """A GGUF-loaded model holds float weights but a quantizer that makes save_pretrained refuse."""
+    from types import SimpleNamespace
+
+    from spap.models import drop_gguf_quantizer
+
+    class FakeQuantizer:
+        def __init__(self, method):
+            self.quantization_config = SimpleNamespace(quant_method=SimpleNamespace(value=method))
+            self.removed = False
+
+        def remove_quantization_config(self, model):
+            self.removed = True
+            del model.hf_quantizer
+
+    gguf, other = SimpleNamespace(hf_quantizer=FakeQuantizer("gguf")), SimpleNamespace(hf_quantizer=FakeQuantizer("bnb"))
+    quantizer = gguf.hf_quantizer
+    drop_gguf_quantizer(gguf)
+    drop_gguf_quantizer(other)
+    drop_gguf_quantizer(SimpleNamespace())  # no quantizer: nothing to do
+    assert quantizer.removed and not hasattr(gguf, "hf_quantizer")
+    assert not other.hf_quantizer.removed
