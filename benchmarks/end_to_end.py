@@ -32,6 +32,7 @@ Timings are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -72,7 +73,8 @@ def protocol_text(protocol: str) -> str:
             f"evaluation {windows} of {p['eval_seqlen']} tokens of WikiText-2 test and of C4 docs[500:]")
 
 
-def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | None, refit_scores: bool) -> list[Job]:
+def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | None, refit_scores: bool,
+             row_targets: list[str] = ("0.5", "0.6", "2:4")) -> list[Job]:
     jobs = []
     for suite in suites:
         if suite in ("structured", "structured-heads"):
@@ -85,8 +87,11 @@ def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | No
             names = methods or ROW_METHODS
             if refit_scores:
                 names = names + [m + "+refit" for m in names if m in ("wanda", "magnitude")]
-            jobs += [Job("unstructured", m, s) for s in (0.5, 0.6) for m in names]
-            jobs += [Job("2:4", m, None) for m in names]
+            for target in row_targets:
+                if ":" in target:
+                    jobs += [Job(target, m, None) for m in names]
+                else:
+                    jobs += [Job("unstructured", m, float(target)) for m in names]
     return jobs
 
 
@@ -152,10 +157,20 @@ def load_cache(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save_cache(path: Path, cache: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-    tmp.replace(path)  # atomic: an interrupted write never leaves half a cache
+def save_result(path: Path, key: str, row: dict) -> dict:
+    """Add one finished run to the cache file and return the whole cache.
+
+    The file is re-read under a lock before writing, so two sweeps sharing one cache (say, one per
+    CPU core with ``--threads 1``) add to it rather than overwrite each other's runs.
+    """
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = load_cache(path)
+        cache[key] = row
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        tmp.replace(path)  # atomic: an interrupted write never leaves half a cache
+    return cache
 
 
 def run_in_subprocess(args_json: str, timeout: float | None) -> dict:
@@ -173,7 +188,7 @@ def sweep(args) -> dict:
     dense_key = f"{args.protocol}|dense"
     if dense_key not in cache:
         todo.append((dense_key, None))
-    for job in jobs_for(args.suite, args.sparsities, args.methods, args.refit_scores):
+    for job in jobs_for(args.suite, args.sparsities, args.methods, args.refit_scores, args.row_targets):
         if job.key(args.protocol) not in cache:
             todo.append((job.key(args.protocol), job))
     print(protocol_text(args.protocol), flush=True)
@@ -191,8 +206,7 @@ def sweep(args) -> dict:
         row["machine"] = machine_text(args.device)
         row["threads"] = args.threads
         row["date"] = time.strftime("%Y-%m-%d")
-        cache[key] = row
-        save_cache(cache_path, cache)
+        cache = save_result(cache_path, key, row)
         print(f"[{i}/{len(todo)}] {key}: wiki {row['wikitext_ppl']:.3f}, c4 {row['c4_ppl']:.3f}, "
               f"{row['wall_s']:.0f} s", flush=True)
     return cache
@@ -271,6 +285,8 @@ def main(argv=None) -> None:
     parser.add_argument("--suite", nargs="+", default=["structured"], choices=["structured", "structured-heads", "unstructured"])
     parser.add_argument("--protocol", default="quick", choices=list(PROTOCOLS))
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--row-targets", nargs="+", default=["0.5", "0.6", "2:4"],
+                        help="unstructured suite: sparsities and N:M patterns (default: 0.5 0.6 2:4)")
     parser.add_argument("--methods", nargs="+", help="default: every method of the suite")
     parser.add_argument("--refit-scores", action="store_true", help="also run score methods with the exact refit")
     parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, or a Hugging Face directory")
@@ -296,6 +312,14 @@ def main(argv=None) -> None:
         parser.error(f"--sparsities must be in (0, 1); got {bad}")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    for target in args.row_targets:
+        if target != "2:4":
+            try:
+                ok = 0 < float(target) < 1
+            except ValueError:
+                ok = False
+            if not ok:
+                parser.error(f"--row-targets takes sparsities in (0, 1) or 2:4; got {target!r}")
     t = time.perf_counter()
     cache = load_cache(Path(args.cache)) if args.report else sweep(args)
     print()

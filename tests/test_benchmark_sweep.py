@@ -1,0 +1,50 @@
+"""The end-to-end sweep's bookkeeping (no model is loaded): which runs it plans, and its shared cache."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("end_to_end", ROOT / "benchmarks" / "end_to_end.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["end_to_end"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_row_targets_choose_the_unstructured_runs(e2e):
+    jobs = e2e.jobs_for(["unstructured"], [0.3], ["sparsegpt", "wanda"], False, ["2:4", "0.5"])
+    assert [(j.structure, j.method, j.sparsity) for j in jobs] == [
+        ("2:4", "sparsegpt", None), ("2:4", "wanda", None),
+        ("unstructured", "sparsegpt", 0.5), ("unstructured", "wanda", 0.5)]
+
+
+def test_structured_runs_cover_every_method_and_sparsity(e2e):
+    jobs = e2e.jobs_for(["structured"], [0.2, 0.5], None, True)
+    methods = set(e2e.STRUCTURED_METHODS) | {"flap+refit", "wanda_sp+refit", "magnitude+refit"}
+    assert {(j.method, j.sparsity) for j in jobs} == {(m, s) for m in methods for s in (0.2, 0.5)}
+    assert {j.structure for j in jobs} == {"mlp"}
+
+
+def test_two_sweeps_add_to_one_cache_without_losing_runs(e2e, tmp_path):
+    path = tmp_path / "cache.json"
+    e2e.save_result(path, "a", {"wikitext_ppl": 1.0})
+    stale = e2e.load_cache(path)  # what a second sweep read before the first one wrote again
+    e2e.save_result(path, "b", {"wikitext_ppl": 2.0})
+    assert "b" not in stale
+    merged = e2e.save_result(path, "c", {"wikitext_ppl": 3.0})
+    assert sorted(merged) == ["a", "b", "c"] == sorted(json.loads(path.read_text()))
+    assert not path.with_suffix(".json.tmp").exists()
+
+
+def test_bad_row_target_is_refused_before_any_run(e2e, capsys):
+    with pytest.raises(SystemExit):
+        e2e.main(["--row-targets", "3:4", "--report"])
+    assert "--row-targets" in capsys.readouterr().err
