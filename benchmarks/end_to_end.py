@@ -52,6 +52,8 @@ PROTOCOLS = {
     "standard": {"n": 128, "seqlen": 2048, "eval_seqlen": 2048, "eval_windows": None},
 }
 
+DEFAULT_DAMP = 0.01  # prune_layerwise's default relative damping
+
 
 @dataclass(frozen=True)
 class Job:
@@ -60,10 +62,16 @@ class Job:
     structure: str
     method: str
     sparsity: float | None
+    damp: float = DEFAULT_DAMP
 
     def key(self, protocol: str) -> str:
         s = "nm" if self.sparsity is None else f"{self.sparsity:g}"
-        return f"{protocol}|{self.structure}|{self.method}|{s}"
+        return f"{protocol}|{self.structure}|{self.label}|{s}"
+
+    @property
+    def label(self) -> str:
+        """The method's name in tables; a damping other than the default is part of it."""
+        return self.method if self.damp == DEFAULT_DAMP else f"{self.method}@damp={self.damp:g}"
 
 
 def protocol_text(protocol: str) -> str:
@@ -74,7 +82,7 @@ def protocol_text(protocol: str) -> str:
 
 
 def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | None, refit_scores: bool,
-             row_targets: list[str] = ("0.5", "0.6", "2:4")) -> list[Job]:
+             row_targets: list[str] = ("0.5", "0.6", "2:4"), damp: float = DEFAULT_DAMP) -> list[Job]:
     jobs = []
     for suite in suites:
         if suite in ("structured", "structured-heads"):
@@ -82,16 +90,16 @@ def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | No
             names = methods or STRUCTURED_METHODS
             if refit_scores:
                 names = names + [m + "+refit" for m in names if m in ("flap", "wanda_sp", "magnitude")]
-            jobs += [Job(structure, m, s) for s in sparsities for m in names]
+            jobs += [Job(structure, m, s, damp) for s in sparsities for m in names]
         elif suite == "unstructured":
             names = methods or ROW_METHODS
             if refit_scores:
                 names = names + [m + "+refit" for m in names if m in ("wanda", "magnitude")]
             for target in row_targets:
                 if ":" in target:
-                    jobs += [Job(target, m, None) for m in names]
+                    jobs += [Job(target, m, None, damp) for m in names]
                 else:
-                    jobs += [Job("unstructured", m, float(target)) for m in names]
+                    jobs += [Job("unstructured", m, float(target), damp) for m in names]
     return jobs
 
 
@@ -114,13 +122,13 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
     options = {"refit": True} if extra == "refit" else {}
     sparsity = 0.5 if job.sparsity is None else job.sparsity
     model, report = spap.prune_layerwise(model, calib, sparsity, method=name, structure=job.structure,
-                                         method_options=options, device=device, progress=False)
+                                         method_options=options, damp=job.damp, device=device, progress=False)
     evaluate = dict(seqlen=p["eval_seqlen"], max_windows=p["eval_windows"])
     t = time.perf_counter()
     wiki = perplexity(model, tok, wikitext_rows(), **evaluate)
     c4 = perplexity(model, tok, c4_documents(500, None), **evaluate)
     return {
-        "structure": job.structure, "method": job.method, "sparsity": job.sparsity,
+        "structure": job.structure, "method": job.label, "sparsity": job.sparsity, "damp": job.damp,
         "wikitext_ppl": wiki, "c4_ppl": c4, "eval_s": time.perf_counter() - t,
         "prune_s": report.seconds, "solver_s": report.solver_seconds,
         "peak_rss_gib": report.peak_memory["rss"] / 2**30,
@@ -188,7 +196,7 @@ def sweep(args) -> dict:
     dense_key = f"{args.protocol}|dense"
     if dense_key not in cache:
         todo.append((dense_key, None))
-    for job in jobs_for(args.suite, args.sparsities, args.methods, args.refit_scores, args.row_targets):
+    for job in jobs_for(args.suite, args.sparsities, args.methods, args.refit_scores, args.row_targets, args.damp):
         if job.key(args.protocol) not in cache:
             todo.append((job.key(args.protocol), job))
     print(protocol_text(args.protocol), flush=True)
@@ -235,7 +243,7 @@ def table(cache: dict, protocol: str, structure: str) -> str:
     if dense:
         lines.append(f"| 0 | dense | {dense['wikitext_ppl']:.2f} | {dense['c4_ppl']:.2f} | | | | | {dense['params']:,} | |")
     order = {m: i for i, m in enumerate(dict.fromkeys(STRUCTURED_METHODS + ROW_METHODS))}
-    rows.sort(key=lambda r: (r["sparsity"] if r["sparsity"] is not None else 9, order.get(r["method"].split("+")[0], 99), r["method"]))
+    rows.sort(key=lambda r: (r["sparsity"] if r["sparsity"] is not None else 9, order.get(r["method"].split("@")[0].split("+")[0], 99), r["method"]))
     for r in rows:
         s = structure if r["sparsity"] is None else f"{r['sparsity']:.0%}"
         lines.append(f"| {s} | {r['method']} | {r['wikitext_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['prune_s']:.0f} | "
@@ -285,6 +293,9 @@ def main(argv=None) -> None:
     parser.add_argument("--suite", nargs="+", default=["structured"], choices=["structured", "structured-heads", "unstructured"])
     parser.add_argument("--protocol", default="quick", choices=list(PROTOCOLS))
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--damp", type=float, default=DEFAULT_DAMP,
+                        help="relative damping of every Gram matrix (default 0.01); another value is "
+                             "cached and shown as METHOD@damp=VALUE")
     parser.add_argument("--row-targets", nargs="+", default=["0.5", "0.6", "2:4"],
                         help="unstructured suite: sparsities and N:M patterns (default: 0.5 0.6 2:4)")
     parser.add_argument("--methods", nargs="+", help="default: every method of the suite")
@@ -312,6 +323,8 @@ def main(argv=None) -> None:
         parser.error(f"--sparsities must be in (0, 1); got {bad}")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if not args.damp >= 0:
+        parser.error(f"--damp must be >= 0; got {args.damp}")
     for target in args.row_targets:
         if target != "2:4":
             try:
