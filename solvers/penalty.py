@@ -163,7 +163,9 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
             E = torch.cholesky_solve(W[:, Pc].T, cholesky(M, what="the penalty system")).T  # (m, |P|)
             W_hat = W - E @ HinvP
             iterations += 1
-            fits.append(0.5 * float(((E @ HinvPP) * E).sum()))  # ½ tr((Ŵ−W) H (Ŵ−W)ᵀ)
+            # ½ tr((Ŵ−W) H (Ŵ−W)ᵀ) = ½ tr(E H⁻¹_PP Eᵀ), and E H⁻¹_PP = W_P − E diag(1/(ρ c_P)) by the
+            # definition of E: O(m|P|) instead of a third m×|P|×|P| product.
+            fits.append(0.5 * float((W[:, Pc] * E).sum() - (E * E / (rho * c[Pc])).sum()))
             score = group_scores(problem, c * (W_hat * W_hat).sum(0))
             values.append(fits[-1] + 0.5 * rho * float(score[~keep].sum()))
         penalized.append(values)
@@ -196,11 +198,31 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
     elif swap:
         stats["swaps"] = 0
         stats["swap_skipped"] = "groups of unequal size" if s.group_size is None else "nothing to swap"
-    final = mask_objective(Hinv, W, s.columns(~keep))
+    final, W_hat = refit_through_inverse(Hinv, W, s.columns(~keep))
     if final > errors[start] * (1 + 1e-9):  # round-off in the rank updates; never return worse
         stats["fallback"] = f"swap result {final:.6g} above its start {errors[start]:.6g}; start kept"
         keep = candidates[start]
-    return refit_columns(problem, s.column_keep_mask(keep, W.shape[1])), keep, stats
+        W_hat = refit_columns(problem, s.column_keep_mask(keep, W.shape[1]))
+    return W_hat, keep, stats
+
+
+def refit_through_inverse(Hinv: torch.Tensor, W: torch.Tensor, pruned_cols: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The exact refit for pruned columns ``P`` and its damped objective, from ``H⁻¹``.
+
+    ``Ŵ = W − W_P (H⁻¹_PP)⁻¹ H⁻¹_{P,:}`` (zero on ``P``) is the same optimum as
+    :func:`solvers.refit.refit_columns` (which factors ``H_KK``), by the block inverse; with ``H⁻¹``
+    at hand it costs one ``|P|×|P|`` Cholesky, shared with the objective ``½ tr(W_P (H⁻¹_PP)⁻¹ W_Pᵀ)``,
+    and one ``m×|P|×n`` product, against a ``|K|×|K|`` Cholesky and solve: on the SmolLM2 down_proj
+    shape (|P| = 461, |K| = 1075) the refit went from about a quarter of SPAP's time to a few percent.
+    """
+    if pruned_cols.numel() == 0:
+        return 0.0, W.clone()
+    WP = W[:, pruned_cols]
+    L = cholesky(Hinv[pruned_cols][:, pruned_cols], what="the pruned block of the inverse Gram matrix")
+    E = torch.cholesky_solve(WP.T, L).T  # (m, |P|) = W_P (H⁻¹_PP)⁻¹
+    W_hat = W - E @ Hinv[pruned_cols]
+    W_hat[:, pruned_cols] = 0.0  # exactly zero, not round-off
+    return 0.5 * float((WP * E).sum()), W_hat
 
 
 def mask_objective(Hinv: torch.Tensor, W: torch.Tensor, pruned_cols: torch.Tensor) -> float:

@@ -190,3 +190,22 @@ def test_swap_search_runs_on_hard_problems():
     heads = [_check_swap_errors(make_problem(4, 12, kind="correlated", structure=solvers.heads(12, 2), n_prune=3, seed=seed))
              for seed in range(20)]
     assert sum(s > 0 for s in swaps) >= 2 and sum(h > 0 for h in heads) >= 1
+
+
+@SETTINGS
+@given(problem=small_problems(structures=("channels", "heads")), seed=st.integers(0, 1000))
+def test_refit_through_inverse_is_the_exact_refit(problem, seed):
+    """SPAP's final refit from H⁻¹ (Woodbury form) equals the refit on the kept block of H, and its
+    objective is the damped objective of that refit."""
+    from solvers.penalty import refit_through_inverse
+
+    s = problem.structure
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(s.n_groups, generator=g) >= problem.n_pruned_target
+    cols = s.column_keep_mask(keep, problem.shape[1])
+    value, W_hat = refit_through_inverse(problem.hessian_inverse, problem.W64, torch.nonzero(~cols).flatten())
+    expected = solvers.refit_columns(problem, cols)
+    scale = float(problem.W64.abs().max()) + 1e-12
+    assert torch.allclose(W_hat, expected, atol=1e-7 * scale, rtol=1e-6)
+    assert bool((W_hat[:, ~cols] == 0).all())
+    assert math.isclose(value, problem.objective(expected), rel_tol=1e-6, abs_tol=1e-9)
