@@ -21,7 +21,8 @@ Protocols (printed above every table):
 - ``standard`` (GPU or a long CPU run): calibration 128 x 2048; all windows of 2048 tokens of
   WikiText-2 test and of C4 docs[500:].
 
-The score methods run as in their papers (no refit); ``--refit-scores`` adds ``+refit`` variants.
+The score methods run as in their papers (no refit); ``--refit-scores`` adds ``+refit`` variants, and
+``--methods admm+refit`` runs ADMM with the exact refit of its final mask instead of its last iterate.
 Timings are printed, never asserted.
 
     python benchmarks/end_to_end.py --suite structured --sparsities 0.2 0.3 0.5 --cache bench-e2e.json
@@ -119,7 +120,9 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
     model, tok = spap.load_model(model_source)
     calib = calibration_set("c4", tok, n=p["n"], seqlen=p["seqlen"], seed=0)
     name, _, extra = job.method.partition("+")
-    options = {"refit": True} if extra == "refit" else {}
+    options = {}
+    if extra == "refit":  # ADMM's own weights are its last iterate; "+refit" swaps them for the exact refit
+        options = {"final": "refit"} if name == "admm" else {"refit": True}
     sparsity = 0.5 if job.sparsity is None else job.sparsity
     model, report = spap.prune_layerwise(model, calib, sparsity, method=name, structure=job.structure,
                                          method_options=options, damp=job.damp, device=device, progress=False)
@@ -323,6 +326,14 @@ def main(argv=None) -> None:
         parser.error(f"--sparsities must be in (0, 1); got {bad}")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.methods:
+        import solvers
+
+        known = solvers.available_methods()
+        for method in args.methods:
+            name, plus, extra = method.partition("+")
+            if name not in known or (plus and extra != "refit"):
+                parser.error(f"--methods takes names from {', '.join(known)}, optionally with '+refit'; got {method!r}")
     if not args.damp >= 0:
         parser.error(f"--damp must be >= 0; got {args.damp}")
     for target in args.row_targets:

@@ -54,3 +54,10 @@ def test_a_non_default_damping_is_its_own_cached_run(e2e):
     default, damped = (e2e.jobs_for(["structured"], [0.3], ["spap"], False, damp=d)[0] for d in (0.01, 0.1))
     assert default.key("quick") == "quick|mlp|spap|0.3"
     assert damped.key("quick") == "quick|mlp|spap@damp=0.1|0.3" and damped.damp == 0.1
+
+
+@pytest.mark.parametrize("method", ["sparsegtp", "admm+bias"])
+def test_unknown_method_is_refused_before_any_run(e2e, capsys, method):
+    with pytest.raises(SystemExit):
+        e2e.main(["--methods", method, "--report"])
+    assert "--methods" in capsys.readouterr().err
