@@ -270,15 +270,23 @@ def plot(cache: dict, protocol: str, prefix: str) -> list[str]:
 
     written = []
     for structure in ("mlp", "mlp+heads"):
-        rows = [r for k, r in cache.items() if k.startswith(f"{protocol}|{structure}|")]
+        rows = [r for k, r in cache.items() if k.startswith(f"{protocol}|{structure}|")
+                and "@" not in r["method"] and "+" not in r["method"]]  # methods at their defaults
         if not rows:
             continue
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        for method in dict.fromkeys(r["method"] for r in rows):
-            rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
-            ax1.plot([r["sparsity"] for r in rs], [r["wikitext_ppl"] for r in rs], "o-", label=method)
-            ax2.scatter([r["prune_s"] for r in rs], [r["wikitext_ppl"] for r in rs], label=method)
         dense = cache.get(f"{protocol}|dense")
+        # A collapsed model (magnitude without refit: perplexity in the millions) would flatten every
+        # other curve; such methods are listed in the legend as off the scale instead.
+        cap = 20 * dense["wikitext_ppl"] if dense else float("inf")
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+            color = f"C{i}"  # the same colour for a method in both panels
+            rs = sorted((r for r in rows if r["method"] == method and r["wikitext_ppl"] <= cap), key=lambda r: r["sparsity"])
+            if not rs:
+                ax1.plot([], [], "x", color=color, label=f"{method} (above {cap:.0f}, off the scale)")
+                continue
+            ax1.plot([r["sparsity"] for r in rs], [r["wikitext_ppl"] for r in rs], "o-", color=color, label=method)
+            ax2.scatter([r["prune_s"] for r in rs], [r["wikitext_ppl"] for r in rs], color=color, label=method)
         if dense:
             ax1.axhline(dense["wikitext_ppl"], color="k", ls=":", label="dense")
         ax1.set(xlabel="sparsity (MLP channels)" if structure == "mlp" else "sparsity (MLP channels + KV groups)",
