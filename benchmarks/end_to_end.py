@@ -75,11 +75,33 @@ class Job:
         return self.method if self.damp == DEFAULT_DAMP else f"{self.method}@damp={self.damp:g}"
 
 
+def base_method(label: str) -> str:
+    """``"spap@damp=0.1"`` → ``"spap"``, ``"admm+refit"`` → ``"admm"``."""
+    return label.split("@")[0].split("+")[0]
+
+
+def is_variant(label: str) -> bool:
+    """A method run away from its defaults (another damping or steps, a refit): shown, not ranked or plotted."""
+    return base_method(label) != label
+
+
 def protocol_text(protocol: str) -> str:
     p = PROTOCOLS[protocol]
     windows = "all windows" if p["eval_windows"] is None else f"first {p['eval_windows']} windows"
     return (f"protocol {protocol}: calibration {p['n']}x{p['seqlen']} tokens from C4 docs[:500], seed 0; "
             f"evaluation {windows} of {p['eval_seqlen']} tokens of WikiText-2 test and of C4 docs[500:]")
+
+
+def row_target(text: str) -> str:
+    """``--row-targets`` entries: a sparsity in (0, 1) or the ``2:4`` pattern."""
+    if text != "2:4":
+        try:
+            ok = 0 < float(text) < 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"takes sparsities in (0, 1) or 2:4; got {text!r}")
+    return text
 
 
 def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | None, refit_scores: bool,
@@ -246,15 +268,15 @@ def table(cache: dict, protocol: str, structure: str) -> str:
     if dense:
         lines.append(f"| 0 | dense | {dense['wikitext_ppl']:.2f} | {dense['c4_ppl']:.2f} | | | | | {dense['params']:,} | |")
     order = {m: i for i, m in enumerate(dict.fromkeys(STRUCTURED_METHODS + ROW_METHODS))}
-    rows.sort(key=lambda r: (r["sparsity"] if r["sparsity"] is not None else 9, order.get(r["method"].split("@")[0].split("+")[0], 99), r["method"]))
+    rows.sort(key=lambda r: (r["sparsity"] if r["sparsity"] is not None else 9, order.get(base_method(r["method"]), 99), r["method"]))
     for r in rows:
         s = structure if r["sparsity"] is None else f"{r['sparsity']:.0%}"
         lines.append(f"| {s} | {r['method']} | {r['wikitext_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['prune_s']:.0f} | "
                      f"{r['solver_s']:.0f} | {r.get('threads', '?')} | {r['peak_rss_gib']:.2f} | {r['params']:,} | {r['sum_rel_err']:.3f} |")
     best = {}
     for r in rows:
-        if "@" in r["method"] or "+" in r["method"]:
-            continue  # variants (another damping, steps, a refit) are shown, not ranked
+        if is_variant(r["method"]):
+            continue
         if r["wikitext_ppl"] < best.get(r["sparsity"], (float("inf"), ""))[0]:
             best[r["sparsity"]] = (r["wikitext_ppl"], r["method"])
     lines += ["", "lowest WikiText-2 perplexity (methods at their defaults): " + "; ".join(
@@ -270,8 +292,7 @@ def plot(cache: dict, protocol: str, prefix: str) -> list[str]:
 
     written = []
     for structure in ("mlp", "mlp+heads"):
-        rows = [r for k, r in cache.items() if k.startswith(f"{protocol}|{structure}|")
-                and "@" not in r["method"] and "+" not in r["method"]]  # methods at their defaults
+        rows = [r for k, r in cache.items() if k.startswith(f"{protocol}|{structure}|") and not is_variant(r["method"])]
         if not rows:
             continue
         dense = cache.get(f"{protocol}|dense")
@@ -309,7 +330,7 @@ def main(argv=None) -> None:
     parser.add_argument("--damp", type=float, default=DEFAULT_DAMP,
                         help="relative damping of every Gram matrix (default 0.01); another value is "
                              "cached and shown as METHOD@damp=VALUE")
-    parser.add_argument("--row-targets", nargs="+", default=["0.5", "0.6", "2:4"],
+    parser.add_argument("--row-targets", nargs="+", type=row_target, default=["0.5", "0.6", "2:4"],
                         help="unstructured suite: sparsities and N:M patterns (default: 0.5 0.6 2:4)")
     parser.add_argument("--methods", nargs="+", help="default: every method of the suite")
     parser.add_argument("--refit-scores", action="store_true", help="also run score methods with the exact refit")
@@ -346,14 +367,6 @@ def main(argv=None) -> None:
                 parser.error(f"--methods takes names from {', '.join(known)}, optionally with '+refit'; got {method!r}")
     if not args.damp >= 0:
         parser.error(f"--damp must be >= 0; got {args.damp}")
-    for target in args.row_targets:
-        if target != "2:4":
-            try:
-                ok = 0 < float(target) < 1
-            except ValueError:
-                ok = False
-            if not ok:
-                parser.error(f"--row-targets takes sparsities in (0, 1) or 2:4; got {target!r}")
     t = time.perf_counter()
     cache = load_cache(Path(args.cache)) if args.report else sweep(args)
     print()
