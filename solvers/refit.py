@@ -22,8 +22,11 @@ import torch
 from ._linalg import cholesky
 from .problem import LayerProblem
 
-# Upper bound on the float64 elements of one batch of row systems (~0.5 GB).
-_ROW_CHUNK_ELEMENTS = 64_000_000
+# Upper bound on the float64 elements of one batch of row systems.  On CPU small batches stay in cache:
+# the 50% unstructured refit of a SmolLM2 down_proj took 14.8 s with 64M-element (0.5 GB) batches and
+# 6.3 s with 2M (1 thread; docs/performance.md, "Unstructured refit").  On CUDA large batches fill the device.
+_ROW_CHUNK_ELEMENTS = 2_000_000
+_ROW_CHUNK_ELEMENTS_CUDA = 64_000_000
 
 
 def refit_columns(problem: LayerProblem, keep_cols: torch.Tensor, H: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,27 +81,49 @@ def refit_rows(problem: LayerProblem, keep: torch.Tensor, H: torch.Tensor | None
     # rhs_r = (H (w_r ⊙ pruned_r))_{K_r}: the pull of the pruned weights on the kept ones.
     pull = (torch.where(keep, torch.zeros_like(W), W)) @ H  # (d_out, d_in), row r = H w_{P_r}
     rows = torch.nonzero((counts > 0) & (counts < d_in)).flatten()
-    if rows.numel() == 0:
-        return W_hat
-    kmax = int(counts[rows].max())
-    chunk = max(1, _ROW_CHUNK_ELEMENTS // (kmax * kmax))
-    eye = torch.eye(kmax, dtype=H.dtype, device=H.device)
-    for start in range(0, rows.numel(), chunk):
-        r = rows[start : start + chunk]
-        # Kept column indices of each row, left-aligned, padded with column 0 (masked out below).
+    budget = _ROW_CHUNK_ELEMENTS_CUDA if H.is_cuda else _ROW_CHUNK_ELEMENTS
+    chunks = list(_chunks_by_count(rows, counts, budget))
+    # Padding slots index an identity block appended to H, so one gather builds each padded system
+    # (a masked torch.where over the batch cost as much as the gather itself).
+    pad = max((kmax - int(counts[r].min()) for r, kmax in chunks), default=0)
+    H_ext = torch.block_diag(H, torch.eye(pad, dtype=H.dtype, device=H.device)) if pad else H
+    for r, kmax in chunks:
+        # Kept column indices of each row, left-aligned, then the row's padding slots d_in, d_in+1, ...
         order = torch.argsort((~keep[r]).to(torch.int8), dim=1, stable=True)[:, :kmax]
-        valid = torch.arange(kmax, device=H.device)[None, :] < counts[r][:, None]
-        idx = torch.where(valid, order, torch.zeros_like(order))
-        A = H[idx[:, :, None], idx[:, None, :]]
-        both = valid[:, :, None] & valid[:, None, :]
-        A = torch.where(both, A, eye.expand_as(A))
-        b = torch.where(valid, torch.gather(pull[r], 1, idx), torch.zeros_like(idx, dtype=H.dtype))
+        slot = torch.arange(kmax, device=H.device)[None, :]
+        valid = slot < counts[r][:, None]
+        idx = torch.where(valid, order, d_in + slot - counts[r][:, None])
+        A = H_ext[idx[:, :, None], idx[:, None, :]]
+        pull_ext = torch.cat([pull[r], pull.new_zeros(r.numel(), pad)], dim=1) if pad else pull[r]
+        b = torch.gather(pull_ext, 1, idx)
         L = cholesky(A, what="the Gram matrix on a row's kept weights", hint="raise 'damp'")
         x = torch.cholesky_solve(b[:, :, None], L)[:, :, 0]
-        delta = torch.zeros(r.numel(), d_in, dtype=H.dtype, device=H.device)
-        delta.scatter_add_(1, idx, torch.where(valid, x, torch.zeros_like(x)))
-        W_hat[r] += delta
+        delta = torch.zeros(r.numel(), d_in + pad, dtype=H.dtype, device=H.device)
+        delta.scatter_add_(1, idx, x)
+        W_hat[r] += delta[:, :d_in]
     return W_hat
+
+
+def _chunks_by_count(rows: torch.Tensor, counts: torch.Tensor, budget: int):
+    """Yield ``(row indices, padded size)`` batches of rows with similar kept counts.
+
+    Rows are sorted by kept count so that each batch pads only to its own largest count.  Unstructured
+    masks chosen over a whole layer keep between 93 and 1137 of 1536 weights per row on a SmolLM2
+    ``down_proj`` at 50%; padding every row to the layer's largest count made the refit 2.4x slower
+    (36 s vs 14.8 s at equal batch budget, 1 thread; docs/performance.md, "Unstructured refit").
+    """
+    if rows.numel() == 0:
+        return
+    rows = rows[torch.argsort(counts[rows], stable=True)]
+    sizes = counts[rows].tolist()
+    start = 0
+    while start < len(sizes):
+        stop = start + 1
+        # Grow the batch while its padded systems stay within the element budget (at least one row).
+        while stop < len(sizes) and (stop + 1 - start) * sizes[stop] ** 2 <= budget:
+            stop += 1
+        yield rows[start:stop], int(sizes[stop - 1])
+        start = stop
 
 
 def refit(problem: LayerProblem, keep: torch.Tensor) -> torch.Tensor:

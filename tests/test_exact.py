@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 
@@ -85,6 +86,27 @@ def test_refit_matches_least_squares(structure):
         expected = torch.linalg.solve(p.hessian[K][:, K], (p.W64[r] @ p.hessian[:, K]))
         torch.testing.assert_close(W_hat[r, K], expected, rtol=1e-9, atol=1e-10)
         assert bool((W_hat[r, ~entries[r]] == 0).all())
+
+
+@pytest.mark.parametrize("budget", [10**9, 200, 1])
+@pytest.mark.parametrize("seed", range(3))
+def test_row_refit_with_unequal_counts_matches_least_squares(budget, seed, monkeypatch):
+    """Rows keep 0..all of their weights; small element budgets force many batches, each padded to its
+    own largest count through the identity block appended to H."""
+    refit_module = importlib.import_module("solvers.refit")
+    monkeypatch.setattr(refit_module, "_ROW_CHUNK_ELEMENTS", budget)
+    p = make_problem(9, 10, kind="correlated", structure=solvers.Unstructured(), sparsity=0.5, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(9, 10, generator=gen) < torch.linspace(0.0, 1.0, 9)[:, None]
+    keep[0] = False
+    keep[-1] = True
+    W_hat = refit_module.refit_rows(p, keep)
+    for r in range(9):
+        K = torch.nonzero(keep[r]).flatten()
+        if K.numel():
+            expected = torch.linalg.solve(p.hessian[K][:, K], p.W64[r] @ p.hessian[:, K])
+            torch.testing.assert_close(W_hat[r, K], expected, rtol=1e-9, atol=1e-10)
+        assert bool((W_hat[r, ~keep[r]] == 0).all())
 
 
 def test_spap_near_the_optimum_on_small_problems():
