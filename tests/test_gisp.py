@@ -159,6 +159,19 @@ def test_save_pruned_load_pruned_round_trip(name, tmp_path):
         spap.load_pruned(tmp_path)
 
 
+def test_non_uniform_heads_decode_with_the_kv_cache():
+    model = _model("llama")
+    result = spap.gisp(model, _ids(), [0.4], structure="heads", steps_per_target=2, progress=False)
+    assert len(set(result.widths(0.4)["heads"])) > 1
+    pruned = result.materialize(model, 0.4)
+    ids = _ids(1, 12)
+    with torch.no_grad():
+        full = pruned(ids).logits
+        past = pruned(ids[:, :10], use_cache=True).past_key_values
+        step = pruned(ids[:, 10:], past_key_values=past, use_cache=True).logits
+    torch.testing.assert_close(step, full[:, 10:], rtol=1e-5, atol=1e-5)
+
+
 def test_bad_arguments_fail_before_any_work():
     model = _model("llama")
     state = {k: v.clone() for k, v in model.state_dict().items()}
