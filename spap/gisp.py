@@ -161,6 +161,18 @@ class GispResult:
             "seconds": self.seconds, "peak_memory": self.peak_memory,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GispResult":
+        """Inverse of :meth:`to_dict` (e.g. to materialise sub-networks of a run saved as JSON)."""
+        levels = [float(s) for s in d["sparsities"]]
+        key = {f"{s:g}": s for s in levels}
+        return cls(levels, d["structure"], d["objective"],
+                   {key[s]: [{t: torch.tensor(v, dtype=torch.long) for t, v in k.items()} for k in blocks]
+                    for s, blocks in d["kept"].items()},
+                   {key[s]: a for s, a in d["achieved"].items()}, dict(d["unit_params"]), d["structure_params"],
+                   dict(d["dense_widths"]), [GispStep(**step) for step in d["steps"]], dict(d["settings"]),
+                   d["seconds"], dict(d["peak_memory"]))
+
 
 def gisp(
     model: nn.Module,

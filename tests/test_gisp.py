@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -114,6 +115,9 @@ def test_same_seed_same_result_and_normalisations():
     for a, b in zip(runs[0].kept[0.3], runs[1].kept[0.3]):
         assert all(torch.equal(a[t], b[t]) for t in a)
     assert [s.objective for s in runs[0].steps] == [s.objective for s in runs[1].steps]
+    again = spap.GispResult.from_dict(json.loads(json.dumps(runs[0].to_dict())))
+    assert again.achieved == runs[0].achieved and again.steps == runs[0].steps
+    assert all(torch.equal(a[t], b[t]) for a, b in zip(again.kept[0.3], runs[0].kept[0.3]) for t in a)
     for normalize in ("sum", "none"):
         result = spap.gisp(_model("llama"), _ids(), [0.3], structure="mlp+heads", normalize=normalize, progress=False)
         assert result.achieved[0.3] == pytest.approx(0.3, abs=result.unit_params["mlp"] / result.structure_params)
