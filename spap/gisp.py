@@ -133,7 +133,7 @@ class GispResult:
         """
         key = self._key(sparsity)
         adapter = get_adapter(model)
-        _check_dense(adapter, self.dense_widths, "model")
+        _check_dense(adapter, self.dense_widths, "model", "the dense model GISP ran on")
         if not inplace:
             model = copy.deepcopy(model)
             adapter = get_adapter(model)
@@ -266,7 +266,7 @@ def gisp(
         raise ValueError(f"The model has {adapter.n_heads} query heads, not a multiple of its {adapter.n_kv_heads} "
                          "key-value heads; KV groups are undefined.")
     dense = {"mlp": adapter.intermediate_size, "heads": adapter.n_kv_heads}
-    _check_dense(adapter, dense, "model")
+    _check_dense(adapter, dense, "model", "its config")
     vocab = model.get_input_embeddings().weight.shape[0]
     if objective == "perplexity":
         batches: list[Any] = calibration_batches(calib, tokenizer, batch_size=batch_size)
@@ -375,16 +375,17 @@ def _check_triples(calib: Any, vocab: int) -> list[tuple[torch.Tensor, torch.Ten
     return out
 
 
-def _check_dense(adapter: Adapter, dense: dict[str, int], name: str) -> None:
-    """Every block has the widths ``dense`` (the config's): GISP starts from a uniform model."""
+def _check_dense(adapter: Adapter, dense: dict[str, int], name: str, what: str) -> None:
+    """Every block has the widths ``dense``: GISP starts from a uniform model, and materialises from
+    the dense model it ran on."""
     hd, group = adapter.head_dim, adapter.n_heads // adapter.n_kv_heads
     for i, block in enumerate(adapter.blocks()):
         mlp = LinearView(adapter.mlp_out(block)).d_in
         heads = LinearView(adapter.attention_out(block)).d_in
         if mlp != dense["mlp"] or heads != dense["heads"] * group * hd:
-            raise ValueError(f"The {name!r} argument must have the uniform widths of its config "
+            raise ValueError(f"The {name!r} argument must have the uniform widths of {what} "
                              f"(MLP {dense['mlp']}, {dense['heads']} KV groups); block {i} has MLP width {mlp} and "
-                             f"{heads} attention-output columns. Give the dense model GISP ran on.")
+                             f"{heads} attention-output columns.")
 
 
 def _unit_params(adapter: Adapter, block: nn.Module, kind: str) -> int:
