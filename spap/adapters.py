@@ -166,12 +166,17 @@ class Adapter:
         self.config.num_attention_heads = n_heads
         self.config.num_key_value_heads = n_kv_heads
         for block in self.blocks():
-            attn = block.self_attn
-            for name, value in (("num_heads", n_heads), ("num_key_value_heads", n_kv_heads)):
-                if hasattr(attn, name):
-                    setattr(attn, name, value)
-            if hasattr(attn, "num_key_value_groups"):
-                attn.num_key_value_groups = n_heads // n_kv_heads
+            self.set_block_heads(block, n_heads, n_kv_heads)
+
+    def set_block_heads(self, block: nn.Module, n_heads: int, n_kv_heads: int) -> None:
+        """Head counts cached by one block's attention module (older transformers keep ``num_heads``;
+        the config is left alone, so blocks may differ)."""
+        attn = block.self_attn
+        for name, value in (("num_heads", n_heads), ("num_key_value_heads", n_kv_heads)):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = n_heads // n_kv_heads
 
 
 class LlamaFamily(Adapter):

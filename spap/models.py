@@ -9,6 +9,7 @@ importing the package, whose ``__init__`` needs the unrelated ``llm`` tool.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -37,7 +38,8 @@ def load_model(source: str | Path = "smollm2", *, dtype: torch.dtype = torch.flo
     ----------
     source : str or Path, default "smollm2"
         ``"smollm2"`` for the bundled SmolLM2-135M-Instruct, a ``.gguf`` file, or a directory that
-        ``AutoModelForCausalLM.from_pretrained`` reads.
+        ``AutoModelForCausalLM.from_pretrained`` reads (or, holding ``spap_widths.json``, that
+        :func:`load_pruned` reads).
     dtype : torch.dtype, default float32
     device : str or torch.device, default "cpu"
     """
@@ -54,6 +56,8 @@ def load_model(source: str | Path = "smollm2", *, dtype: torch.dtype = torch.flo
     else:
         if not path.exists():
             raise FileNotFoundError(f"The 'source' argument names {path}, which does not exist.")
+        if (path / WIDTHS_FILE).is_file():  # per-layer widths: stock from_pretrained cannot build it
+            return load_pruned(path, dtype=dtype, device=device)
         kwargs = {}
         where = str(path)
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
@@ -82,8 +86,21 @@ def save_model(model, tokenizer, path: str | Path, *, report=None) -> Path:
     """Save ``model`` (and ``tokenizer``, and ``report`` as ``spap_report.json``) to ``path`` atomically.
 
     Everything is written into a temporary sibling directory that is renamed to ``path`` at the end, so
-    an interrupted save never leaves a half-written checkpoint.  ``path`` must not exist yet.
+    an interrupted save never leaves a half-written checkpoint.  ``path`` must not exist yet.  A model
+    whose blocks have other widths than its config says (GISP's non-uniform widths) is refused: stock
+    ``from_pretrained`` could not load it; :func:`save_pruned` saves it.
     """
+    widths = layer_widths(model)
+    if widths is not None and not _widths_match_config(model, widths):
+        raise ValueError("The 'model' argument has per-layer widths that differ from its config (MLP "
+                         f"{widths['intermediate_size']}, KV heads {widths['num_key_value_heads']}); stock "
+                         "transformers cannot load that. Save it with spap.save_pruned and load it with spap.load_pruned.")
+    return _save_atomically(model, tokenizer, path, report=report)
+
+
+def _save_atomically(model, tokenizer, path: str | Path, *, report=None, extra: dict[str, dict] | None = None) -> Path:
+    """``save_pretrained`` (plus tokenizer, report and ``extra`` JSON files) into a temporary sibling
+    directory, renamed to ``path`` at the end."""
     import shutil
     import tempfile
 
@@ -99,8 +116,128 @@ def save_model(model, tokenizer, path: str | Path, *, report=None) -> Path:
             tokenizer.save_pretrained(tmp)
         if report is not None:
             report.to_json(str(tmp / "spap_report.json"))
+        for name, content in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=1), encoding="utf-8")
         tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Non-uniform widths (GISP): per-layer widths in a manifest next to a stock checkpoint
+
+WIDTHS_FILE = "spap_widths.json"
+WIDTHS_FORMAT = "spap-layer-widths"
+
+
+def layer_widths(model) -> dict | None:
+    """Per-block widths read from the weights: ``{"intermediate_size": [int per block],
+    "num_key_value_heads": [int per block] or None}`` (None where the family zeroes pruned heads instead
+    of removing them: OPT, GPT-2).  None for a model no adapter supports."""
+    from .adapters import ADAPTERS, LinearView, get_adapter
+
+    if getattr(getattr(model, "config", None), "model_type", None) not in ADAPTERS:
+        return None
+    adapter = get_adapter(model)
+    columns = adapter.head_dim * (adapter.n_heads // adapter.n_kv_heads)
+    blocks = adapter.blocks()
+    return {
+        "intermediate_size": [LinearView(adapter.mlp_out(b)).d_in for b in blocks],
+        "num_key_value_heads": [LinearView(adapter.attention_out(b)).d_in // columns for b in blocks]
+        if adapter.shrink_heads else None,
+    }
+
+
+def _widths_match_config(model, widths: dict) -> bool:
+    from .adapters import get_adapter
+
+    adapter = get_adapter(model)
+    if any(w != adapter.intermediate_size for w in widths["intermediate_size"]):
+        return False
+    return widths["num_key_value_heads"] is None or all(k == adapter.n_kv_heads for k in widths["num_key_value_heads"])
+
+
+def save_pruned(model, tokenizer, path: str | Path, *, report=None) -> Path:
+    """Save a model whose blocks may have different widths (e.g. from ``GispResult.materialize``).
+
+    Writes what :func:`save_model` writes (``config.json``, safetensors weights, tokenizer, optional
+    report), atomically, plus ``spap_widths.json``::
+
+        {"format": "spap-layer-widths", "version": 1, "model_type": "llama", "num_layers": 30,
+         "intermediate_size": [1075, 1201, ...],      # MLP channels kept in block i
+         "num_key_value_heads": [3, 2, ...]}         # KV heads kept in block i (query heads: × group size),
+                                                     # null for OPT/GPT-2 (pruned heads stored as zeros)
+
+    ``config.json`` keeps sizes every block can be cut down to (the dense ones when widths differ), so
+    stock ``AutoModelForCausalLM.from_pretrained`` cannot load the weights (their shapes differ from the
+    config's); :func:`load_pruned` can.  A uniform model saved here also loads with :func:`load_pruned`.
+    """
+    widths = layer_widths(model)
+    if widths is None:
+        raise ValueError(f"The 'model' argument ({type(model).__name__}) is not a model spap supports.")
+    manifest = {"format": WIDTHS_FORMAT, "version": 1, "model_type": model.config.model_type,
+                "num_layers": len(widths["intermediate_size"]), **widths}
+    return _save_atomically(model, tokenizer, path, report=report, extra={WIDTHS_FILE: manifest})
+
+
+def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load ``(model, tokenizer)`` saved by :func:`save_pruned` (``tokenizer`` None if none was saved).
+
+    Builds the model from ``config.json``, cuts block ``i`` down to the widths in ``spap_widths.json``
+    (its first channels and KV groups: the saved weights are already the kept ones, in order), then
+    loads the safetensors weights, which must match every shape and name.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .adapters import get_adapter
+    from .pipeline import _keep_kv_groups, _keep_mlp_channels
+
+    path = Path(path)
+    manifest_file = path / WIDTHS_FILE
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"The 'path' argument names {path}, which has no {WIDTHS_FILE}; it was not written "
+                                "by spap.save_pruned (a stock checkpoint loads with spap.load_model).")
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    if manifest.get("format") != WIDTHS_FORMAT or manifest.get("version") != 1:
+        raise ValueError(f"{manifest_file} is not a version-1 {WIDTHS_FORMAT} manifest.")
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    adapter = get_adapter(model)
+    blocks = adapter.blocks()
+    mlp, kv = manifest["intermediate_size"], manifest["num_key_value_heads"]
+    if len(mlp) != len(blocks) or (kv is not None and len(kv) != len(blocks)):
+        raise ValueError(f"{manifest_file} lists widths for {len(mlp)} blocks; the config builds {len(blocks)}.")
+    group = adapter.n_heads // adapter.n_kv_heads
+    for i, block in enumerate(blocks):
+        if not 0 < mlp[i] <= adapter.intermediate_size or (kv is not None and not 0 < kv[i] <= adapter.n_kv_heads):
+            raise ValueError(f"{manifest_file}: block {i}'s widths exceed the config's or are zero.")
+        if mlp[i] < adapter.intermediate_size:
+            _keep_mlp_channels(adapter, block, torch.arange(mlp[i]))
+        if kv is not None and kv[i] < adapter.n_kv_heads:
+            _keep_kv_groups(adapter, block, torch.arange(kv[i]))
+            adapter.set_block_heads(block, kv[i] * group, kv[i])
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    if not state:
+        raise FileNotFoundError(f"No .safetensors weights in {path}.")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in state}
+    untied = [k for k in missing if id(_get(model, k)) not in loaded]
+    if untied or unexpected:
+        raise ValueError(f"The weights in {path} do not match the model its config and {WIDTHS_FILE} describe: "
+                         f"missing {untied[:5]}, unexpected {unexpected[:5]}.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return model.to(device), tokenizer
+
+
+def _get(model, name: str):
+    """The parameter or buffer ``name`` of ``model``."""
+    module_name, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module_name) if module_name else model, attr)
