@@ -21,6 +21,7 @@ Timings are printed, never asserted; the CPU may be shared, so the header prints
     python benchmarks/solvers.py --suite columns --plot docs/solvers_columns.png
     python benchmarks/solvers.py --suite rows --row-blocks 0 15 29
     python benchmarks/solvers.py --suite speed --threads 2
+    python benchmarks/solvers.py --suite columns --damp 0.001 --json columns-0.001.json   # lighter damping
 """
 
 from __future__ import annotations
@@ -152,9 +153,9 @@ def suite_columns(args) -> list[dict]:
             methods = args.methods or (COLUMN_METHODS + (["exact"] if linear == "self_attn.o_proj" else []))
 
             def make():
-                return real_layers.problem(data, layer, linear, structure, sparsity=args.column_sparsity)
+                return real_layers.problem(data, layer, linear, structure, sparsity=args.column_sparsity, damp=args.damp)
 
-            key = {"suite": "columns", "layer": layer, "linear": linear, "sparsity": args.column_sparsity}
+            key = {"suite": "columns", "layer": layer, "linear": linear, "sparsity": args.column_sparsity, "damp": args.damp}
             rows += solve_all(make, methods, key)
             print(f"  layer {layer:2d} {linear}: " + ", ".join(
                 f"{r['method']} {r['error']:.4f}" for r in rows if r.get("layer") == layer and r["linear"] == linear),
@@ -169,7 +170,7 @@ def suite_sweep(args) -> list[dict]:
     for layer in layers:
         for sp in args.sparsities:
             def make():
-                return real_layers.problem(data, layer, "mlp.down_proj", solvers.channels, sparsity=sp)
+                return real_layers.problem(data, layer, "mlp.down_proj", solvers.channels, sparsity=sp, damp=args.damp)
 
             rows += solve_all(make, args.methods or COLUMN_METHODS,
                               {"suite": "sweep", "layer": layer, "linear": "mlp.down_proj", "sparsity": sp})
@@ -188,7 +189,7 @@ def suite_rows(args) -> list[dict]:
                 structure = solvers.parse_structure(sname, 1)  # neither depends on d_in
 
                 def make():
-                    return real_layers.problem(data, layer, linear, structure, **target)
+                    return real_layers.problem(data, layer, linear, structure, damp=args.damp, **target)
 
                 key = {"suite": "rows", "layer": layer, "linear": linear, "structure": sname, "sparsity": 0.5}
                 new = solve_all(make, args.methods or ROW_METHODS, key)
@@ -354,6 +355,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep-layers", nargs="+", type=int, default=[3, 15, 27])
     parser.add_argument("--row-blocks", nargs="+", type=int, default=[3, 15])
     parser.add_argument("--column-sparsity", type=float, default=0.3)
+    parser.add_argument("--damp", type=float, default=0.01,
+                        help="relative damping of every real layer's Gram matrix (default 0.01, as in SparseGPT)")
     parser.add_argument("--quick", action="store_true", help="small versions of the suites")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--plot", default=None, help="write error-vs-sparsity and error-vs-time plots here")
@@ -373,7 +376,7 @@ def main(argv=None) -> None:
     suites = args.suite or (list(SUITES) if args.quick else ["synthetic", "exact", "columns", "rows", "speed"])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# benchmarks/solvers.py {' '.join(sys.argv[1:])}\n# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs, load average {load:.2f}")
+          f"{os.cpu_count()} CPUs, load average {load:.2f}, real layers damped by {args.damp:g}·mean(diag H)")
     rows = []
     for suite in suites:
         start = time.perf_counter()
