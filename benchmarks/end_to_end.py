@@ -227,6 +227,9 @@ def sweep(args) -> dict:
     print(protocol_text(args.protocol), flush=True)
     print(f"{len(todo)} runs to do, {len(cache)} cached in {cache_path}", flush=True)
     for i, (key, job) in enumerate(todo, 1):
+        if key in load_cache(cache_path):  # finished meanwhile by a sweep running beside this one
+            print(f"[{i}/{len(todo)}] {key}: cached by another sweep, skipped", flush=True)
+            continue
         payload = {"protocol": args.protocol, "model": args.model, "device": args.device, "threads": args.threads,
                    "job": None if job is None else job.__dict__}
         t = time.perf_counter()
