@@ -8,7 +8,7 @@ and of C4 documents ``[500:]``.
 The budget (defaults; docs/global.md, section "DDP", explains it): calibration 32 windows of 128 tokens
 from C4 docs[:500] (seed 0), the dense model's log-probabilities cached (0.8 GB), 200 steps of 4
 windows (each window seen 25 times), global allocation (blocks may keep different widths; the pruned
-model is evaluated in memory).  Each run takes roughly 15-25 minutes on 2 CPU cores.
+model is evaluated in memory).  Each run takes roughly 15-30 minutes on 2 CPU cores, evaluation included.
 
 Results are cached in a JSON file (``--cache``) under ``quick|mlp|LABEL|SPARSITY``, where LABEL is ``ddp``
 for the default budget and names every other setting (``ddp@steps=50``): an interrupted sweep goes on

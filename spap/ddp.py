@@ -55,8 +55,9 @@ class DDPReport(PruneReport):
     ``widths[i]`` is block ``i``'s kept count per unit type (``{"mlp": channels, "heads": KV groups}``);
     ``keep[t]`` the kept units of type ``t``, a bool tensor ``(n_blocks, n_units)``; ``gates[t]`` the final
     hard gates, a float tensor ``(n_blocks, n_units)``: the value ``ReLU(z)`` folded into the output linear
-    for kept units (0 for a kept unit whose ``z`` ended ≤ 0), 0 for pruned ones; ``history`` one dict per step (loss, soft kept fraction
-    and mean multiplier per type, ``tau``).
+    for kept units (0 for a kept unit whose ``z`` ended ≤ 0), 0 for pruned ones; ``history`` one dict per
+    step (``loss``, ``tau``, and per type ``kept_<type>``, the soft kept fraction, and ``lambda_<type>``,
+    the mean multiplier).
     """
 
     widths: list[dict[str, int]] = field(default_factory=list)
