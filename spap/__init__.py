@@ -5,19 +5,21 @@
 >>> calib = spap.data.random_windows(spap.data.c4_documents(0, 500), tokenizer, n=64, seqlen=1024)  # doctest: +SKIP
 >>> model, report = spap.prune_layerwise(model, calib, sparsity=0.3)               # doctest: +SKIP
 
-Global, iterative (GISP), non-uniform widths:
+Global, iterative (GISP), non-uniform widths; differentiable gates (DDP):
 
 >>> result = spap.gisp(model, calib, sparsities=[0.2, 0.3, 0.5], structure="mlp")  # doctest: +SKIP
 >>> spap.save_pruned(result.materialize(model, 0.3), tokenizer, "pruned-30/")      # doctest: +SKIP
 >>> model30, tokenizer = spap.load_pruned("pruned-30/")                           # doctest: +SKIP
+>>> model, report = spap.ddp_prune(model, calib[:16, :128], sparsity=0.3)         # doctest: +SKIP
 """
 
 from . import checkpoint, data, eval
 from .adapters import ADAPTERS, get_adapter
+from .ddp import DDPReport, ddp_prune
 from .gisp import GispResult, GispStep, gisp
 from .models import layer_widths, load_model, load_pruned, save_model, save_pruned
 from .pipeline import prune_layerwise
 from .report import PruneReport
 
-__all__ = ["prune_layerwise", "gisp", "GispResult", "GispStep", "load_model", "save_model", "save_pruned", "load_pruned",
-           "layer_widths", "data", "eval", "get_adapter", "ADAPTERS", "PruneReport"]
+__all__ = ["prune_layerwise", "gisp", "GispResult", "GispStep", "ddp_prune", "DDPReport", "load_model", "save_model",
+           "save_pruned", "load_pruned", "layer_widths", "data", "eval", "get_adapter", "ADAPTERS", "PruneReport"]
