@@ -23,8 +23,8 @@ from ._linalg import cholesky
 from .problem import LayerProblem
 
 # Upper bound on the float64 elements of one batch of row systems.  On CPU small batches stay in cache:
-# the 50% unstructured refit of a SmolLM2 down_proj took 14.8 s with 64M-element (0.5 GB) batches and
-# 6.3 s with 2M (1 thread; docs/performance.md, "Unstructured refit").  On CUDA large batches fill the device.
+# the 50% unstructured refit of a SmolLM2 down_proj took 17.0 s with 64M-element (0.5 GB) batches and
+# 10.6 s with 2M (1 thread, loaded machine; `python benchmarks/row_refit.py`, docs/performance.md).  On CUDA large batches fill the device.
 _ROW_CHUNK_ELEMENTS = 2_000_000
 _ROW_CHUNK_ELEMENTS_CUDA = 64_000_000
 
@@ -110,7 +110,7 @@ def _chunks_by_count(rows: torch.Tensor, counts: torch.Tensor, budget: int):
     Rows are sorted by kept count so that each batch pads only to its own largest count.  Unstructured
     masks chosen over a whole layer keep between 93 and 1137 of 1536 weights per row on a SmolLM2
     ``down_proj`` at 50%; padding every row to the layer's largest count made the refit 2.4x slower
-    (36 s vs 14.8 s at equal batch budget, 1 thread; docs/performance.md, "Unstructured refit").
+    (68.2 s vs 17.0 s at equal batch budget, 1 thread; ``python benchmarks/row_refit.py``).
     """
     if rows.numel() == 0:
         return
