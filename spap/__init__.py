@@ -8,8 +8,10 @@
 
 from . import checkpoint, data, eval
 from .adapters import ADAPTERS, get_adapter
+from .leap import LeapReport, leap_prune
 from .models import load_model, save_model
 from .pipeline import prune_layerwise
 from .report import PruneReport
 
-__all__ = ["prune_layerwise", "load_model", "save_model", "data", "eval", "get_adapter", "ADAPTERS", "PruneReport"]
+__all__ = ["prune_layerwise", "leap_prune", "LeapReport", "load_model", "save_model", "data", "eval", "get_adapter",
+           "ADAPTERS", "PruneReport"]
