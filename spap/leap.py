@@ -6,18 +6,24 @@ outputs.  LEAP instead learns every weight's keep/prune decision against the mod
 1. **Start from Wanda.**  One pass block by block (the pipeline's recipe: capture the block inputs,
    stream each linear's inputs into a Gram matrix, prune, feed the pruned block's outputs to the next
    block) gives the one-shot Wanda mask of every linear: keep the largest ``|W_ij|·‖x_j‖₂`` in every
-   output row.  Each weight gets a logit ``θ_ij = +a`` where Wanda keeps it and ``−a`` where it prunes
-   it (``init_logit=a``, default 3: keep probability σ(3) = 0.953).
+   output row.  Each weight gets a logit ``θ_ij = ±a·min(1, |r_ij − k_i + ½| / (w·n))``: the sign is
+   Wanda's decision, ``r_ij`` the rank of the weight's score in its row of ``n``, ``k_i`` the row's
+   pruned count; so the weights Wanda ranks far from its threshold start at ``±a`` (``init_logit=a``,
+   default 5: a sampled mask flips them with probability σ(−5) = 0.7%) and the ``w`` fraction on
+   either side of it (``init_width=w``, default 0.05) start between, where a short training can move
+   them (``init_width=0``: ``±a`` for every weight).
 2. **Train the logits, weights frozen.**  Each step draws a relaxed Bernoulli (binary concrete,
    Gumbel-sigmoid) mask ``m = σ((θ + L)/τ)`` with logistic noise ``L = log u − log(1−u)``,
    ``u ~ U(0, 1)``, runs the model with ``W ⊙ m`` in every trained linear and takes an Adam step on
-   ``θ`` for the loss ``CE + kl_weight·KL(dense ‖ masked) + μ·(d̄ − d*)``: next-token cross-entropy on
+   ``θ`` for the loss ``CE + kl_weight·KL(dense ‖ masked) + c·d̄``: next-token cross-entropy on
    calibration windows, optionally the KL divergence from the dense model's next-token distribution,
-   and a Lagrangian term on the expected density ``d̄ = mean σ(θ)`` (exactly the probability that a
-   sampled mask keeps a weight, whatever ``τ``) with target ``d* = 1 − sparsity``.  The temperature
-   ``τ`` falls geometrically from ``temperature[0]`` to ``temperature[1]``.  The multiplier
-   ``μ`` starts where a fraction ``d*`` of the logits have a loss gradient larger than the density
-   term's (``μ₀``) and then follows dual ascent, ``μ ← μ + 10·μ₀·(d̄ − d*)/d*``.
+   and an augmented-Lagrangian term on the expected density ``d̄ = mean σ(θ)`` (exactly the
+   probability that a sampled mask keeps a weight, whatever ``τ``) with target ``d* = 1 − sparsity``.
+   The temperature ``τ`` falls geometrically from ``temperature[0]`` to ``temperature[1]``.  The
+   coefficient is ``c = μ + 50·μ₀·e`` with the relative gap ``e = (d̄ − d*)/d*`` and the multiplier
+   updated by ``μ ← μ + 5·μ₀·e``; ``μ`` starts at ``μ₀``, where a fraction ``d*`` of the logits have a
+   loss gradient larger than the density term's (the scale of ``∂CE/∂θ`` depends on the model and
+   the batch, so no fixed weight would carry over).
 3. **Project to the exact target.**  The final hard mask keeps the largest logits: over all trained
    linears together (``scope="global"``, as in the paper: each layer's sparsity is learned), per
    linear (``"layer"``) or per output row (``"row"``, Wanda's comparison group); the counts are
@@ -40,7 +46,7 @@ import math
 import numbers
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -57,7 +63,8 @@ from .report import peak_memory
 
 SCOPES = ("global", "layer", "row")
 _GRAM_BATCH = 8  # windows per Gram batch in the Wanda pass: prune_layerwise's default, so the masks agree
-_DUAL_RATE = 10.0  # μ ← μ + rate·μ₀·(d̄ − d*)/d*
+_DUAL_RATE = 5.0  # μ ← μ + rate·μ₀·(d̄ − d*)/d*
+_PENALTY = 50.0  # the density term's coefficient is μ + penalty·μ₀·(d̄ − d*)/d*
 _NOISE_EPS = 1e-6  # u is clamped to [eps, 1 − eps] before log(u/(1−u))
 
 
@@ -125,8 +132,10 @@ def leap_prune(
     seed: int = 0,
     scope: str = "global",
     batch_size: int = 1,
-    init_logit: float = 3.0,
-    temperature: tuple[float, float] = (1.0, 0.1),
+    train_seqlen: int | None = None,
+    init_logit: float = 5.0,
+    init_width: float = 0.05,
+    temperature: tuple[float, float] = (1.0, 0.05),
     kl_weight: float = 0.0,
     tokenizer=None,
     progress: bool = True,
@@ -162,9 +171,18 @@ def leap_prune(
         (Wanda's comparison group and per-row counts).
     batch_size : int >= 1, default 1
         Calibration windows per training step.
-    init_logit : float > 0, default 3.0
-        ``a`` in the initial logits ``±a``.
-    temperature : (float, float), default (1.0, 0.1)
+    train_seqlen : int >= 2, optional
+        Tokens per training window: a random crop of each calibration window drawn (default: whole
+        windows).  Lets the Wanda start use long windows (its cost is one pass) while each training
+        step stays short.
+    init_logit : float > 0, default 5.0
+        ``a``: the starting logit is ``+a`` where Wanda keeps a weight and ``−a`` where it prunes it,
+        except near Wanda's threshold (``init_width``).
+    init_width : float in [0, 1], default 0.05
+        The fraction of each row's weights on either side of Wanda's threshold (by the rank of
+        ``|W_ij|·‖x_j‖₂`` in the row) whose starting logits ramp linearly from ``±a`` down to 0, so
+        that a short training can move them.  ``0``: ``±a`` for every weight.
+    temperature : (float, float), default (1.0, 0.05)
         First and last temperature ``τ`` of the relaxation, ``first >= last > 0``; geometric in between.
     kl_weight : float >= 0, default 0.0
         Weight of the KL divergence from the dense model (one more forward pass per step when > 0).
@@ -182,20 +200,21 @@ def leap_prune(
     """
     adapter = get_adapter(model)
     n_blocks = len(adapter.blocks())
-    _check_number("sparsity", sparsity, 0, 1, "a float in (0, 1)", low_open=True, high_open=True)
+    _check_real("sparsity", sparsity, lambda v: 0 < v < 1, "a float in (0, 1)")
     _check_int("steps", steps, 0)
-    _check_number("lr", lr, 0, math.inf, "a float > 0", low_open=True)
+    _check_real("lr", lr, lambda v: v > 0, "a float > 0")
     groups = _groups(blocks, n_blocks)
     _check_int("seed", seed, None)
     if scope not in SCOPES:
         raise ValueError(f"The 'scope' argument must be one of {', '.join(map(repr, SCOPES))}. Got {scope!r} instead.")
     _check_int("batch_size", batch_size, 1)
-    _check_number("init_logit", init_logit, 0, math.inf, "a float > 0", low_open=True)
+    _check_real("init_logit", init_logit, lambda v: v > 0, "a float > 0")
+    _check_real("init_width", init_width, lambda v: 0 <= v <= 1, "a float in [0, 1]")
     if (not isinstance(temperature, (tuple, list)) or len(temperature) != 2
-            or not all(_is_real(t) and 0 < t < math.inf for t in temperature) or temperature[0] < temperature[1]):
+            or not all(_is_real(t) and t > 0 for t in temperature) or temperature[0] < temperature[1]):
         raise ValueError(f"The 'temperature' argument must be a pair (first, last) of floats with first >= last > 0. "
                          f"Got {temperature!r} instead.")
-    _check_number("kl_weight", kl_weight, 0, math.inf, "a float >= 0")
+    _check_real("kl_weight", kl_weight, lambda v: v >= 0, "a float >= 0")
     if not isinstance(progress, bool):
         raise ValueError(f"The 'progress' argument must be a bool. Got {progress!r} instead.")
     batches = calibration_batches(calib, tokenizer, batch_size=_GRAM_BATCH)
@@ -208,11 +227,16 @@ def leap_prune(
     if batch_size > windows.shape[0]:
         raise ValueError(f"The 'batch_size' argument must be at most the number of calibration windows, "
                          f"{windows.shape[0]}. Got {batch_size} instead.")
+    if train_seqlen is not None:
+        _check_int("train_seqlen", train_seqlen, 2)
+        if train_seqlen > windows.shape[1]:
+            raise ValueError(f"The 'train_seqlen' argument must be at most the calibration windows' length, "
+                             f"{windows.shape[1]}. Got {train_seqlen} instead.")
 
     settings = {"sparsity": sparsity, "steps": steps, "lr": lr, "groups": groups, "seed": seed, "scope": scope,
-                "batch_size": batch_size, "init_logit": init_logit, "temperature": list(temperature),
-                "kl_weight": kl_weight, "windows": windows.shape[0], "seqlen": windows.shape[1],
-                "model_type": model.config.model_type}
+                "batch_size": batch_size, "train_seqlen": train_seqlen, "init_logit": init_logit,
+                "init_width": init_width, "temperature": list(temperature), "kl_weight": kl_weight,
+                "windows": windows.shape[0], "seqlen": windows.shape[1], "model_type": model.config.model_type}
     report = LeapReport(settings=settings)
     start = time.perf_counter()
     device = next(model.parameters()).device
@@ -228,10 +252,11 @@ def leap_prune(
         _wanda_init(model, adapter, batches, float(sparsity), device, run, layers)
         report.wanda_seconds = time.perf_counter() - start
         bar = _progress(steps * len(groups), progress)
-        stream = _windows(windows, batch_size, order)
+        stream = _windows(windows, batch_size, train_seqlen, order)
         for g, group in enumerate(groups):
             trained = [layer for layer in layers if layer.block in group]
-            _train(model, trained, stream, g, steps, lr, init_logit, temperature, kl_weight, scope, run, bar, report)
+            _train(model, trained, stream, g, steps, lr, init_logit, init_width, temperature, kl_weight, scope, run,
+                   bar, report)
         if bar is not None:
             bar.close()
         for layer in layers:  # the model changes only here, once every mask is final
@@ -270,14 +295,30 @@ class _MaskedLinear:
     :func:`leap_prune` applies the final masks.
     """
 
-    def __init__(self, block: int, name: str, module: nn.Module, keep: torch.Tensor, run: _Run) -> None:
+    def __init__(self, block: int, name: str, module: nn.Module, keep: torch.Tensor, norms: torch.Tensor,
+                 run: _Run) -> None:
         self.block, self.name, self.module, self.run = block, name, module, run
         self.view = LinearView(module)
         self.keep = keep  # bool (d_out, d_in): Wanda's, then the learned one
         self.row_kept = keep.sum(1)  # Wanda's per-row counts: the targets of every projection
+        self.norms = norms  # ‖x_j‖₂ of the calibration inputs, shape (d_in,)
         self.logits: nn.Parameter | None = None
         self.changed = 0
         module.forward = self.forward  # instance attribute: shadows the class's forward until detached
+
+    def initial_logits(self, a: float, width: float) -> torch.Tensor:
+        """``±a`` by Wanda's decision, scaled down near its threshold, shape ``(d_out, d_in)``, float32:
+        ``θ = ±a·min(1, |r − k + ½|/(width·n))`` with ``r`` the ascending rank of ``|W_ij|·‖x_j‖₂`` in
+        its row of ``n`` and ``k`` the row's pruned count (``width=0``: ``±a`` everywhere)."""
+        theta = torch.full(self.keep.shape, -float(a), device=self.keep.device).masked_fill_(self.keep, float(a))
+        if width == 0:
+            return theta
+        scores = self.view.weight.float().abs() * self.norms.to(self.keep.device)[None, :]
+        order = torch.argsort(scores, dim=1, stable=True)
+        n = scores.shape[1]
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand_as(order))
+        distance = (rank - (n - self.row_kept)[:, None]).float().add_(0.5).abs_().div_(width * n).clamp_(max=1)
+        return theta.mul_(distance)
 
     def detach(self) -> None:
         if self.module.__dict__.get("forward") == self.forward:
@@ -347,7 +388,8 @@ def _wanda_init(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor],
                     problem = solvers.LayerProblem(LinearView(module).weight, acc.H, solvers.Unstructured(),
                                                    sparsity=sparsity)
                     _, keep, _ = wanda.fn(problem)  # the registered function: the mask without the error report
-                    layers.append(_MaskedLinear(i, name, module, keep, run))
+                    norms = acc.H.diagonal().clamp_min(0).sqrt().float()
+                    layers.append(_MaskedLinear(i, name, module, keep, norms, run))
             for b, h in enumerate(hidden):  # the pruned block's outputs feed the next block
                 hidden[b] = _checked(run_block(block, h, kwargs[i][b], device), f"output of block {i}")
 
@@ -357,18 +399,19 @@ def _wanda_init(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor],
 
 
 def _train(model: nn.Module, trained: list[_MaskedLinear], stream, group: int, steps: int, lr: float,
-           init_logit: float, temperature: tuple[float, float], kl_weight: float, scope: str, run: _Run,
-           bar, report: LeapReport) -> None:
+           init_logit: float, init_width: float, temperature: tuple[float, float], kl_weight: float, scope: str,
+           run: _Run, bar, report: LeapReport) -> None:
     """Learn the logits of ``trained`` for ``steps`` steps, then set their hard masks (``scope``)."""
     for layer in trained:
-        init = torch.full(layer.keep.shape, -float(init_logit), device=layer.keep.device)
-        layer.logits = nn.Parameter(init.masked_fill_(layer.keep, float(init_logit)))
+        layer.logits = nn.Parameter(layer.initial_logits(init_logit, init_width))
     params = [layer.logits for layer in trained]
     n = sum(p.numel() for p in params)
     target = sum(int(layer.row_kept.sum()) for layer in trained) / n  # Wanda's density, 1 − sparsity
     try:
         optimizer = torch.optim.Adam(params, lr=lr)
         mu = None
+        with torch.no_grad():
+            gap = (sum(float(torch.sigmoid(p).sum()) for p in params) / n - target) / target
         first, last = temperature
         for t in range(steps):
             run.tau = first * (last / first) ** (t / max(steps - 1, 1))
@@ -383,16 +426,18 @@ def _train(model: nn.Module, trained: list[_MaskedLinear], stream, group: int, s
                         p.grad = torch.zeros_like(p)
                 if mu is None:
                     mu = mu0 = _initial_multiplier(params, n, target)
+                c = mu + _PENALTY * mu0 * gap  # the augmented Lagrangian's coefficient (last step's gap)
                 density = 0.0
-                for p in params:  # the density term's gradient, added to the loss's: μ σ(θ)(1 − σ(θ)) / n
+                for p in params:  # the density term's gradient, added to the loss's: c σ(θ)(1 − σ(θ)) / n
                     s = torch.sigmoid(p)
                     density += float(s.sum())
-                    p.grad.add_(s.mul_(1 - s), alpha=mu / n)
+                    p.grad.add_(s.mul_(1 - s), alpha=c / n)
                 density /= n
             optimizer.step()
             report.history.append({"group": group, "step": t, "loss": loss.item(), "ce": ce.item(),
-                                   "kl": kl.item(), "density": density, "tau": run.tau, "mu": mu})
-            mu += _DUAL_RATE * mu0 * (density - target) / target
+                                   "kl": kl.item(), "density": density, "tau": run.tau, "mu": c})
+            gap = (density - target) / target
+            mu += _DUAL_RATE * mu0 * gap
             if bar is not None:
                 bar.set_postfix(group=group, loss=f"{float(loss):.3f}", density=f"{density:.4f}", tau=f"{run.tau:.3f}")
                 bar.update()
@@ -515,10 +560,8 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
-def _check_number(name: str, value: Any, low: float, high: float, text: str, *, low_open: bool = False,
-                  high_open: bool = False) -> None:
-    ok = _is_real(value) and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
+def _check_real(name: str, value: Any, ok: Callable[[float], bool], text: str) -> None:
+    if not (_is_real(value) and ok(value)):
         raise ValueError(f"The {name!r} argument must be {text}. Got {value!r} instead.")
 
 
@@ -543,18 +586,22 @@ def _groups(blocks: Any, n_blocks: int) -> list[list[int]]:
     nested = all(isinstance(g, Sequence) and not isinstance(g, str) for g in blocks)
     groups = [list(g) for g in blocks] if nested else [list(blocks)]
     flat = [i for g in groups for i in g]
-    if (not all(groups) or len(flat) != len(set(flat))
-            or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < n_blocks for i in flat)):
+    valid = all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < n_blocks for i in flat)
+    if not valid or not all(groups) or len(flat) != len(set(flat)):
         raise ValueError(f"{allowed} Got {blocks!r} instead.")
     return [[int(i) for i in g] for g in groups]
 
 
-def _windows(windows: torch.Tensor, batch_size: int, generator: torch.Generator):
-    """Endless batches of ``batch_size`` windows: each pass over the windows in a fresh random order."""
+def _windows(windows: torch.Tensor, batch_size: int, seqlen: int | None, generator: torch.Generator):
+    """Endless batches ``(batch_size, seqlen)``: each pass over the windows in a fresh random order, each
+    window cropped at a random offset to ``seqlen`` tokens (``None``: whole windows)."""
+    length = windows.shape[1]
+    seqlen = seqlen or length
     while True:
         order = torch.randperm(windows.shape[0], generator=generator)
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield windows[order[i : i + batch_size]]
+            starts = torch.randint(length - seqlen + 1, (batch_size,), generator=generator)
+            yield torch.stack([windows[w, s : s + seqlen] for w, s in zip(order[i : i + batch_size], starts)])
 
 
 def _progress(total: int, enabled: bool):

@@ -16,7 +16,18 @@ from spap.leap import _top_k
 from .test_pipeline import CONFIGS
 
 LLAMA_FAMILY = ["llama", "qwen3", "gemma2"]
-FAST = dict(steps=30, lr=0.3, progress=False)  # enough movement (±3 logits, 0.3 per step) to change masks
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and the slow test's timing is for one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+FAST = dict(steps=30, lr=0.3, progress=False)  # enough movement (up to 0.3 per step) to change the masks
 
 
 def _model(name: str = "llama", layers: int = 2):
@@ -126,8 +137,9 @@ def test_groups_of_blocks_train_in_turn_and_untrained_blocks_keep_wanda():
     assert by_size.settings["groups"] == [[0, 1], [2]]
 
 
-def test_kl_to_the_dense_model_and_batches():
-    model, report = spap.leap_prune(_model(), list(_ids().split(4)), 0.5, kl_weight=1.0, batch_size=3, **FAST)
+def test_kl_to_the_dense_model_batches_and_crops():
+    model, report = spap.leap_prune(_model(), list(_ids().split(4)), 0.5, kl_weight=1.0, batch_size=3,
+                                    train_seqlen=9, **FAST)
     assert all(h["kl"] > 0 for h in report.history)
     assert all(h["loss"] == pytest.approx(h["ce"] + h["kl"]) for h in report.history)
     assert "changed vs Wanda" in report.summary()
@@ -137,7 +149,7 @@ def test_expected_density_is_held_near_the_target():
     _, report = spap.leap_prune(_model(), _ids(), 0.5, steps=60, progress=False)
     assert all(abs(h["density"] - 0.5) < 0.05 for h in report.history)
     taus = [h["tau"] for h in report.history]
-    assert taus[0] == 1.0 and taus[-1] == pytest.approx(0.1) and taus == sorted(taus, reverse=True)
+    assert taus[0] == 1.0 and taus[-1] == pytest.approx(0.05) and taus == sorted(taus, reverse=True)
 
 
 def test_top_k_over_several_tensors_breaks_ties_by_index():
@@ -171,6 +183,8 @@ def test_bad_arguments_fail_before_any_work():
         (dict(scope="column"), "'scope'.*'global', 'layer', 'row'"),
         (dict(batch_size=0), "'batch_size'"),
         (dict(batch_size=9), "'batch_size'.*at most"),
+        (dict(train_seqlen=1), "'train_seqlen'"),
+        (dict(train_seqlen=33), "'train_seqlen'.*at most"),
         (dict(init_logit=0.0), "'init_logit'"),
         (dict(temperature=(0.1, 1.0)), "'temperature'"),
         (dict(temperature=(1.0, 0.0)), "'temperature'"),
@@ -205,7 +219,8 @@ def test_a_failed_run_leaves_the_model_as_it_was():
 
 @pytest.mark.slow
 def test_smollm2_a_few_steps_on_the_last_blocks():
-    """SmolLM2-135M, 4 windows of 128 C4 tokens, 3 steps on the last two blocks (about a minute on 1 thread)."""
+    """SmolLM2-135M, 4 windows of 128 C4 tokens, 3 steps on the last two blocks, 1 thread: 45 s on a busy
+    2-core machine, model load included (LEAP 21 s, of which the Wanda start 16 s)."""
     from spap.data import c4_documents, random_windows
 
     model, tok = spap.load_model("smollm2")
