@@ -27,7 +27,7 @@ outputs.  LEAP instead learns every weight's keep/prune decision against the mod
 3. **Project to the exact target.**  The final hard mask keeps the largest logits: over all trained
    linears together (``scope="global"``, as in the paper: each layer's sparsity is learned), per
    linear (``"layer"``) or per output row (``"row"``, Wanda's comparison group); the counts are
-   Wanda's, so the model has exactly Wanda's number of zeros and ``steps=0`` returns Wanda's mask.
+   Wanda's, so exactly Wanda's number of weights is pruned and ``steps=0`` returns Wanda's mask.
    Pruned weights are set to zero; nothing else in the model changes.
 
 Memory.  One float32 logit per trained weight, its gradient, two Adam moments and the sampled mask kept
