@@ -17,9 +17,10 @@ from . import checkpoint, data, eval
 from .adapters import ADAPTERS, get_adapter
 from .ddp import DDPReport, ddp_prune
 from .gisp import GispResult, GispStep, gisp
+from .leap import LeapReport, leap_prune
 from .models import layer_widths, load_model, load_pruned, save_model, save_pruned
 from .pipeline import prune_layerwise
 from .report import PruneReport
 
-__all__ = ["prune_layerwise", "gisp", "GispResult", "GispStep", "ddp_prune", "DDPReport", "load_model", "save_model",
-           "save_pruned", "load_pruned", "layer_widths", "data", "eval", "get_adapter", "ADAPTERS", "PruneReport"]
+__all__ = ["prune_layerwise", "gisp", "GispResult", "GispStep", "ddp_prune", "DDPReport", "leap_prune", "LeapReport",
+           "load_model", "save_model", "save_pruned", "load_pruned", "layer_widths", "data", "eval", "get_adapter", "ADAPTERS", "PruneReport"]
