@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -75,14 +74,6 @@ def run_one(sparsity: float, settings: dict, model_source: str, threads: int) ->
         "widths": widths, "width_min": min(widths), "width_max": max(widths),
         "final_loss": last["loss"], "final_kept_soft": last["kept_mlp"], "final_lambda": last["lambda_mlp"],
     }
-
-
-def run_in_subprocess(payload: dict, timeout: float | None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(payload)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"worker failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def table(cache: dict) -> str:
@@ -147,15 +138,11 @@ def main(argv=None) -> None:
         print(f"{len(todo)} runs to do, {len(cache)} cached in {cache_path}", flush=True)
         for i, (key, sparsity) in enumerate(todo, 1):
             payload = {"sparsity": sparsity, "settings": settings, "model": args.model, "threads": args.threads}
-            t = time.perf_counter()
-            try:
-                row = run_in_subprocess(payload, args.timeout)
-            except (RuntimeError, subprocess.TimeoutExpired) as err:
-                print(f"[{i}/{len(todo)}] {key}: FAILED: {err}", flush=True)
+            done = e2e.run_and_cache(cache_path, key, payload, timeout=args.timeout, threads=args.threads,
+                                     script=__file__, label=f"[{i}/{len(todo)}] {key}")
+            if done is None:
                 continue
-            row.update(wall_s=time.perf_counter() - t, machine=e2e.machine_text(None), threads=args.threads,
-                       date=time.strftime("%Y-%m-%d"))
-            cache = e2e.save_result(cache_path, key, row)
+            cache, row = done
             print(f"[{i}/{len(todo)}] {key}: wiki {row['wikitext_ppl']:.3f}, c4 {row['c4_ppl']:.3f}, "
                   f"{row['wall_s']:.0f} s", flush=True)
     print(table(cache))

@@ -206,12 +206,35 @@ def save_result(path: Path, key: str, row: dict) -> dict:
     return cache
 
 
-def run_in_subprocess(args_json: str, timeout: float | None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", args_json]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=os.getcwd())
+def run_in_subprocess(payload: dict, timeout: float | None, *, script: str | Path | None = None,
+                      stream_stderr: bool = False) -> dict:
+    """Run ``script --worker JSON`` (default: this file) in a fresh process, so each run's peak RSS is its
+    own; the worker's last stdout line is its result row.  ``stream_stderr`` lets the worker's progress
+    bar through instead of keeping its stderr for the error message."""
+    cmd = [sys.executable, str(Path(script or __file__).resolve()), "--worker", json.dumps(payload)]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if stream_stderr else subprocess.PIPE,
+                         text=True, timeout=timeout, cwd=os.getcwd())
     if out.returncode != 0:
-        raise RuntimeError(f"worker failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        detail = "its error is above" if stream_stderr else f"\n{out.stderr[-3000:]}"
+        raise RuntimeError(f"worker failed ({out.returncode}): {detail}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_and_cache(cache_path: Path, key: str, payload: dict, *, timeout: float | None, threads: int | None,
+                  device: str | None = None, script: str | Path | None = None, stream_stderr: bool = False,
+                  label: str | None = None) -> tuple[dict, dict] | None:
+    """One run in its own process, stamped (wall time, machine, threads, date) and saved under ``key``.
+
+    Returns ``(cache, row)``, or None after printing why the run failed (the sweep goes on)."""
+    start = time.perf_counter()
+    try:
+        row = run_in_subprocess(payload, timeout, script=script, stream_stderr=stream_stderr)
+    except (RuntimeError, subprocess.TimeoutExpired) as err:
+        print(f"{label or key}: FAILED: {err}", flush=True)
+        return None
+    row.update(wall_s=time.perf_counter() - start, machine=machine_text(device), threads=threads,
+               date=time.strftime("%Y-%m-%d"))
+    return save_result(cache_path, key, row), row
 
 
 def sweep(args) -> dict:
@@ -232,17 +255,11 @@ def sweep(args) -> dict:
             continue
         payload = {"protocol": args.protocol, "model": args.model, "device": args.device, "threads": args.threads,
                    "job": None if job is None else job.__dict__}
-        t = time.perf_counter()
-        try:
-            row = run_in_subprocess(json.dumps(payload), args.timeout)
-        except (RuntimeError, subprocess.TimeoutExpired) as err:
-            print(f"[{i}/{len(todo)}] {key}: FAILED: {err}", flush=True)
+        done = run_and_cache(cache_path, key, payload, timeout=args.timeout, threads=args.threads,
+                             device=args.device, label=f"[{i}/{len(todo)}] {key}")
+        if done is None:
             continue
-        row["wall_s"] = time.perf_counter() - t
-        row["machine"] = machine_text(args.device)
-        row["threads"] = args.threads
-        row["date"] = time.strftime("%Y-%m-%d")
-        cache = save_result(cache_path, key, row)
+        cache, row = done
         print(f"[{i}/{len(todo)}] {key}: wiki {row['wikitext_ppl']:.3f}, c4 {row['c4_ppl']:.3f}, "
               f"{row['wall_s']:.0f} s", flush=True)
     return cache

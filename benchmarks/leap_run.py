@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,15 +70,6 @@ def run_one(payload: dict) -> dict:
                           max((h["density"] for h in history), default=None)],
         "params": count_parameters(model),
     }
-
-
-def run_in_subprocess(payload: dict, timeout: float | None) -> dict:
-    """One run in a fresh process (its stderr, with the progress bar, passes through)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(payload)]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, cwd=os.getcwd())
-    if out.returncode != 0:
-        raise RuntimeError(f"worker failed ({out.returncode}); its error is above")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def table(cache: dict, protocol: str) -> str:
@@ -141,15 +130,11 @@ def main(argv=None) -> None:
                 continue
             payload = {"protocol": args.protocol, "model": args.model, "threads": args.threads, "sparsity": sparsity,
                        "budget": budget, "progress": args.progress}
-            t = time.perf_counter()
-            try:
-                row = run_in_subprocess(payload, args.timeout)
-            except (RuntimeError, subprocess.TimeoutExpired) as err:
-                print(f"{key}: FAILED: {err}", flush=True)
+            done = e2e.run_and_cache(cache_path, key, payload, timeout=args.timeout, threads=args.threads,
+                                     script=__file__, stream_stderr=True)
+            if done is None:
                 continue
-            row.update(wall_s=time.perf_counter() - t, machine=e2e.machine_text(None), threads=args.threads,
-                       date=time.strftime("%Y-%m-%d"))
-            cache = e2e.save_result(cache_path, key, row)
+            cache, row = done
             print(f"{key}: wiki {row['wikitext_ppl']:.2f}, c4 {row['c4_ppl']:.2f}, {row['wall_s']:.0f} s, "
                   f"peak RSS {row['peak_rss_gib']:.2f} GiB", flush=True)
     print()

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from .adapters import Adapter, LinearView, get_adapter
 from .capture import calibration_batches
 from .pipeline import _keep_kv_groups, _keep_mlp_channels
-from .report import PruneReport, count_parameters, peak_memory
+from .report import PruneReport, count_parameters, peak_memory, peak_memory_text
 
 STRUCTURES = ("mlp", "heads", "mlp+heads")
 ALLOCATIONS = ("global", "uniform")
@@ -91,7 +91,7 @@ class DDPReport(PruneReport):
         lines.append(
             f"parameters {self.params_before:,} -> {self.params_after:,} "
             f"({1 - self.params_after / self.params_before:.1%} fewer); time {self.seconds:.1f} s; "
-            + ", ".join(f"peak {k} {v / 2**30:.2f} GiB" for k, v in self.peak_memory.items())
+            + peak_memory_text(self.peak_memory)
         )
         return "\n".join(lines)
 

@@ -59,7 +59,7 @@ import solvers
 from .adapters import Adapter, LinearView, get_adapter
 from .capture import GramHooks, calibration_batches, capture_block_inputs, run_block
 from .pipeline import _checked
-from .report import peak_memory
+from .report import peak_memory, peak_memory_text
 
 SCOPES = ("global", "layer", "row")
 _GRAM_BATCH = 8  # windows per Gram batch in the Wanda pass: prune_layerwise's default, so the masks agree
@@ -116,7 +116,7 @@ class LeapReport:
             f"sparsity {self.sparsity:.4f}, {self.changed:.2%} of the mask changed vs Wanda; "
             f"{len(self.history)} steps, last loss {last.get('loss', float('nan')):.3f}; time {self.seconds:.1f} s "
             f"(Wanda {self.wanda_seconds:.1f} s); "
-            + ", ".join(f"peak {k} {v / 2**30:.2f} GiB" for k, v in self.peak_memory.items())
+            + peak_memory_text(self.peak_memory)
         )
         return "\n".join(lines)
 

@@ -69,9 +69,14 @@ class PruneReport:
             f"parameters {self.params_before:,} -> {self.params_after:,} "
             f"({1 - self.params_after / self.params_before:.1%} fewer); "
             f"time {self.seconds:.1f} s (solver {self.solver_seconds:.1f} s); "
-            + ", ".join(f"peak {k} {v / 2**30:.2f} GiB" for k, v in self.peak_memory.items())
+            + peak_memory_text(self.peak_memory)
         )
         return "\n".join(lines)
+
+
+def peak_memory_text(peak: dict[str, int]) -> str:
+    """``{"rss": bytes, "cuda": bytes}`` -> ``"peak rss 2.46 GiB, peak cuda ..."`` for summaries."""
+    return ", ".join(f"peak {k} {v / 2**30:.2f} GiB" for k, v in peak.items())
 
 
 def count_parameters(model: nn.Module) -> int:
