@@ -120,14 +120,7 @@ def main(argv=None) -> None:
             row = run_one(payload["sparsity"], payload["settings"], payload["model"], payload["threads"])
         print(json.dumps(row))
         return
-    bad = [s for s in args.sparsities if not 0 < s < 1]
-    if bad:
-        parser.error(f"--sparsities must be in (0, 1); got {bad}")
-    for name in ("steps", "batch_size", "n", "seqlen", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0; got {args.seed}")
+    e2e.check_args(parser, args, at_least={"steps": 1, "batch_size": 1, "n": 1, "seqlen": 1, "threads": 1, "seed": 0})
     cache_path = Path(args.cache)
     cache = e2e.load_cache(cache_path)
     if not args.report:

@@ -342,6 +342,20 @@ def plot(cache: dict, protocol: str, prefix: str) -> list[str]:
     return written
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, *, at_least: dict[str, float]) -> None:
+    """Stop with a usage error, before any work, if a sparsity is outside (0, 1) or an option is too small.
+
+    ``at_least`` maps option names as stored on ``args`` (``batch_size``) to their smallest allowed value.
+    """
+    bad = [s for s in args.sparsities if not 0 < s < 1]
+    if bad:
+        parser.error(f"--sparsities must be in (0, 1); got {bad}")
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low:g}; got {value}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", nargs="+", default=["structured"], choices=["structured", "structured-heads", "unstructured"])
@@ -372,11 +386,7 @@ def main(argv=None) -> None:
             row = run_one(Job(**payload["job"]), payload["protocol"], payload["model"], payload["device"], payload["threads"])
         print(json.dumps(row))
         return
-    bad = [s for s in args.sparsities if not 0 < s < 1]
-    if bad:
-        parser.error(f"--sparsities must be in (0, 1); got {bad}")
-    if args.threads < 1:
-        parser.error("--threads must be at least 1")
+    check_args(parser, args, at_least={"threads": 1})
     if args.methods:
         import solvers
 

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # after the root, so ``solvers`` stays the package
 
-from end_to_end import PROTOCOLS, load_cache, machine_text, save_result  # noqa: E402
+from end_to_end import PROTOCOLS, check_args, load_cache, machine_text, save_result  # noqa: E402
 
 METHODS = ["gisp"]
 
@@ -63,12 +63,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", required=True, help="JSON file of the run and its rows (resumable)")
     parser.add_argument("--report", action="store_true", help="print the table from the cache, run nothing")
     args = parser.parse_args(argv)
-    bad = [s for s in args.sparsities if not 0 < s < 1]
-    if bad:
-        parser.error(f"--sparsities must be in (0, 1); got {bad}")
-    for name in ("n", "seqlen", "steps_per_target", "batch_size", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_args(parser, args, at_least={"n": 1, "seqlen": 1, "steps_per_target": 1, "batch_size": 1, "threads": 1})
     cache_path = Path(args.cache)
     if not args.report:
         run(args, cache_path)

@@ -114,10 +114,9 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(run_one(json.loads(args.worker))))
         return
-    if any(not 0 < s < 1 for s in args.sparsities):
-        parser.error(f"--sparsities must be in (0, 1); got {args.sparsities}")
-    if args.steps < 0 or args.lr <= 0 or args.batch_size < 1 or args.train_seqlen < 2 or args.threads < 1:
-        parser.error("--steps >= 0, --lr > 0, --batch-size >= 1, --train-seqlen >= 2 and --threads >= 1")
+    e2e.check_args(parser, args, at_least={"steps": 0, "batch_size": 1, "train_seqlen": 2, "threads": 1})
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0; got {args.lr}")
     cache_path = Path(args.cache)
     cache = e2e.load_cache(cache_path)
     if not args.report:

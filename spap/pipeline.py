@@ -280,37 +280,41 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden, block_k
                 view.set_weight(sol.weight)
                 records.append(LayerRecord.from_solution(index, name, sol, p))
     if "mlp" in targets:
-        acc = grams["mlp_out"]
         out = LinearView(adapter.mlp_out(block))
-        p = solvers.LayerProblem(out.weight, acc.H, solvers.channels(out.d_in), sparsity=float(sparsity), damp=damp,
-                                 bias=out.bias, input_mean=acc.mean, n_samples=acc.n_samples)
-        sol = solvers.solve(p, method, **options)
-        out.set_weight(sol.weight)
-        if sol.bias is not None and out.bias is not None:
-            out.bias.copy_(sol.bias.to(out.bias.dtype))
-        idx = torch.nonzero(sol.keep).flatten()
+        idx, record = _solve_groups(out, grams["mlp_out"], solvers.channels(out.d_in), index, "mlp", method, options,
+                                    damp=damp, sparsity=float(sparsity))
         kept["mlp"] = idx.cpu()
         _keep_mlp_channels(adapter, block, idx)
-        records.append(LayerRecord.from_solution(index, "mlp", sol, p))
+        records.append(record)
     if "heads" in targets:
-        acc = grams["o"]
         o = LinearView(adapter.attention_out(block))
         group_cols = adapter.head_dim * (adapter.n_heads // adapter.n_kv_heads)
-        p = solvers.LayerProblem(o.weight, acc.H, solvers.heads(o.d_in, group_cols), n_prune=n_kv_prune, damp=damp,
-                                 bias=o.bias, input_mean=acc.mean, n_samples=acc.n_samples)
-        sol = solvers.solve(p, method, **options)
-        o.set_weight(sol.weight)
-        if sol.bias is not None and o.bias is not None:
-            o.bias.copy_(sol.bias.to(o.bias.dtype))
-        kv = torch.nonzero(sol.keep).flatten()
+        kv, record = _solve_groups(o, grams["o"], solvers.heads(o.d_in, group_cols), index, "heads", method, options,
+                                   damp=damp, n_prune=n_kv_prune)
         kept["heads"] = kv.cpu()
         _keep_kv_groups(adapter, block, kv)
-        records.append(LayerRecord.from_solution(index, "heads", sol, p))
+        records.append(record)
     return records, kept, mlp_inputs
 
 
 class _StopBlock(Exception):
     """Ends a first pass at the MLP's output linear once its input is recorded."""
+
+
+def _solve_groups(view: LinearView, acc, structure: solvers.Structure, index: int, name: str, method: str,
+                  options: dict, **target) -> tuple[torch.Tensor, LayerRecord]:
+    """Solve one output projection's column-group problem and write its weight and bias back.
+
+    Returns the indices of the kept groups (on the weight's device) and the layer's record; the caller
+    shrinks the block to those groups.
+    """
+    p = solvers.LayerProblem(view.weight, acc.H, structure, bias=view.bias, input_mean=acc.mean,
+                             n_samples=acc.n_samples, **target)
+    sol = solvers.solve(p, method, **options)
+    view.set_weight(sol.weight)
+    if sol.bias is not None and view.bias is not None:
+        view.bias.copy_(sol.bias.to(view.bias.dtype))
+    return torch.nonzero(sol.keep).flatten(), LayerRecord.from_solution(index, name, sol, p)
 
 
 def _keep_mlp_channels(adapter: Adapter, block: nn.Module, idx: torch.Tensor) -> None:
