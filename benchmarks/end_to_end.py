@@ -277,8 +277,20 @@ def machine_text(device: str | None) -> str:
 # Tables and plots
 
 
+def layerwise_rows(cache: dict, protocol: str, structure: str) -> list[dict]:
+    """The cached runs of ``prune_layerwise`` methods for one structure.
+
+    The cache file is shared with ``ddp_run.py`` and ``leap_run.py``, whose rows (other columns, a
+    model-level method) are reported by those scripts and left out here.
+    """
+    import solvers
+
+    known = set(solvers.available_methods())
+    return [r for k, r in cache.items() if k.startswith(f"{protocol}|{structure}|") and base_method(r["method"]) in known]
+
+
 def table(cache: dict, protocol: str, structure: str) -> str:
-    rows = [r for k, r in cache.items() if k.startswith(f"{protocol}|{structure}|")]
+    rows = layerwise_rows(cache, protocol, structure)
     if not rows:
         return ""
     dense = cache.get(f"{protocol}|dense")
@@ -312,7 +324,7 @@ def plot(cache: dict, protocol: str, prefix: str) -> list[str]:
 
     written = []
     for structure in ("mlp", "mlp+heads"):
-        rows = [r for k, r in cache.items() if k.startswith(f"{protocol}|{structure}|") and not is_variant(r["method"])]
+        rows = [r for r in layerwise_rows(cache, protocol, structure) if not is_variant(r["method"])]
         if not rows:
             continue
         dense = cache.get(f"{protocol}|dense")

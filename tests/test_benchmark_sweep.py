@@ -61,3 +61,21 @@ def test_unknown_method_is_refused_before_any_run(e2e, capsys, method):
     with pytest.raises(SystemExit):
         e2e.main(["--methods", method, "--report"])
     assert "--methods" in capsys.readouterr().err
+
+
+def test_report_leaves_out_the_rows_of_the_model_level_scripts(e2e, tmp_path, capsys):
+    row = {"wikitext_ppl": 40.0, "c4_ppl": 45.0, "prune_s": 10.0, "solver_s": 5.0, "threads": 1,
+           "peak_rss_gib": 2.0, "params": 100, "sum_rel_err": 1.5}
+    cache = {
+        "quick|dense": {"wikitext_ppl": 20.0, "c4_ppl": 25.0, "params": 120},
+        "quick|unstructured|spap|0.5": {**row, "method": "spap", "sparsity": 0.5},
+        # as written by leap_run.py and ddp_run.py: no solver time or layer error
+        "quick|unstructured|leap@steps=200|0.5": {"method": "leap", "sparsity": 0.5, "wikitext_ppl": 39.0, "c4_ppl": 44.0},
+        "quick|mlp|ddp|0.2": {"method": "ddp", "sparsity": 0.2, "wikitext_ppl": 41.0, "c4_ppl": 46.0},
+    }
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps(cache))
+    e2e.main(["--report", "--cache", str(path)])
+    out = capsys.readouterr().out
+    assert "| 50% | spap | 40.00 |" in out
+    assert "leap" not in out and "ddp" not in out
