@@ -17,6 +17,9 @@ once, under ``quick|dense``, as in ``end_to_end.py``.
 
     python benchmarks/ddp_run.py --sparsities 0.2 0.3 0.5 --cache ddp.json
     python benchmarks/ddp_run.py --sparsities 0.3 --steps 20 --cache /tmp/ddp-try.json   # a short try
+    python benchmarks/ddp_run.py --sparsities 0.3 --n 512 --teacher online --cache ddp.json
+                        # 512 x 128 = 65,536 distinct tokens, the layer-wise methods' count; the cached
+                        # teacher would need 12 GiB, so each step recomputes it with the gates off
     python benchmarks/ddp_run.py --report --cache ddp.json
 """
 
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import end_to_end as e2e  # noqa: E402  (the quick protocol, the dense row, the locked cache file)
 
-DEFAULTS = {"steps": 200, "batch_size": 4, "n": 32, "seqlen": 128, "allocation": "global", "seed": 0}
+DEFAULTS = {"steps": 200, "batch_size": 4, "n": 32, "seqlen": 128, "allocation": "global", "seed": 0, "teacher": "cache"}
 PROTOCOL = "quick"
 
 
@@ -56,7 +59,7 @@ def run_one(sparsity: float, settings: dict, model_source: str, threads: int) ->
     calib = calibration_set("c4", tok, n=settings["n"], seqlen=settings["seqlen"], seed=0)
     model, report = spap.ddp_prune(model, calib, sparsity, structure="mlp", steps=settings["steps"],
                                    batch_size=settings["batch_size"], allocation=settings["allocation"],
-                                   seed=settings["seed"], progress=False)
+                                   seed=settings["seed"], teacher=settings["teacher"], progress=False)
     evaluate = dict(seqlen=p["eval_seqlen"], max_windows=p["eval_windows"])
     t = time.perf_counter()
     wiki = perplexity(model, tok, wikitext_rows(), **evaluate)
@@ -104,6 +107,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seqlen", type=int, default=DEFAULTS["seqlen"], help="tokens per calibration window")
     parser.add_argument("--allocation", default=DEFAULTS["allocation"], choices=["global", "uniform"])
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="order of the windows")
+    parser.add_argument("--teacher", default=DEFAULTS["teacher"], choices=["cache", "online"],
+                        help="dense log-probabilities cached once (default) or recomputed every step (no memory "
+                             "limit on the number of windows; one more forward pass per step)")
     parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, or a Hugging Face directory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default="ddp_run.json", help="JSON file of finished runs (resumable)")

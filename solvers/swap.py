@@ -6,12 +6,20 @@ lowers it: the result is a 1-swap local optimum.  Every swap is evaluated *exact
 the state is updated by rank-``d`` corrections (``d`` = group size), so one swap costs
 ``O(n²d + m n d)`` instead of the ``O(n³)`` of a refit.  Derivation in ``docs/method.md`` §4.
 
-State, for kept columns ``K`` (always including the columns of no group) and pruned groups ``P``:
+State, for kept columns ``K`` (always including the columns of no group) and pruned groups ``P``,
+with ``Kinv = (H_KK)⁻¹`` embedded in zeros (never formed: see below):
 
-- ``Kinv``  (n, n): ``(H_KK)⁻¹`` embedded in zeros,
 - ``W_hat`` (m, n): the exact refit for ``K``; ``GP`` (m, |P|d): the pruned columns of its gradient
   ``G = (W_hat − W) H`` (which is zero on ``K``),
-- ``U``  (|P|d, n): ``H[P, :] Kinv``,  ``A`` (|P|d, n): ``G[:, P]ᵀ W_hat``.
+- ``U``  (|P|d, n): ``H[P, :] Kinv``,  ``A`` (|P|d, n): ``G[:, P]ᵀ W_hat``,
+- ``HinvP`` (|P|d, n): ``H⁻¹[P, :]``, rows in the same slot order as ``U``.
+
+By the block inverse, ``H_PK (H_KK)⁻¹ = −(H⁻¹_PP)⁻¹ H⁻¹_PK``, so ``U_K = −(H⁻¹_PP)⁻¹ H⁻¹_PK`` and
+``Kinv_{:,K} = H⁻¹_{:,K} − H⁻¹_{:,P} (H⁻¹_PP)⁻¹ H⁻¹_PK = H⁻¹_{:,K} + HinvPᵀ U_{:,K}`` (zero on ``P``).  The
+swap search reads ``Kinv`` only as a few columns per swap and the diagonal blocks of the kept groups per
+table, so both are formed from ``HinvP`` and ``U`` in ``O(|P| d n)``, instead of keeping the ``n×n``
+``Kinv`` up to date with a rank update per swap (the largest matrix of the state; dropping it cut the
+swap search's time on SmolLM2 down_proj layers, ``docs/performance.md``).
 
 With ``S_p = H_pp − U_p H[:, p]`` (Schur complement), ``X = S_p⁻¹ U_pq``::
 
@@ -25,9 +33,12 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from ._linalg import cholesky, spd_inverse
+from ._linalg import cholesky, inverse_from_cholesky, spd_inverse
 
-_REFRESH_EVERY = 32
+# Swaps between two rebuilds of the state from H⁻¹.  The rank updates drift little: on SmolLM2 down_proj
+# layers the tracked error after 29-75 swaps with no rebuild matched the exact refit error to 8e-16
+# (relative), so a rebuild, which costs about as much as 20 swaps, is only a bound for long searches.
+_REFRESH_EVERY = 128
 
 
 class _ColumnState:
@@ -41,19 +52,16 @@ class _ColumnState:
     def reset(self, keep_groups: torch.Tensor) -> None:
         """Build the state for a partition from ``H⁻¹`` alone (all products, no ``n×n`` factorization).
 
-        With ``B = (H⁻¹_PP)⁻¹`` and ``T = B H⁻¹_{P,:}``: ``Kinv = H⁻¹ − H⁻¹_{:,P} T`` (the inverse of
-        ``H_KK``, zero on ``P``), ``U = H_{P,:} Kinv = −T`` off ``P``, ``Ŵ = W − W_P T`` (OBS) and
-        ``G_P = (Ŵ − W) H_{:,P} = −W_P B``.
+        With ``B = (H⁻¹_PP)⁻¹`` and ``T = B H⁻¹_{P,:}``: ``U = H_{P,:} Kinv = −T`` off ``P``,
+        ``Ŵ = W − W_P T`` (OBS) and ``G_P = (Ŵ − W) H_{:,P} = −W_P B``.
         """
         W, Hinv = self.W, self.Hinv
         self.keep_groups = keep_groups.clone()
         self.pruned = torch.nonzero(~keep_groups).flatten()  # group ids; slot i holds pruned[i]
         Pc = self.pcols()
-        B = spd_inverse(Hinv[Pc][:, Pc], what="the pruned block of the inverse Gram matrix")
-        T = B @ Hinv[Pc]  # (|P|d, n)
-        self.Kinv = Hinv - Hinv[:, Pc] @ T
-        self.Kinv[Pc, :] = 0
-        self.Kinv[:, Pc] = 0
+        self.HinvP = Hinv[Pc]  # (|P|d, n), a copy: rows are replaced as groups are swapped
+        B = spd_inverse(self.HinvP[:, Pc], what="the pruned block of the inverse Gram matrix")
+        T = B @ self.HinvP  # (|P|d, n)
         self.U = -T
         self.U[:, Pc] = 0
         self.W_hat = W - W[:, Pc] @ T
@@ -64,6 +72,20 @@ class _ColumnState:
 
     def pcols(self) -> torch.Tensor:
         return self.groups[self.pruned].flatten()
+
+    def kinv_columns(self, cols: torch.Tensor) -> torch.Tensor:
+        """``Kinv[:, cols]`` for kept columns ``cols``, shape ``(n, len(cols))``: ``H⁻¹_{:,c} + HinvPᵀ U_{:,c}``."""
+        out = self.Hinv[:, cols] + self.HinvP.T @ self.U[:, cols]
+        out[self.pcols()] = 0  # exact in theory; removes round-off
+        return out
+
+    def kinv_blocks(self, Kidx: torch.Tensor) -> torch.Tensor:
+        """The diagonal blocks ``Kinv[Kidx[j], Kidx[j]]`` of kept groups ``Kidx`` (r, d), shape ``(r, d, d)``."""
+        if Kidx.shape[1] == 1:
+            c = Kidx[:, 0]
+            return (self.Hinv[c, c] + (self.HinvP[:, c] * self.U[:, c]).sum(0))[:, None, None]
+        return (self.Hinv[Kidx[:, :, None], Kidx[:, None, :]]
+                + torch.einsum("pra,prb->rab", self.HinvP[:, Kidx], self.U[:, Kidx]))
 
     def error(self) -> float:
         """``½ tr((Ŵ−W) H (Ŵ−W)ᵀ)`` recomputed from scratch (tests; ``O(m n²)``)."""
@@ -78,7 +100,8 @@ class _ColumnState:
         ``slots`` index ``pruned`` (default: all); ``kept`` are kept group ids (default: all).
         """
         H, d = self.H, self.d
-        if slots is None:
+        every_slot = slots is None
+        if every_slot:
             slots = torch.arange(self.pruned.numel(), device=self.pruned.device)
         if kept is None:
             kept = torch.nonzero(self.keep_groups).flatten()
@@ -86,18 +109,20 @@ class _ColumnState:
         Pidx = self.groups[self.pruned[slots]]  # (k, d)
         Kidx = self.groups[kept]  # (r, d)
         rows = (slots[:, None] * d + torch.arange(d, device=slots.device)).flatten()  # rows of U, A; cols of GP
-        U, A, GP = self.U[rows], self.A[rows], self.GP[:, rows]
+        # The whole table reads the state in place; gathering it would copy U and A (|P|d×n each).
+        U, A, GP = (self.U, self.A, self.GP) if every_slot else (self.U[rows], self.A[rows], self.GP[:, rows])
         if d == 1:
             # Channels: every block is a scalar; plain reductions (einsum takes a slow path here).
             P, K = Pidx[:, 0], Kidx[:, 0]
             s = H[P, P] - (U * H[P]).sum(1)
             gg = GP.square().sum(0)
             ww = self.W_hat[:, K].square().sum(0)
+            kdiag = self.kinv_blocks(Kidx)[:, 0, 0]
             if self.numba:  # one fused pass instead of ~10 table-sized temporaries
-                return kernels.channel_swap_table(self.U, self.A, rows, K, s, gg, ww, self.Kinv[K, K])
+                return kernels.channel_swap_table(self.U, self.A, rows, K, s, gg, ww, kdiag)
             u, a = U[:, K], A[:, K]
             X = u / s[:, None]
-            kq = self.Kinv[K, K][None, :] + u * X
+            kq = kdiag[None, :] + u * X
             num = ww[None, :] + 2 * a * X + X * X * gg[:, None]
             return 0.5 * (num / kq) - 0.5 * (gg / s)[:, None]
         Ub = U.reshape(k, d, -1)
@@ -108,7 +133,7 @@ class _ColumnState:
         GG = torch.einsum("mka,mkb->kab", Gp, Gp)
         Wq = self.W_hat[:, Kidx]  # (m, r, d)
         WW = torch.einsum("mra,mrb->rab", Wq, Wq)
-        Kqq = self.Kinv[Kidx[:, :, None], Kidx[:, None, :]]  # (r, d, d)
+        Kqq = self.kinv_blocks(Kidx)  # (r, d, d)
         U4 = Ub[:, :, Kidx].permute(0, 2, 1, 3)  # (k, r, d, d)
         A4 = Ab[:, :, Kidx].permute(0, 2, 1, 3)
         Sinv = spd_inverse(S, what="a Schur complement in the swap search")
@@ -149,9 +174,10 @@ class _ColumnState:
         Two exact steps, each a rank-``d`` update of the state: restoring ``p`` (a Newton step in the
         Schur complement ``S_p = H_pp − U_p H_{:,p}``) with ``Z₁ = [−U_pᵀ; I at p]``, ``M₁ = S_p⁻¹``, then
         pruning ``q`` (the OBS step) with ``Z₂ = Kinv'_{:,q}``, ``M₂ = −(Kinv'_qq)⁻¹``, where ``'`` marks the
-        state after the first step.  Every update has the form ``Kinv += Z M Zᵀ``, ``Ŵ += c Zᵀ``,
-        ``G += c (H Z)ᵀ`` (with ``(H Z)_P`` in closed form: ``H Z`` vanishes on the kept rows) and the
-        matching rows of ``U`` and ``A``.  The few columns of the intermediate state that the second step
+        state after the first step.  Every update has the form ``Kinv += Z M Zᵀ`` (in theory: ``Kinv`` is
+        not stored, and ``Kinv_{:,q}`` is formed from ``HinvP`` and ``U``), ``Ŵ += c Zᵀ``, ``G += c (H Z)ᵀ``
+        (with ``(H Z)_P`` in closed form: ``H Z`` vanishes on the kept rows) and the matching rows of ``U``
+        and ``A``; the slot's row of ``HinvP`` becomes ``H⁻¹_{q,:}``.  The few columns of the intermediate state that the second step
         reads are formed from the first step's factors, so each large matrix is updated once, by a
         rank-``2d`` product: the updates are memory-bound, and this halves their traffic (measured on a
         SmolLM2 down_proj: ``docs/performance.md``).
@@ -169,8 +195,9 @@ class _ColumnState:
         c1 = -self.GP[:, slot] @ M1  # (m, d)
         # Step 2 factors from the state after step 1, read through step 1's factors.
         Z1q = Z1[qc]  # (d, d)
-        Zq = self.Kinv[:, qc] + Z1 @ (M1 @ Z1q.T)  # Kinv'_{:,q}, (n, d)
-        Kqq_inv = spd_inverse(self.Kinv[qc][:, qc] + Z1q @ M1 @ Z1q.T, what="a kept block in the swap search")
+        Kq = self.kinv_columns(qc)  # Kinv_{:,q} before the swap, (n, d)
+        Zq = Kq + Z1 @ (M1 @ Z1q.T)  # Kinv'_{:,q}, (n, d)
+        Kqq_inv = spd_inverse(Kq[qc] + Z1q @ M1 @ Z1q.T, what="a kept block in the swap search")
         Uq1 = self.U[:, qc] + HZ1 @ (M1 @ Z1q.T)  # U'_{:,q} = (H Z₂)_P, (|P|d, d)
         c2 = -(self.W_hat[:, qc] + c1 @ Z1q.T) @ Kqq_inv  # −Ŵ'_q (Kinv'_qq)⁻¹, (m, d)
         # Products with Ŵ and G before any change; step 2's are corrected for step 1.
@@ -181,13 +208,13 @@ class _ColumnState:
         self.A.addmm_(torch.cat([Gc1 + HZ1 @ (c1.T @ c1), HZ1, Gc2 + Uq1 @ (c2.T @ c2), Uq1], dim=1),
                       torch.cat([ZT[:d], cW1, ZT[d:], cW2], dim=0))
         self.U.addmm_(torch.cat([HZ1 @ M1, -Uq1 @ Kqq_inv], dim=1), ZT)
-        self.Kinv.addmm_(torch.cat([Z1 @ M1, -Zq @ Kqq_inv], dim=1), ZT)
         self.W_hat.addmm_(torch.cat([c1, c2], dim=1), ZT)
         self.GP.addmm_(torch.cat([c1, c2], dim=1), torch.cat([HZ1, Uq1], dim=1).T)
         self.W_hat[:, qc] = 0  # exact in theory; removes round-off
         self.keep_groups[p] = True
         self.keep_groups[q] = False
         self.pruned[pos] = q
+        self.HinvP[slot] = self.Hinv[qc]
         self.GP[:, slot] = c2  # G_q = c₂ (H Kinv')_{q,q} = c₂
         # U_q = H_{q,:} Kinv'' without touching Kinv'': H_{q,:} Kinv' = E_q, so
         # U_q = E_q − (Kinv'_qq)⁻¹ Kinv'_{q,:}, which vanishes on q's columns.
@@ -241,7 +268,7 @@ def swap_search(
     if bool(keep_groups.all()) or not bool(keep_groups.any()):
         return keep_groups.clone(), {"swaps": 0, "local_optimum": True, "errors": []}
     if Hinv is None:
-        Hinv = torch.cholesky_inverse(cholesky(H, what="the Gram matrix", hint="raise 'damp'"))
+        Hinv = inverse_from_cholesky(cholesky(H, what="the Gram matrix", hint="raise 'damp'"))
     state = _ColumnState(H, W, groups, keep_groups, Hinv, kernel)
     err = state.reset_error
     errors = [err]
