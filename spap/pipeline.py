@@ -180,6 +180,7 @@ def prune_layerwise(
             ckpt.start(checkpoint_dir, settings)
     bar = _progress(range(first, len(blocks)), progress, first, len(blocks))
     for i in bar:
+        block_start = time.perf_counter()
         block = blocks[i]
         block.to(device)
         tail = adapter.mlp_tail(block) if (_mlp_tail and targets == {"mlp"} and propagate == "pruned") else None
@@ -200,6 +201,9 @@ def prune_layerwise(
                         out = run_block(block, h, kwargs[i][b], device)
                     hidden[b] = _checked(out, f"output of block {i}").to(offload)
         block.to(offload if device.type == "cuda" else device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        report.block_seconds.append(time.perf_counter() - block_start)
         if checkpoint_dir is not None:
             ckpt.save_block(checkpoint_dir, i, block, kept, hidden, kwargs, report.layers)
         if _stop_after_blocks is not None and i + 1 - first >= _stop_after_blocks and i + 1 < len(blocks):

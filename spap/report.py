@@ -33,7 +33,9 @@ class LayerRecord:
 
 @dataclass
 class PruneReport:
-    """Returned by :func:`spap.prune_layerwise`.  ``seconds`` is wall time of the whole run; memory in bytes."""
+    """Returned by :func:`spap.prune_layerwise`.  ``seconds`` is wall time of the whole run and
+    ``block_seconds`` of each block pruned by this call (capture, solves, shrinking and propagation);
+    memory in bytes."""
 
     settings: dict[str, Any]
     params_before: int
@@ -41,6 +43,7 @@ class PruneReport:
     seconds: float = 0.0
     peak_memory: dict[str, int] = field(default_factory=dict)
     layers: list[LayerRecord] = field(default_factory=list)
+    block_seconds: list[float] = field(default_factory=list)
 
     @property
     def solver_seconds(self) -> float:

@@ -142,6 +142,7 @@ def test_resume_after_interruption_gives_the_identical_result(structure, tmp_pat
                                            resume=True, progress=False)
     assert [r.block for r in report.layers] == sorted(r.block for r in report.layers)
     assert {r.block for r in report.layers} == {0, 1, 2, 3}
+    assert len(report.block_seconds) == 2 and all(s > 0 for s in report.block_seconds)  # blocks 2 and 3 only
     ref_state = reference.state_dict()
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, ref_state[k]), k

@@ -1,0 +1,46 @@
+"""``benchmarks/dry_run.py`` on its tiny shape: it prunes every block, reports each one, and checks its
+arguments before building anything."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dry_run():
+    spec = importlib.util.spec_from_file_location("dry_run", ROOT / "benchmarks" / "dry_run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dry_run"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_dry_run_prunes_every_block_and_reports_it(dry_run, tmp_path, capsys):
+    out = tmp_path / "figures.json"
+    result = dry_run.main(["--shape", "tiny", "--device", "cpu", "--n", "4", "--seqlen", "32", "--threads", "1",
+                           "--quiet", "--json", str(out)])
+    shape = dry_run.SHAPES["tiny"]
+    assert len(result["block_s"]) == shape["num_hidden_layers"] and all(s > 0 for s in result["block_s"])
+    # 30% of 128 channels pruned in each of 2 blocks: 38 channels x (3 linears x 64) weights per block.
+    assert result["params_before"] - result["params_after"] == 2 * 38 * 3 * shape["hidden_size"]
+    assert result["peak_device_gib"] is None and result["peak_host_gib"] > 0
+    assert json.loads(out.read_text())["total_s"] == result["total_s"]
+    assert "per block: mean" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nope"], "--method must be one of"),
+    (["--structure", "rows"], "--structure must be"),
+    (["--n", "0"], "--n must be at least 1"),
+    (["--sparsity", "1.0"], "--sparsity must be in"),
+])
+def test_bad_arguments_stop_before_the_model_is_built(dry_run, argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(dry_run, "build", lambda *a, **k: pytest.fail("built the model"))
+    with pytest.raises(SystemExit):
+        dry_run.main(["--shape", "tiny", "--device", "cpu", *argv])
+    assert message in capsys.readouterr().err
