@@ -47,3 +47,14 @@ def test_inverse_from_cholesky_on_each_device(device):
     inv = _linalg.inverse_from_cholesky(_linalg.cholesky(H))
     assert inv.device.type == device
     torch.testing.assert_close(H @ inv, torch.eye(H.shape[0], dtype=H.dtype, device=device), rtol=0, atol=1e-7)
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 40), block=st.integers(1, 17), seed=st.integers(0, 1000))
+def test_symmetrize_in_place_equals_the_mean_with_the_transpose(n, block, seed):
+    A = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    expected = 0.5 * (A + A.T)
+    out = _linalg.symmetrize_(A, block=block)
+    assert out.data_ptr() == A.data_ptr()
+    assert torch.equal(A, A.T)
+    torch.testing.assert_close(A, expected, rtol=0, atol=1e-15)
