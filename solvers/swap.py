@@ -36,8 +36,8 @@ from . import kernels
 from ._linalg import cholesky, inverse_from_cholesky, spd_inverse
 
 # Swaps between two rebuilds of the state from H⁻¹.  The rank updates drift little: on SmolLM2 down_proj
-# layers the tracked error after 29-75 swaps with no rebuild matched the exact refit error to 8e-16
-# (relative), so a rebuild, which costs about as much as 20 swaps, is only a bound for long searches.
+# layers the tracked error after 29-74 swaps with no rebuild matched the exact refit error to 2.2e-16
+# (relative; docs/performance.md), so a rebuild, which costs about as much as 20 swaps, is only a bound for long searches.
 _REFRESH_EVERY = 128
 
 
