@@ -50,8 +50,8 @@ def warm_up(data, layer: int, sparsity: float, damp: float) -> float:
     return solvers.solve(p, "spap").stats["seconds"]
 
 
-def run(layers, sparsity: float, spap_options: dict, damp: float = 0.01) -> list[dict]:
-    data = load()
+def run(layers, sparsity: float, spap_options: dict, damp: float = 0.01, data: dict | None = None) -> list[dict]:
+    data = data if data is not None else load()
     rows = []
     for layer in layers:
         p = problem(data, layer, "mlp.down_proj", solvers.channels, sparsity=sparsity, damp=damp)
@@ -91,10 +91,10 @@ def summary(rows: list[dict]) -> None:
           f"vs wanda+refit {statistics.mean(1 - r['spap'][0] / r['wanda+refit'][0] for r in rows):.1%}")
 
 
-def grid(layers, sparsity: float, names: list[str] | None = None) -> None:
+def grid(layers, sparsity: float, names: list[str] | None = None, data: dict | None = None) -> None:
     """Each setting of ``GRID`` (or those named) on every layer: mean error and objective against the
     first setting, solver seconds (``H⁻¹`` is computed before each solve, so only the solver is timed)."""
-    data = load()
+    data = data if data is not None else load()
     names = names or list(GRID)
     print(f"{'setting':<36}{'mean rel.err':>14}{'objective vs first':>20}{'layers worse':>14}{'swaps':>7}"
           f"{'W-steps':>9}{'mean s':>9}{'max s':>8}")
@@ -117,9 +117,9 @@ def grid(layers, sparsity: float, names: list[str] | None = None) -> None:
               f"{statistics.mean(secs):>9.3f}{max(secs):>8.3f}", flush=True)
 
 
-def row_steps(blocks: list[int], linears: list[str]) -> None:
+def row_steps(blocks: list[int], linears: list[str], data: dict | None = None) -> None:
     """SPAP's ``steps`` on unstructured 50% and 2:4 problems (no swap search there): 5 against 10."""
-    data = load()
+    data = data if data is not None else load()
     print(f"{'block':>5} {'linear':<18}{'structure':<16}{'steps=5':>10}{'steps=10':>10}{'5 vs 10':>9}")
     for block in blocks:
         for linear in linears:
@@ -161,20 +161,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", help="write error per layer to this image file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    layers = args.layers if args.layers is not None else list(range(n_layers(load())))
+    data = load()  # the captured Gram matrices, loaded once for whichever experiment runs
+    layers = args.layers if args.layers is not None else list(range(n_layers(data)))
     if args.row_steps:
-        row_steps(layers, args.row_steps)
+        row_steps(layers, args.row_steps, data)
         return
     if args.grid:
         print(f"SPAP settings on SmolLM2-135M down_proj, {args.sparsity:.0%} channels, torch threads {torch.get_num_threads()}")
-        grid(layers, args.sparsity, args.settings)
+        grid(layers, args.sparsity, args.settings, data)
         return
     print(f"SmolLM2-135M down_proj (576x1536), {args.sparsity:.0%} channels, damp {args.damp:g}, "
           f"torch threads {torch.get_num_threads()}")
-    first = warm_up(load(), layers[0], args.sparsity, args.damp)
+    first = warm_up(data, layers[0], args.sparsity, args.damp)
     print(f"warm-up: one untimed SPAP solve of layer {layers[0]} first ({first:.3f} s, compilation cache and thread pools)")
     print(_header())
-    rows = run(layers, args.sparsity, {}, args.damp)
+    rows = run(layers, args.sparsity, {}, args.damp, data)
     summary(rows)
     if args.plot:
         plot(rows, args.plot)

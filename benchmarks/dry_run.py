@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import resource
 import statistics
 import sys
 import time
@@ -71,10 +69,6 @@ def build(shape: str, blocks: int | None, seed: int = 0):
     return model.eval(), config
 
 
-def host_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
 def run(args) -> dict:
     import spap
 
@@ -94,18 +88,17 @@ def run(args) -> dict:
     total_s = time.perf_counter() - t
     per_target = {}
     for r in report.layers:
-        per_target.setdefault(r.target, []).append(r.seconds)
+        per_target.setdefault(r.target, []).append(r)
     return {
         "shape": args.shape, "config": shape,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} threads",
         "method": args.method, "structure": args.structure, "sparsity": args.sparsity,
         "calibration": f"{args.n} x {args.seqlen} random token ids, batch {args.batch_size}",
         "build_s": build_s, "total_s": total_s, "block_s": report.block_seconds,
-        "solver_s_per_target": {k: sum(v) for k, v in per_target.items()},
-        "mean_rel_err_per_target": {k: statistics.mean(r.relative_error for r in report.layers if r.target == k)
-                                    for k in per_target},
+        "solver_s_per_target": {k: sum(r.seconds for r in rs) for k, rs in per_target.items()},
+        "mean_rel_err_per_target": {k: statistics.mean(r.relative_error for r in rs) for k, rs in per_target.items()},
         "peak_device_gib": report.peak_memory.get("cuda", 0) / 2**30 if device.type == "cuda" else None,
-        "peak_host_gib": host_peak_bytes() / 2**30,
+        "peak_host_gib": report.peak_memory["rss"] / 2**30,
         "params_before": report.params_before, "params_after": report.params_after,
         "torch": torch.__version__,
     }
@@ -148,11 +141,18 @@ def main(argv: list[str] | None = None) -> dict:
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1. Got {value}.")
     import solvers
+    from spap.pipeline import _parse_structure  # prune_layerwise's own check, as the command line uses it
 
     if args.method not in solvers.available_methods():
         parser.error(f"--method must be one of {', '.join(solvers.available_methods())}. Got {args.method!r}.")
-    if args.structure not in ("mlp", "heads", "mlp+heads", "unstructured") and not re.fullmatch(r"\d+:\d+", args.structure):
-        parser.error(f"--structure must be mlp, heads, mlp+heads, unstructured or N:M. Got {args.structure!r}.")
+    try:
+        _, row_structure = _parse_structure(args.structure)
+    except ValueError as e:
+        parser.error(f"--structure must be mlp, heads, mlp+heads, unstructured or N:M: {e}")
+    try:  # the probe prune_layerwise checks the method against, before the 8B model is built
+        solvers.check_method(args.method, {}, row_structure if row_structure is not None else solvers.channels(1))
+    except ValueError as e:
+        parser.error(f"--method {args.method} cannot prune --structure {args.structure}: {e}")
     if not 0 <= args.sparsity < 1:
         parser.error(f"--sparsity must be in [0, 1). Got {args.sparsity}.")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():

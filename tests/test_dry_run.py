@@ -36,6 +36,8 @@ def test_tiny_dry_run_prunes_every_block_and_reports_it(dry_run, tmp_path, capsy
 @pytest.mark.parametrize("argv, message", [
     (["--method", "nope"], "--method must be one of"),
     (["--structure", "rows"], "--structure must be"),
+    (["--structure", "4:2"], "--structure must be"),
+    (["--method", "sparsegpt"], "cannot prune --structure mlp"),
     (["--n", "0"], "--n must be at least 1"),
     (["--sparsity", "1.0"], "--sparsity must be in"),
 ])
