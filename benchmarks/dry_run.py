@@ -141,12 +141,12 @@ def main(argv: list[str] | None = None) -> dict:
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1. Got {value}.")
     import solvers
-    from spap.pipeline import _parse_structure  # prune_layerwise's own check, as the command line uses it
+    from spap.units import PruneStructure  # prune_layerwise's own parser, as the command line uses it
 
     if args.method not in solvers.available_methods():
         parser.error(f"--method must be one of {', '.join(solvers.available_methods())}. Got {args.method!r}.")
     try:
-        _, row_structure = _parse_structure(args.structure)
+        row_structure = PruneStructure.parse(args.structure).rows
     except ValueError as e:
         parser.error(f"--structure must be mlp, heads, mlp+heads, unstructured or N:M: {e}")
     try:  # the probe prune_layerwise checks the method against, before the 8B model is built

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ._validation import Interval, InvalidArgumentError, NoneOr, Options
+from .validation import Interval, InvalidArgumentError, NoneOr, Options
 from .masks import group_scores, keep_largest, project
 from .problem import LayerProblem
 from .refit import refit

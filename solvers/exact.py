@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ._validation import Interval, Options
+from .validation import Interval, Options
 from .problem import LayerProblem
 from .refit import refit
 from .registry import register

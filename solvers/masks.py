@@ -7,6 +7,9 @@ deterministic.
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 
 from .problem import LayerProblem
@@ -19,6 +22,81 @@ def keep_largest(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     keep = torch.zeros_like(scores, dtype=torch.bool)
     keep[order[:n_keep]] = True
     return keep
+
+
+def keep_largest_per_row(scores: torch.Tensor, n_keep: torch.Tensor | int, *, ties: str = "first") -> torch.Tensor:
+    """Boolean mask of the ``n_keep[i]`` largest entries of each row ``i`` of ``scores``.
+
+    Parameters
+    ----------
+    scores : Tensor of shape ``(rows, n)``
+    n_keep : int, or LongTensor of shape ``(rows,)``
+    ties : {"first", "last"}, default "first"
+        Among equal scores, keep the lower column index first (``"first"``) or the higher (``"last"``).
+    """
+    if ties == "last":
+        return keep_largest_per_row(scores.flip(1), n_keep).flip(1)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    if isinstance(n_keep, torch.Tensor):
+        return rank < n_keep.to(scores.device)[:, None]
+    return rank < n_keep
+
+
+def keep_largest_overall(scores: torch.Tensor, n_keep: int, *, min_per_row: int = 0) -> torch.Tensor:
+    """Boolean mask of the ``n_keep`` largest entries of ``scores`` ``(rows, n)`` overall, the
+    ``min_per_row`` largest of every row among them (ties: lower flat index first)."""
+    keep = keep_largest_per_row(scores, min_per_row) if min_per_row else torch.zeros_like(scores, dtype=torch.bool)
+    rest = scores.masked_fill(keep, -math.inf).flatten()
+    order = torch.sort(rest, descending=True, stable=True).indices[: n_keep - int(keep.sum())]
+    keep.view(-1)[order] = True
+    return keep
+
+
+def keep_largest_across(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Masks of the ``k`` largest entries over all float32 ``tensors`` together (ties: lower index first,
+    tensors in order).
+
+    The ``k``-th largest value is found by bisection over the float32 values in their order (at most 33
+    counting passes), so no tensor is concatenated or sorted: the memory is one boolean per entry.
+    """
+    def count_above(key: int) -> int:
+        t = torch.tensor(_from_key(key), dtype=torch.float32)
+        return sum(int((x > t.to(x.device)).sum()) for x in tensors)
+
+    if k == 0:
+        return [torch.zeros_like(x, dtype=torch.bool) for x in tensors]
+    lo = _to_key(min(float(x.min()) for x in tensors)) - 1  # count_above(lo) = n >= k
+    hi = _to_key(max(float(x.max()) for x in tensors))  # count_above(hi) = 0 < k
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count_above(mid) >= k:
+            lo = mid
+        else:
+            hi = mid
+    threshold = _from_key(hi)  # the k-th largest value: more than it < k <= at least it
+    need = k - count_above(hi)
+    masks = []
+    for x in tensors:
+        keep = x > threshold
+        if need > 0:
+            ties = torch.nonzero((x == threshold).flatten()).flatten()[:need]
+            keep.view(-1)[ties] = True
+            need -= ties.numel()
+        masks.append(keep)
+    return masks
+
+
+def _to_key(value: float) -> int:
+    """An int that orders float32 values as their values do (−0.0 and +0.0 get neighbouring keys)."""
+    bits = struct.unpack("<i", struct.pack("<f", value))[0]
+    return bits if bits >= 0 else -(bits & 0x7FFFFFFF) - 1
+
+
+def _from_key(key: int) -> float:
+    bits = key if key >= 0 else (-(key + 1)) | -0x80000000
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
 def group_scores(problem: LayerProblem, column_scores: torch.Tensor) -> torch.Tensor:
@@ -62,8 +140,7 @@ def project(problem: LayerProblem, scores: torch.Tensor, *, per_row: bool = Fals
         return keep.reshape(d_out, d_in)
     assert isinstance(s, Unstructured)
     if per_row:
-        counts = row_prune_counts(problem)
-        ranks = torch.argsort(torch.argsort(scores, dim=1, stable=True), dim=1, stable=True)
-        return ranks >= counts[:, None]
+        # Prune the ``counts[i]`` smallest of row i; among equal scores the lower index goes first.
+        return keep_largest_per_row(scores, scores.shape[1] - row_prune_counts(problem), ties="last")
     flat = keep_largest(scores.flatten(), problem.n_units - problem.n_pruned_target)
     return flat.reshape(scores.shape)

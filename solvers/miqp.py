@@ -19,14 +19,16 @@ is SCIP (``pip install pyscipopt``, the ``exact`` extra) or HiGHS; cvxpy is impo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ._validation import InvalidArgumentError
-from .problem import LayerProblem
+from .validation import InvalidArgumentError
 from .structure import NM, ColumnGroups
+
+if TYPE_CHECKING:  # only for annotations: LayerProblem.to_cvxpy imports this module
+    from .problem import LayerProblem
 
 
 @dataclass

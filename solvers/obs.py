@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ._linalg import cholesky
-from ._validation import Interval
+from .validation import Interval
 from .problem import LayerProblem
 from .registry import register
 from .structure import ColumnGroups

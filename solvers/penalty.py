@@ -34,7 +34,7 @@ import torch
 
 from . import kernels
 from ._linalg import cholesky
-from ._validation import Boolean, Interval, NoneOr, Options
+from .validation import Boolean, Interval, NoneOr, Options
 from .masks import group_scores, keep_largest, project
 from .problem import LayerProblem
 from .refit import refit_rows

@@ -19,7 +19,6 @@ With ``damp=0`` the two coincide.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional
@@ -27,8 +26,8 @@ from typing import Optional
 import torch
 
 from ._linalg import cholesky, inverse_from_cholesky
-from ._validation import Interval, InvalidArgumentError, NoneOr, check
-from .structure import NM, ColumnGroups, Structure, Unstructured
+from .validation import Interval, InvalidArgumentError, NoneOr, check
+from .structure import NM, ColumnGroups, Structure, Unstructured, prune_count
 
 _CALLER = "LayerProblem"
 
@@ -250,7 +249,7 @@ class LayerProblem:
             return self.weight.numel() // self.structure.m * (self.structure.m - self.structure.n)
         if self.n_prune is not None:
             return self.n_prune
-        return int(math.floor(self.sparsity * self.n_units + 0.5))
+        return prune_count(self.sparsity, self.n_units)
 
     # --- matrices (float64, cached) ---------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._validation import InvalidArgumentError, check_options
+from .validation import InvalidArgumentError, check_options
 from .problem import LayerProblem
 from .solution import Solution
 from .structure import NM, ColumnGroups, Unstructured

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import Boolean, InvalidArgumentError
+from .validation import Boolean, InvalidArgumentError
 from .masks import group_scores, project
 from .problem import LayerProblem
 from .refit import refit

@@ -21,7 +21,7 @@ import torch
 
 from . import kernels
 from ._linalg import cholesky
-from ._validation import Boolean, Interval, Options
+from .validation import Boolean, Interval, Options
 from .masks import keep_largest
 from .problem import LayerProblem
 from .refit import refit_rows

@@ -8,12 +8,13 @@ of ``o_proj``), which is what makes the layer physically smaller.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
 
-from ._validation import InvalidArgumentError
+from .validation import InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,15 @@ def parse_structure(spec: str, d_in: int, *, head_dim: int | None = None) -> Str
         f"The 'structure' argument must be one of 'channels', 'heads', 'unstructured' or 'N:M' such as '2:4'. "
         f"Got {spec!r} instead."
     )
+
+
+def prune_count(sparsity: float, n: int) -> int:
+    """How many of ``n`` units a fraction ``sparsity`` prunes: ``⌊sparsity·n + ½⌋`` (halves round up).
+
+    The one rounding rule of the package: layer problems, the pipeline's key-value groups and the
+    global methods' per-block counts all use it, so a sparsity means the same count everywhere.
+    """
+    return int(math.floor(sparsity * n + 0.5))
 
 
 def _positive(name: str, value: int, caller: str) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import InvalidArgumentError, Options, check
+from .validation import InvalidArgumentError, Options, check
 from .problem import LayerProblem
 from .structure import Structure, channels
 

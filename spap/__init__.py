@@ -13,14 +13,12 @@ Global, iterative (GISP), non-uniform widths; differentiable gates (DDP):
 >>> model, report = spap.ddp_prune(model, calib[:16, :128], sparsity=0.3)         # doctest: +SKIP
 """
 
-from . import checkpoint, data, eval
+from . import checkpoint, data, eval, units
 from .adapters import ADAPTERS, get_adapter
-from .ddp import DDPReport, ddp_prune
-from .gisp import GispResult, GispStep, gisp
-from .leap import LeapReport, leap_prune
+from .global_methods import DDPReport, GispResult, GispStep, LeapReport, ddp_prune, gisp, leap_prune
 from .models import layer_widths, load_model, load_pruned, save_model, save_pruned
 from .pipeline import prune_layerwise
 from .report import PruneReport
 
 __all__ = ["prune_layerwise", "gisp", "GispResult", "GispStep", "ddp_prune", "DDPReport", "leap_prune", "LeapReport",
-           "load_model", "save_model", "save_pruned", "load_pruned", "layer_widths", "data", "eval", "get_adapter", "ADAPTERS", "PruneReport"]
+           "load_model", "save_model", "save_pruned", "load_pruned", "layer_widths", "data", "eval", "get_adapter", "ADAPTERS", "PruneReport", "units"]

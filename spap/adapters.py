@@ -17,13 +17,18 @@ import torch
 from torch import nn
 
 
+def is_transposed(module: nn.Module) -> bool:
+    """Whether ``module`` stores its weight as ``(d_in, d_out)``: transformers' ``Conv1D`` (GPT-2)."""
+    return type(module).__name__ == "Conv1D"
+
+
 class LinearView:
     """A linear layer as ``y = x Wᵀ + b`` with ``W`` of shape ``(d_out, d_in)``, for ``nn.Linear`` or
     transformers' ``Conv1D`` (weight stored as ``(d_in, d_out)``)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.transposed = type(module).__name__ == "Conv1D"
+        self.transposed = is_transposed(module)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -42,6 +47,10 @@ class LinearView:
     @property
     def d_out(self) -> int:
         return self.weight.shape[0]
+
+    def as_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor stored like the weight (e.g. its gradient) seen as ``(d_out, d_in)``."""
+        return t.T if self.transposed else t
 
     def set_weight(self, W: torch.Tensor) -> None:
         """Replace the weight (same shape), keeping dtype and device."""
@@ -160,6 +169,16 @@ class Adapter:
     def head_dim(self) -> int:
         return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.n_heads
 
+    @property
+    def kv_group_size(self) -> int:
+        """Query heads that share one key-value head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def kv_group_columns(self) -> int:
+        """Columns of the attention output linear that one key-value group's query heads own."""
+        return self.head_dim * self.kv_group_size
+
     def set_heads(self, n_heads: int, n_kv_heads: int) -> None:
         head_dim = self.head_dim
         self.config.head_dim = head_dim  # no longer hidden_size // num_attention_heads
@@ -176,7 +195,7 @@ class Adapter:
             if hasattr(attn, name):
                 setattr(attn, name, value)
         if hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = n_heads // n_kv_heads
+            attn.num_key_value_groups = self.kv_group_size  # pruning whole groups keeps the group size
 
 
 class LlamaFamily(Adapter):

@@ -16,6 +16,8 @@ from torch import nn
 
 import solvers
 
+from .adapters import LinearView
+
 
 class _Stop(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
@@ -60,15 +62,16 @@ def calibration_batches(calib: Any, tokenizer=None, *, batch_size: int = 8) -> l
     )
 
 
-def _to(x: Any, device: torch.device | str) -> Any:
+def to_device(x: Any, device: torch.device | str) -> Any:
+    """``x`` with every tensor inside it (tuples, lists, dicts) moved to ``device``."""
     if isinstance(x, torch.Tensor):
         return x.to(device)
     if isinstance(x, tuple):
-        return tuple(_to(v, device) for v in x)
+        return tuple(to_device(v, device) for v in x)
     if isinstance(x, list):
-        return [_to(v, device) for v in x]
+        return [to_device(v, device) for v in x]
     if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
+        return {k: to_device(v, device) for k, v in x.items()}
     return x
 
 
@@ -113,13 +116,13 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
     if any(len(kw) != len(batches) for kw in per_block):
         raise RuntimeError("Not every decoder block was called once per calibration batch; the model's forward "
                            "does not run its blocks in order, which the pipeline needs.")
-    return hidden, _share_equal(per_block)
+    return hidden, share_equal(per_block)
 
 
 _CACHE_ARGS = ("past_key_value", "past_key_values", "use_cache")
 
 
-def _share_equal(per_block: list[list[dict]]) -> list[list[dict]]:
+def share_equal(per_block: list[list[dict]]) -> list[list[dict]]:
     """Replace equal keyword values by one shared object (masks and rotary tables are equal across
     equal-shaped batches and across most blocks), so that 30 blocks × 8 batches do not hold 240 copies
     of a 4-D attention mask."""
@@ -161,7 +164,7 @@ class GramHooks:
         self.accumulators: dict[str, solvers.GramAccumulator] = {}
         self._handles = []
         for name, module in modules.items():
-            d_in = module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.in_features
+            d_in = LinearView(module).d_in
             acc = self.accumulators[name] = solvers.GramAccumulator(d_in, device=device, product_dtype=product_dtype)
             self._handles.append(module.register_forward_pre_hook(lambda m, args, acc=acc: acc.add_batch(args[0])))
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .capture import _share_equal, _to
+from .capture import share_equal, to_device
 from .report import LayerRecord
+from .units import keep as keep_units
 
 
 class Interrupted(RuntimeError):
@@ -48,8 +49,6 @@ def save_block(directory: str, index: int, block, kept: dict, hidden, kwargs, re
 
 def load(directory: str, settings: dict, adapter, device: torch.device):
     """Restore finished blocks into the model; return ``(next_block, hidden, kwargs, records)``."""
-    from .pipeline import apply_kept
-
     d = Path(directory)
     if not (d / "settings.json").is_file() or not (d / "state.pt").is_file():
         raise FileNotFoundError(f"No checkpoint to resume in {d}; run without resume=True first.")
@@ -60,8 +59,8 @@ def load(directory: str, settings: dict, adapter, device: torch.device):
     blocks = adapter.blocks()
     for i in range(state["next_block"]):
         saved_block = torch.load(d / f"block_{i}.pt", weights_only=False)
-        apply_kept(adapter, blocks[i], saved_block["kept"])
+        keep_units(adapter, blocks[i], saved_block["kept"])
         blocks[i].load_state_dict(saved_block["state_dict"])
-    kwargs = _share_equal(_to(state["kwargs"], device))
+    kwargs = share_equal(to_device(state["kwargs"], device))
     return state["next_block"], state["hidden"], kwargs, [LayerRecord(**r) for r in state["records"]]
 

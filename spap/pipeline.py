@@ -15,9 +15,8 @@ Peak memory is one block, its Gram matrices and the calibration activations (kep
 
 from __future__ import annotations
 
-import os
-import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,32 +25,56 @@ from torch import nn
 import solvers
 
 from . import checkpoint as ckpt
+from . import units as U
 from .adapters import Adapter, LinearView, get_adapter
 from .capture import GramHooks, calibration_batches, capture_block_inputs, run_block
+from .checks import Boolean, Interval, InvalidArgumentError, NoneOr, Options, PathLike, check_table, device as _device_arg, finite
 from .report import LayerRecord, PruneReport, count_parameters, peak_memory
+from .units import PruneStructure
 
-STRUCTURES = ("mlp", "heads", "mlp+heads", "unstructured", "N:M")
-_NM = re.compile(r"^(\d+):(\d+)$")
+_CONSTRAINTS = {
+    "sparsity": Interval(float, 0, 1, closed="left"),
+    "damp": Interval(float, 0, None, closed="left"),
+    "gram_dtype": Options((torch.float32, torch.float64)),
+    "propagate": Options(("pruned", "dense")),
+    "batch_size": Interval(int, 1, None),
+    "checkpoint_dir": NoneOr(PathLike()),
+    "resume": Boolean(),
+    "progress": Boolean(),
+}
 
 
-def _parse_structure(structure: str) -> tuple[set[str], solvers.Structure | None]:
-    """``(targets, row_structure)``: targets among {"mlp", "heads"}; or the unstructured/N:M structure."""
-    if not isinstance(structure, str):
-        raise ValueError(f"The 'structure' argument must be one of {', '.join(STRUCTURES)} (e.g. '2:4'). Got {structure!r}.")
-    if structure in ("mlp", "heads", "mlp+heads"):
-        return set(structure.split("+")), None
-    if structure == "unstructured":
-        return set(), solvers.Unstructured()
-    m = _NM.match(structure)
-    if m:
-        n, mm = int(m.group(1)), int(m.group(2))
-        if not 0 < n < mm:
-            raise ValueError(f"The 'structure' argument {structure!r} must be N:M with 0 < N < M (N kept of every M).")
-        return set(), solvers.NM(n, mm)
-    raise ValueError(
-        f"The 'structure' argument must be one of 'mlp', 'heads', 'mlp+heads', 'unstructured' or 'N:M' such as "
-        f"'2:4'. Got {structure!r} instead."
-    )
+@dataclass(frozen=True)
+class BlockSettings:
+    """What pruning one block needs, fixed for the whole run (built once by :func:`prune_layerwise`).
+
+    ``n_kv_prune`` is the count of key-value groups each block loses (0 unless heads are pruned);
+    ``mlp_tail`` lets the pipeline skip the second pass of an MLP-only prune (see :func:`_prune_block`).
+    """
+
+    structure: PruneStructure
+    sparsity: float
+    n_kv_prune: int
+    method: str
+    method_options: dict
+    damp: float
+    gram_dtype: torch.dtype
+    propagate: str
+    device: torch.device
+    mlp_tail: bool = True
+
+
+@dataclass
+class _TestHooks:
+    """Switches for the tests only (monkeypatch ``spap.pipeline._HOOKS``): stop after that many blocks
+    with :class:`spap.checkpoint.Interrupted` (to test resume); turn the MLP shortcut off (to test it
+    against full second passes)."""
+
+    stop_after_blocks: int | None = None
+    mlp_tail: bool = True
+
+
+_HOOKS = _TestHooks()
 
 
 def prune_layerwise(
@@ -72,9 +95,7 @@ def prune_layerwise(
     checkpoint_dir: str | None = None,
     resume: bool = False,
     progress: bool = True,
-    _stop_after_blocks: int | None = None,
-    _mlp_tail: bool = True,
-):
+) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` in place, block by block, and return ``(model, report)``.
 
     Parameters
@@ -117,9 +138,6 @@ def prune_layerwise(
         uninterrupted run with the same arguments.
     progress : bool, default True
         Show a progress bar over blocks.
-    _stop_after_blocks, _mlp_tail
-        Testing hooks: raise :class:`spap.checkpoint.Interrupted` after that many blocks (to test
-        ``resume``); switch the MLP shortcut off (to test it against full second passes).
 
     Returns
     -------
@@ -130,38 +148,28 @@ def prune_layerwise(
     """
     # --- validate everything before any model work ----------------------------------------------
     adapter = get_adapter(model)
-    targets, row_structure = _parse_structure(structure)
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise ValueError(f"The 'sparsity' argument must be a float in [0, 1). Got {sparsity!r} instead.")
+    parsed = PruneStructure.parse(structure)
+    check_table("prune_layerwise", _CONSTRAINTS, locals())
     method_options = dict(method_options or {})
-    probe = row_structure if row_structure is not None else solvers.channels(1)
-    solvers.check_method(method, method_options, probe)
-    if isinstance(row_structure, solvers.NM):
+    solvers.check_method(method, method_options, parsed.rows if parsed.rows is not None else solvers.channels(1))
+    if isinstance(parsed.rows, solvers.NM):
         widths = {LinearView(m).d_in for g in adapter.linear_groups(adapter.blocks()[0]) for m in g.values()}
-        if any(w % row_structure.m for w in widths):
-            raise ValueError(f"The 'structure' argument {structure!r} needs every linear's input width to be a "
-                             f"multiple of {row_structure.m}; this model's widths are {sorted(widths)}.")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
-        raise ValueError(f"The 'damp' argument must be a float >= 0. Got {damp!r} instead.")
-    if gram_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"The 'gram_dtype' argument must be torch.float32 or torch.float64. Got {gram_dtype!r}.")
-    if propagate not in ("pruned", "dense"):
-        raise ValueError(f"The 'propagate' argument must be 'pruned' or 'dense'. Got {propagate!r} instead.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"The 'batch_size' argument must be a positive int. Got {batch_size!r} instead.")
-    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
-        raise ValueError(f"The 'checkpoint_dir' argument must be a path or None. Got {checkpoint_dir!r} instead.")
+        if any(w % parsed.rows.m for w in widths):
+            raise InvalidArgumentError(f"The 'structure' argument {structure!r} needs every linear's input width to be "
+                                       f"a multiple of {parsed.rows.m}; this model's widths are {sorted(widths)}.")
     if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs the 'checkpoint_dir' argument.")
-    device = _device("device", device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    offload = _device("offload", offload)
-    n_kv_prune = round(sparsity * adapter.n_kv_heads) if "heads" in targets else 0
-    if "heads" in targets and n_kv_prune >= adapter.n_kv_heads:
-        raise ValueError(f"sparsity={sparsity} would prune all {adapter.n_kv_heads} key-value groups.")
+        raise InvalidArgumentError("resume=True needs the 'checkpoint_dir' argument.")
+    device = _device_arg("device", device or ("cuda" if torch.cuda.is_available() else "cpu"), "prune_layerwise")
+    offload = _device_arg("offload", offload, "prune_layerwise")
+    n_kv_prune = U.prune_count(sparsity, adapter.n_kv_heads) if "heads" in parsed.units else 0
+    if "heads" in parsed.units and n_kv_prune >= adapter.n_kv_heads:
+        raise InvalidArgumentError(f"sparsity={sparsity} would prune all {adapter.n_kv_heads} key-value groups.")
     batches = calibration_batches(calib, tokenizer, batch_size=batch_size)
     settings = {"sparsity": sparsity, "method": method, "structure": structure, "method_options": method_options,
                 "damp": damp, "gram_dtype": str(gram_dtype), "propagate": propagate, "n_batches": len(batches),
                 "calib_tokens": sum(b.numel() for b in batches), "model_type": model.config.model_type}
+    block_settings = BlockSettings(parsed, float(sparsity), n_kv_prune, method, method_options, damp, gram_dtype,
+                                   propagate, device, mlp_tail=_HOOKS.mlp_tail)
 
     # --- run --------------------------------------------------------------------------------------
     report = PruneReport(settings=settings, params_before=count_parameters(model))
@@ -183,10 +191,7 @@ def prune_layerwise(
         block_start = time.perf_counter()
         block = blocks[i]
         block.to(device)
-        tail = adapter.mlp_tail(block) if (_mlp_tail and targets == {"mlp"} and propagate == "pruned") else None
-        records, kept, mlp_inputs = _prune_block(adapter, block, i, hidden, kwargs[i], device, targets, row_structure,
-                                                 sparsity, n_kv_prune, method, method_options, damp, propagate,
-                                                 gram_dtype, tail)
+        records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], block_settings)
         report.layers.extend(records)
         if propagate == "pruned":
             with torch.no_grad():
@@ -199,20 +204,17 @@ def prune_layerwise(
                         out = tail[1](h.to(device), adapter.mlp_out(block)(x))
                     else:
                         out = run_block(block, h, kwargs[i][b], device)
-                    hidden[b] = _checked(out, f"output of block {i}").to(offload)
+                    hidden[b] = finite(out, f"output of block {i}").to(offload)
         block.to(offload if device.type == "cuda" else device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         report.block_seconds.append(time.perf_counter() - block_start)
         if checkpoint_dir is not None:
             ckpt.save_block(checkpoint_dir, i, block, kept, hidden, kwargs, report.layers)
-        if _stop_after_blocks is not None and i + 1 - first >= _stop_after_blocks and i + 1 < len(blocks):
+        stop = _HOOKS.stop_after_blocks
+        if stop is not None and i + 1 - first >= stop and i + 1 < len(blocks):
             raise ckpt.Interrupted(f"stopped after block {i} (test hook)")
-    if "mlp" in targets:
-        adapter.set_intermediate_size(LinearView(adapter.mlp_out(blocks[0])).d_in)
-    if "heads" in targets and adapter.shrink_heads:
-        group = adapter.n_heads // adapter.n_kv_heads
-        adapter.set_heads(adapter.n_heads - n_kv_prune * group, adapter.n_kv_heads - n_kv_prune)
+    U.set_widths(adapter, {name: width for name, width in U.widths(adapter).items() if name in parsed.units})
     model.train(was_training)
     report.params_after = count_parameters(model)
     report.seconds = time.perf_counter() - start
@@ -220,26 +222,31 @@ def prune_layerwise(
     return model, report
 
 
-def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden, block_kwargs, device, targets,
-                 row_structure, sparsity, n_kv_prune, method, options, damp, propagate, gram_dtype, tail=None):
+def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[torch.Tensor], block_kwargs: list[dict],
+                 settings: BlockSettings):
     """Capture the block's Gram matrices, solve its problems and write the results into it.
 
-    With ``tail`` (MLP pruning, pruned propagation) the first pass stops at the MLP's output linear,
-    replaces ``hidden[b]`` by the residual entering the MLP and returns the inputs of the output linear
-    (``mlp_inputs``, one ``(batch, seq, width)`` tensor per batch), from which the caller computes the
-    pruned block's output without running the block again.  This trades memory (the MLP width instead of
-    the hidden size per token) for a second pass; the equality with a full second pass is tested.
-    Returns ``(records, kept, mlp_inputs)``.
+    For an MLP-only prune with pruned propagation (and a family with :meth:`Adapter.mlp_tail`) the first
+    pass stops at the MLP's output linear, replaces ``hidden[b]`` by the residual entering the MLP and
+    returns the inputs of the output linear (``mlp_inputs``, one ``(batch, seq, width)`` tensor per
+    batch), from which the caller computes the pruned block's output without running the block again.
+    This trades memory (the MLP width instead of the hidden size per token) for a second pass; the
+    equality with a full second pass is tested.  Returns ``(records, kept, mlp_inputs, tail)``, ``tail``
+    the adapter's ``(entry, finish)`` pair when the shortcut was taken, else None.
     """
+    s = settings
+    device = s.device
+    tail = None
+    if s.mlp_tail and s.structure.units == ("mlp",) and s.propagate == "pruned":
+        tail = adapter.mlp_tail(block)
+    kinds = U.kinds(adapter, s.structure.units)
     groups = adapter.linear_groups(block)
     wanted: dict[str, nn.Module] = {}
-    if row_structure is not None:
+    if s.structure.rows is not None:
         wanted = {next(iter(g)): next(iter(g.values())) for g in groups}
-    if "mlp" in targets:
-        wanted["mlp_out"] = adapter.mlp_out(block)
-    if "heads" in targets:
-        wanted["o"] = adapter.attention_out(block)
-    hooks = GramHooks(wanted, device, gram_dtype)
+    for name, kind in kinds.items():
+        wanted[name] = kind.output_linear(block)
+    hooks = GramHooks(wanted, device, s.gram_dtype)
     extra = []
     residuals: list[torch.Tensor] = []
     mlp_inputs: list[torch.Tensor | None] = []
@@ -249,7 +256,7 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden, block_k
             raise _StopBlock
 
         extra.append(tail[0].register_forward_pre_hook(lambda m, args: residuals.append(args[0].detach())))
-        extra.append(wanted["mlp_out"].register_forward_pre_hook(stop_at_mlp_out))
+        extra.append(wanted["mlp"].register_forward_pre_hook(stop_at_mlp_out))
     dense_out = []
     try:
         with torch.no_grad():
@@ -259,54 +266,47 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden, block_k
                 except _StopBlock:
                     hidden[b] = residuals.pop().to(h.device)
                     continue
-                if propagate == "dense":
-                    dense_out.append(_checked(out, f"output of block {index}").to(h.device))
+                if s.propagate == "dense":
+                    dense_out.append(finite(out, f"output of block {index}").to(h.device))
     finally:
         hooks.remove()
         for handle in extra:
             handle.remove()
-    if propagate == "dense":
+    if s.propagate == "dense":
         hidden[:] = dense_out
     records, kept = [], {}
     grams = hooks.accumulators
     for key, acc in grams.items():
         if not torch.isfinite(acc.H).all():
             raise FloatingPointError(f"NaN or Inf in the calibration inputs of block {index} ({key}).")
-    if row_structure is not None:
+    if s.structure.rows is not None:
+        target = {} if isinstance(s.structure.rows, solvers.NM) else {"sparsity": s.sparsity}
         for g in groups:
             acc = grams[next(iter(g))]
             for name, module in g.items():
                 view = LinearView(module)
-                target = {} if isinstance(row_structure, solvers.NM) else {"sparsity": float(sparsity)}
-                p = solvers.LayerProblem(view.weight, acc.H, row_structure, damp=damp, input_mean=acc.mean,
+                p = solvers.LayerProblem(view.weight, acc.H, s.structure.rows, damp=s.damp, input_mean=acc.mean,
                                          n_samples=acc.n_samples, **target)
-                sol = solvers.solve(p, method, **options)
+                sol = solvers.solve(p, s.method, **s.method_options)
                 view.set_weight(sol.weight)
                 records.append(LayerRecord.from_solution(index, name, sol, p))
-    if "mlp" in targets:
-        out = LinearView(adapter.mlp_out(block))
-        idx, record = _solve_groups(out, grams["mlp_out"], solvers.channels(out.d_in), index, "mlp", method, options,
-                                    damp=damp, sparsity=float(sparsity))
-        kept["mlp"] = idx.cpu()
-        _keep_mlp_channels(adapter, block, idx)
+    for name, kind in kinds.items():
+        # MLP channels by fraction, KV groups by count: the count rounds the same (units.prune_count)
+        target = {"sparsity": s.sparsity} if name == "mlp" else {"n_prune": s.n_kv_prune}
+        idx, record = _solve_groups(LinearView(kind.output_linear(block)), grams[name], kind.column_groups(block),
+                                    index, name, s, damp=s.damp, **target)
+        kept[name] = idx.cpu()
+        kind.keep(block, idx)
         records.append(record)
-    if "heads" in targets:
-        o = LinearView(adapter.attention_out(block))
-        group_cols = adapter.head_dim * (adapter.n_heads // adapter.n_kv_heads)
-        kv, record = _solve_groups(o, grams["o"], solvers.heads(o.d_in, group_cols), index, "heads", method, options,
-                                   damp=damp, n_prune=n_kv_prune)
-        kept["heads"] = kv.cpu()
-        _keep_kv_groups(adapter, block, kv)
-        records.append(record)
-    return records, kept, mlp_inputs
+    return records, kept, mlp_inputs, tail
 
 
 class _StopBlock(Exception):
     """Ends a first pass at the MLP's output linear once its input is recorded."""
 
 
-def _solve_groups(view: LinearView, acc, structure: solvers.Structure, index: int, name: str, method: str,
-                  options: dict, **target) -> tuple[torch.Tensor, LayerRecord]:
+def _solve_groups(view: LinearView, acc, structure: solvers.Structure, index: int, name: str, settings: BlockSettings,
+                  **target) -> tuple[torch.Tensor, LayerRecord]:
     """Solve one output projection's column-group problem and write its weight and bias back.
 
     Returns the indices of the kept groups (on the weight's device) and the layer's record; the caller
@@ -314,73 +314,11 @@ def _solve_groups(view: LinearView, acc, structure: solvers.Structure, index: in
     """
     p = solvers.LayerProblem(view.weight, acc.H, structure, bias=view.bias, input_mean=acc.mean,
                              n_samples=acc.n_samples, **target)
-    sol = solvers.solve(p, method, **options)
+    sol = solvers.solve(p, settings.method, **settings.method_options)
     view.set_weight(sol.weight)
     if sol.bias is not None and view.bias is not None:
         view.bias.copy_(sol.bias.to(view.bias.dtype))
     return torch.nonzero(sol.keep).flatten(), LayerRecord.from_solution(index, name, sol, p)
-
-
-def _keep_mlp_channels(adapter: Adapter, block: nn.Module, idx: torch.Tensor) -> None:
-    for module in adapter.mlp_in(block):
-        LinearView(module).keep_outputs(idx.to(module.weight.device))
-    out = adapter.mlp_out(block)
-    LinearView(out).keep_inputs(idx.to(out.weight.device))
-
-
-def _keep_kv_groups(adapter: Adapter, block: nn.Module, kv: torch.Tensor) -> None:
-    """Keep the key-value groups ``kv`` (each: one KV head and its query heads): remove the others'
-    q/k/v rows and o columns, or zero them where the family cannot shrink heads (``shrink_heads``)."""
-    hd, group = adapter.head_dim, adapter.n_heads // adapter.n_kv_heads
-    q_rows = (kv[:, None] * group * hd + torch.arange(group * hd, device=kv.device)).flatten()
-    kv_rows = (kv[:, None] * hd + torch.arange(hd, device=kv.device)).flatten()
-    out = LinearView(adapter.attention_out(block))
-    if adapter.shrink_heads:
-        for module, offset, kind in adapter.qkv_rows(block):
-            if offset:
-                raise NotImplementedError("Shrinking heads of a fused q/k/v linear; set shrink_heads = False.")
-            LinearView(module).keep_outputs((q_rows if kind == "q" else kv_rows).to(module.weight.device))
-        out.keep_inputs(q_rows.to(out.weight.device))
-        return
-    for module, offset, kind in adapter.qkv_rows(block):
-        view, rows = LinearView(module), q_rows if kind == "q" else kv_rows
-        width = adapter.n_heads * hd if kind == "q" else adapter.n_kv_heads * hd
-        drop = offset + _complement(rows, width).to(module.weight.device)
-        view.weight[drop] = 0  # a view of the stored weight (transposed for Conv1D): writes through
-        if view.bias is not None:
-            view.bias[drop] = 0
-    out.weight[:, _complement(q_rows, adapter.n_heads * hd).to(out.weight.device)] = 0
-
-
-def _complement(idx: torch.Tensor, n: int) -> torch.Tensor:
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[idx.cpu()] = False
-    return torch.nonzero(mask).flatten()
-
-
-def apply_kept(adapter: Adapter, block: nn.Module, kept: dict[str, torch.Tensor]) -> None:
-    """Re-apply recorded channel/group selections to a dense block (resume)."""
-    if "mlp" in kept:
-        _keep_mlp_channels(adapter, block, kept["mlp"])
-    if "heads" in kept:
-        _keep_kv_groups(adapter, block, kept["heads"])
-
-
-def _device(name: str, value) -> torch.device:
-    """``value`` as a usable torch.device, or a ValueError naming the argument."""
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"The {name!r} argument must be a torch device such as 'cpu' or 'cuda'. Got {value!r}.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"The {name!r} argument is {device}, but torch sees no CUDA device.")
-    return device
-
-
-def _checked(x: torch.Tensor, what: str) -> torch.Tensor:
-    if not torch.isfinite(x).all():
-        raise FloatingPointError(f"NaN or Inf in the {what}.")
-    return x
 
 
 class _outside_blocks_on:

@@ -93,12 +93,11 @@ def test_prune_resumes_from_the_partial_checkpoint(tiny_model_dir, tmp_path, mon
 
     argv = ["--calib", str(tiny_model_dir / "calib.txt"), "--n", "4", "--seqlen", "32", "--sparsity", "0.25"]
     main(["prune", str(tiny_model_dir / "model"), "--out", str(tmp_path / "reference"), *argv])
-    real = pipeline.prune_layerwise
-    monkeypatch.setattr(pipeline, "prune_layerwise", lambda *a, **k: real(*a, **k, _stop_after_blocks=1))
+    monkeypatch.setattr(pipeline, "_HOOKS", pipeline._TestHooks(stop_after_blocks=1))
     with pytest.raises(spap.checkpoint.Interrupted):
         main(["prune", str(tiny_model_dir / "model"), "--out", str(tmp_path / "resumed"), *argv])
     assert (tmp_path / "resumed.partial").is_dir() and not (tmp_path / "resumed").exists()
-    monkeypatch.setattr(pipeline, "prune_layerwise", real)
+    monkeypatch.setattr(pipeline, "_HOOKS", pipeline._TestHooks())
     main(["prune", str(tiny_model_dir / "model"), "--out", str(tmp_path / "resumed"), "--resume", *argv])
     a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "reference").state_dict()
     b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resumed").state_dict()

@@ -175,20 +175,20 @@ def test_uniform_allocation_saves_and_reloads_with_stock_transformers(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(structure="unstructured"), "'structure' argument of ddp_prune must be one of 'mlp', 'heads'"),
     (dict(structure="2:4"), "'structure'"),
-    (dict(sparsity=1.0), "'sparsity' argument must be a float in \\[0, 1\\)"),
+    (dict(sparsity=1.0), "'sparsity' argument of ddp_prune must be a float in the range \\[0, 1\\)"),
     (dict(sparsity=True), "'sparsity'"),
-    (dict(steps=0), "'steps' argument must be an int ≥ 1"),
+    (dict(steps=0), "'steps' argument of ddp_prune must be an int in the range \\[1, inf\\)"),
     (dict(steps=2.5), "'steps'"),
     (dict(batch_size=0), "'batch_size'"),
-    (dict(lr=0.0), "'lr' argument must be a float > 0"),
-    (dict(lr_dual=-1.0), "'lr_dual' argument must be a float ≥ 0"),
+    (dict(lr=0.0), "'lr' argument of ddp_prune must be a float in the range \\(0, inf\\)"),
+    (dict(lr_dual=-1.0), "'lr_dual' argument of ddp_prune must be a float in the range \\[0, inf\\)"),
     (dict(rho=float("nan")), "'rho'"),
-    (dict(tau=(0.01, 0.5)), "'tau' argument must be a pair"),
+    (dict(tau=(0.01, 0.5)), "'tau' argument of ddp_prune must be a pair"),
     (dict(tau=0.1), "'tau'"),
-    (dict(warmup=1.5), "'warmup' argument must be a float in \\[0, 1\\]"),
-    (dict(distill="kl"), "'distill' argument must be True or False"),
-    (dict(teacher="disk"), "'teacher' argument must be one of 'cache', 'online'"),
-    (dict(allocation="layer"), "'allocation' argument must be one of 'global', 'uniform'"),
+    (dict(warmup=1.5), "'warmup' argument of ddp_prune must be a float in the range \\[0, 1\\]"),
+    (dict(distill="kl"), "'distill' argument of ddp_prune must be a bool"),
+    (dict(teacher="disk"), "'teacher' argument of ddp_prune must be one of 'cache', 'online'"),
+    (dict(allocation="layer"), "'allocation' argument of ddp_prune must be one of 'global', 'uniform'"),
     (dict(seed=-1), "'seed'"),
     (dict(structure="heads", sparsity=0.9), "would prune all 3 key-value groups"),
     (dict(calib="some text"), "'calib' argument must be a list of strings"),
@@ -206,7 +206,7 @@ def test_bad_arguments_are_refused_before_any_work(kwargs, message):
 def test_unsupported_model_and_oversized_teacher_cache_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="spap does not support"):
         spap.ddp_prune(torch.nn.Linear(2, 2), _ids())
-    monkeypatch.setattr(spap.ddp, "TEACHER_CACHE_LIMIT", 1000)
+    monkeypatch.setattr(spap.global_methods.ddp, "TEACHER_CACHE_LIMIT", 1000)
     with pytest.raises(ValueError, match="teacher='online'"):
         spap.ddp_prune(_model(), _ids(), progress=False)
 

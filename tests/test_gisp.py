@@ -12,7 +12,7 @@ import transformers
 
 import spap
 from spap.adapters import LinearView, get_adapter
-from spap.gisp import _margin_sum, _masked
+from spap.global_methods.gisp import _margin_sum, _masked
 
 COMMON = dict(vocab_size=128, num_hidden_layers=3, max_position_embeddings=64)
 GQA = dict(hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=4, **COMMON)
@@ -102,7 +102,8 @@ def test_exact_sparsity_nested_sets_and_materialised_forward(name, structure):
                 assert int((W.reshape(W.shape[0], adapter.n_kv_heads, -1) == 0).all(-1).all(0).sum()) == adapter.n_kv_heads - kv
         with torch.no_grad():
             logits = pruned(ids).logits
-            with _masked(adapter, _alive(result, s, n_blocks)):
+            alive = _alive(result, s, n_blocks)
+            with _masked(spap.units.kinds(adapter, list(alive)), adapter.blocks(), alive):
                 masked = model(ids).logits
         assert torch.isfinite(logits).all()
         torch.testing.assert_close(logits, masked, rtol=1e-5, atol=1e-5)  # shrinking = masking
@@ -181,7 +182,7 @@ def test_bad_arguments_fail_before_any_work():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
     cases = [
-        (dict(sparsities=[]), "'sparsities'.*distinct floats in \\(0, 1\\)"),
+        (dict(sparsities=[]), "'sparsities'.*distinct numbers, each a float in the range \\(0, 1\\)"),
         (dict(sparsities=[0.2, 1.0]), "'sparsities'"),
         (dict(sparsities=[0.3, 0.3]), "'sparsities'"),
         (dict(sparsities=0.3), "'sparsities'"),

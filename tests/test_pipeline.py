@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -39,6 +40,21 @@ def _model(name: str):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS[name]))
     return model.eval()
+
+
+@contextlib.contextmanager
+def _hooks(**switches):
+    """Set the pipeline's test switches (``spap.pipeline._HOOKS``) for the block."""
+    saved = spap.pipeline._HOOKS
+    spap.pipeline._HOOKS = spap.pipeline._TestHooks(**switches)
+    try:
+        yield
+    finally:
+        spap.pipeline._HOOKS = saved
+
+
+def _stop_after(blocks: int):
+    return _hooks(stop_after_blocks=blocks)
 
 
 def _ids(n=8, seqlen=32):
@@ -134,9 +150,8 @@ def test_resume_after_interruption_gives_the_identical_result(structure, tmp_pat
     reference, _ = spap.prune_layerwise(fresh(), _ids(), 0.5, structure=structure, progress=False)
     torch.manual_seed(0)
     model = fresh()
-    with pytest.raises(spap.checkpoint.Interrupted):
-        spap.prune_layerwise(model, _ids(), 0.5, structure=structure, checkpoint_dir=str(tmp_path), progress=False,
-                             _stop_after_blocks=2)
+    with pytest.raises(spap.checkpoint.Interrupted), _stop_after(2):
+        spap.prune_layerwise(model, _ids(), 0.5, structure=structure, checkpoint_dir=str(tmp_path), progress=False)
     torch.manual_seed(0)
     resumed, report = spap.prune_layerwise(fresh(), _ids(), 0.5, structure=structure, checkpoint_dir=str(tmp_path),
                                            resume=True, progress=False)
@@ -149,8 +164,8 @@ def test_resume_after_interruption_gives_the_identical_result(structure, tmp_pat
 
 
 def test_resume_refuses_other_arguments(tmp_path):
-    with pytest.raises(spap.checkpoint.Interrupted):
-        spap.prune_layerwise(_model("llama"), _ids(), 0.5, checkpoint_dir=str(tmp_path), progress=False, _stop_after_blocks=1)
+    with pytest.raises(spap.checkpoint.Interrupted), _stop_after(1):
+        spap.prune_layerwise(_model("llama"), _ids(), 0.5, checkpoint_dir=str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="different arguments"):
         spap.prune_layerwise(_model("llama"), _ids(), 0.25, checkpoint_dir=str(tmp_path), resume=True, progress=False)
 
@@ -172,6 +187,7 @@ def test_nan_in_activations_names_the_block():
 def test_mlp_tail_shortcut_equals_the_full_second_pass(name):
     """The first pass may stop at down_proj and the second run only the MLP: same model as full passes."""
     fast, _ = spap.prune_layerwise(_model(name), _ids(), 0.5, progress=False)
-    full, _ = spap.prune_layerwise(_model(name), _ids(), 0.5, progress=False, _mlp_tail=False)
+    with _hooks(mlp_tail=False):
+        full, _ = spap.prune_layerwise(_model(name), _ids(), 0.5, progress=False)
     for (k, a), b in zip(fast.state_dict().items(), full.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)

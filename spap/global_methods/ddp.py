@@ -28,7 +28,6 @@ reloads with stock transformers.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,14 +36,32 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .adapters import Adapter, LinearView, get_adapter
-from .capture import calibration_batches
-from .pipeline import _keep_kv_groups, _keep_mlp_channels
-from .report import PruneReport, count_parameters, peak_memory, peak_memory_text
+from solvers.masks import keep_largest_overall, keep_largest_per_row
 
-STRUCTURES = ("mlp", "heads", "mlp+heads")
+from .. import units as U
+from ..adapters import LinearView, get_adapter
+from ..capture import calibration_batches
+from ..checks import Boolean, DecreasingPair, Interval, InvalidArgumentError, Options, check_table
+from ..report import PruneReport, count_parameters, peak_memory, peak_memory_text
+from ..units import PruneStructure
+
 ALLOCATIONS = ("global", "uniform")
 TEACHERS = ("cache", "online")
+_CONSTRAINTS = {
+    "sparsity": Interval(float, 0, 1, closed="left"),
+    "steps": Interval(int, 1, None),
+    "batch_size": Interval(int, 1, None),
+    "seed": Interval(int, 0, None),
+    "lr": Interval(float, 0, None, closed="neither"),
+    "lr_dual": Interval(float, 0, None),
+    "rho": Interval(float, 0, None),
+    "warmup": Interval(float, 0, 1),
+    "tau": DecreasingPair(),
+    "distill": Boolean(),
+    "teacher": Options(TEACHERS),
+    "allocation": Options(ALLOCATIONS),
+    "progress": Boolean(),
+}
 TEACHER_CACHE_LIMIT = 2 * 2**30  # bytes of cached float32 teacher log-probabilities before "online" is required
 
 
@@ -174,34 +191,9 @@ def ddp_prune(
     """
     # --- validate everything before any model work ----------------------------------------------
     adapter = get_adapter(model)
-    if structure not in STRUCTURES:
-        raise ValueError(f"The 'structure' argument of ddp_prune must be one of {', '.join(map(repr, STRUCTURES))}. "
-                         f"Got {structure!r} instead.")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise ValueError(f"The 'sparsity' argument must be a float in [0, 1). Got {sparsity!r} instead.")
-    _check_int("steps", steps, 1)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("seed", seed, 0)
-    _check_float("lr", lr, 0, strict=True)
-    _check_float("lr_dual", lr_dual, 0, strict=False)
-    _check_float("rho", rho, 0, strict=False)
-    _check_float("warmup", warmup, 0, strict=False)
-    if warmup > 1:
-        raise ValueError(f"The 'warmup' argument must be a float in [0, 1]. Got {warmup!r} instead.")
-    if (not isinstance(tau, (tuple, list)) or len(tau) != 2
-            or any(isinstance(t, bool) or not isinstance(t, (int, float)) for t in tau) or not tau[0] >= tau[1] > 0):
-        raise ValueError(f"The 'tau' argument must be a pair (start, end) of floats with start ≥ end > 0. "
-                         f"Got {tau!r} instead.")
-    if not isinstance(distill, bool):
-        raise ValueError(f"The 'distill' argument must be True or False. Got {distill!r} instead.")
-    if teacher not in TEACHERS:
-        raise ValueError(f"The 'teacher' argument must be one of {', '.join(map(repr, TEACHERS))}. Got {teacher!r}.")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"The 'allocation' argument must be one of {', '.join(map(repr, ALLOCATIONS))}. "
-                         f"Got {allocation!r} instead.")
-    if not isinstance(progress, bool):
-        raise ValueError(f"The 'progress' argument must be True or False. Got {progress!r} instead.")
-    units = _units(adapter, structure, sparsity)
+    types = PruneStructure.parse(structure, caller="ddp_prune", units_only=True).units
+    check_table("ddp_prune", _CONSTRAINTS, locals())
+    units = _units(adapter, types, sparsity)
     device = next(model.parameters()).device
     windows = _windows(calib, tokenizer)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -238,20 +230,11 @@ def ddp_prune(
     report.widths = [{t: int(keep[t][i].sum()) for t in units} for i in range(len(blocks))]
     with torch.no_grad():
         for i, block in enumerate(blocks):
-            if "mlp" in units:
-                idx = torch.nonzero(keep["mlp"][i]).flatten()
-                _fold(adapter.mlp_out(block), report.gates["mlp"][i], 1)
-                _keep_mlp_channels(adapter, block, idx)
-            if "heads" in units:
-                kv = torch.nonzero(keep["heads"][i]).flatten()
-                _fold(adapter.attention_out(block), report.gates["heads"][i], units["heads"].columns)
-                _keep_kv_groups(adapter, block, kv)
+            for t, u in units.items():
+                _fold(u.kind.output_linear(block), report.gates[t][i], u.kind.columns_per_unit)
+                u.kind.keep(block, torch.nonzero(keep[t][i]).flatten())
     if report.uniform:  # one width everywhere: the config describes the model (stock save and reload)
-        if "mlp" in units:
-            adapter.set_intermediate_size(report.widths[0]["mlp"])
-        if "heads" in units and adapter.shrink_heads:
-            group = adapter.n_heads // adapter.n_kv_heads
-            adapter.set_heads(report.widths[0]["heads"] * group, report.widths[0]["heads"])
+        U.set_widths(adapter, {t: [w[t] for w in report.widths] for t in units})
     for name, p in model.named_parameters():
         p.requires_grad_(flags.get(name, False))
     model.train(was_training)
@@ -263,28 +246,23 @@ def ddp_prune(
 
 @dataclass(frozen=True)
 class _Unit:
-    """One unit type: ``n`` units per block, ``keep_per_block`` kept per block on average (exactly, for
-    ``allocation="uniform"``), each unit spanning ``columns`` input columns of its output linear."""
+    """One unit kind under training: ``n`` units per block, ``keep_per_block`` kept per block on average
+    (exactly, for ``allocation="uniform"``)."""
 
+    kind: U.UnitKind
     n: int
     keep_per_block: int
-    columns: int
 
 
-def _units(adapter: Adapter, structure: str, sparsity: float) -> dict[str, _Unit]:
+def _units(adapter, types: tuple[str, ...], sparsity: float) -> dict[str, _Unit]:
     units = {}
-    if "mlp" in structure:
-        n = adapter.intermediate_size
-        prune = round(sparsity * n)
+    for name, kind in U.kinds(adapter, types).items():
+        n = kind.dense_count()
+        prune = U.prune_count(sparsity, n)
         if prune >= n:
-            raise ValueError(f"sparsity={sparsity} would prune all {n} MLP channels of a block.")
-        units["mlp"] = _Unit(n, n - prune, 1)
-    if "heads" in structure:
-        n = adapter.n_kv_heads
-        prune = round(sparsity * n)
-        if prune >= n:
-            raise ValueError(f"sparsity={sparsity} would prune all {n} key-value groups of a block.")
-        units["heads"] = _Unit(n, n - prune, adapter.head_dim * (adapter.n_heads // n))
+            what = "MLP channels" if name == "mlp" else "key-value groups"
+            raise InvalidArgumentError(f"sparsity={sparsity} would prune all {n} {what} of a block.")
+        units[name] = _Unit(kind, n, n - prune)
     return units
 
 
@@ -294,32 +272,19 @@ def _windows(calib: Any, tokenizer) -> list[torch.Tensor]:
 
 
 class _Gates:
-    """The gate parameters ``z[t]`` (``(n_blocks, n_units)``, initialised to 1) and the forward pre-hooks
-    that multiply each output linear's input by ``ReLU(z)``, repeated over the unit's columns.
-    ``active = False`` runs the dense model (the online teacher)."""
+    """The gate parameters ``z[t]`` (``(n_blocks, n_units)``, initialised to 1) and the unit gates
+    (:meth:`spap.units.UnitKind.gate`) that multiply each unit's inputs of its output linear by
+    ``ReLU(z)``.  ``active = False`` runs the dense model (the online teacher)."""
 
-    def __init__(self, adapter: Adapter, units: dict[str, _Unit], device: torch.device) -> None:
+    def __init__(self, adapter, units: dict[str, _Unit], device: torch.device) -> None:
         blocks = adapter.blocks()
         self.z = {t: torch.ones(len(blocks), u.n, device=device, requires_grad=True) for t, u in units.items()}
         self.active = True
-        self.handles = []
-        for i, block in enumerate(blocks):
-            if "mlp" in units:
-                self.handles.append(adapter.mlp_out(block).register_forward_pre_hook(self._hook("mlp", i, 1)))
-            if "heads" in units:
-                hook = self._hook("heads", i, units["heads"].columns)
-                self.handles.append(adapter.attention_out(block).register_forward_pre_hook(hook))
+        self.handles = [u.kind.gate(block, self._multiplier(t, i))
+                        for i, block in enumerate(blocks) for t, u in units.items()]
 
-    def _hook(self, kind: str, index: int, columns: int):
-        def gate(module, args):
-            if not self.active:
-                return None
-            m = self.z[kind][index].clamp(min=0)  # ReLU(z), shape (n_units,)
-            if columns > 1:
-                m = m.repeat_interleave(columns)
-            return (args[0] * m.to(args[0].dtype),) + tuple(args[1:])
-
-        return gate
+    def _multiplier(self, kind: str, index: int):
+        return lambda: self.z[kind][index].clamp(min=0) if self.active else None  # ReLU(z), (n_units,)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -429,17 +394,9 @@ def _hard_mask(z: torch.Tensor, keep_per_block: int, allocation: str) -> torch.T
     """Boolean ``(n_blocks, n_units)``: the ``keep_per_block`` largest ``z`` of every block ("uniform"), or
     the ``n_blocks × keep_per_block`` largest overall with every block's largest kept ("global").  Ties go
     to the lower index, so the mask is deterministic."""
-    n_blocks, n = z.shape
-    keep = torch.zeros_like(z, dtype=torch.bool)
     if allocation == "uniform":
-        order = torch.sort(z, dim=1, descending=True, stable=True).indices[:, :keep_per_block]
-        keep.scatter_(1, order, True)
-        return keep
-    keep[torch.arange(n_blocks), torch.sort(z, dim=1, descending=True, stable=True).indices[:, 0]] = True
-    rest = z.masked_fill(keep, -math.inf).flatten()
-    order = torch.sort(rest, descending=True, stable=True).indices[: n_blocks * (keep_per_block - 1)]
-    keep.view(-1)[order] = True
-    return keep
+        return keep_largest_per_row(z, keep_per_block)
+    return keep_largest_overall(z, z.shape[0] * keep_per_block, min_per_row=1)
 
 
 def _fold(module: nn.Module, gate: torch.Tensor, columns: int) -> None:
@@ -447,15 +404,3 @@ def _fold(module: nn.Module, gate: torch.Tensor, columns: int) -> None:
     view = LinearView(module)
     scale = gate.repeat_interleave(columns) if columns > 1 else gate
     view.set_weight(view.weight * scale.to(view.weight.dtype)[None, :])
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"The {name!r} argument must be an int ≥ {low}. Got {value!r} instead.")
-
-
-def _check_float(name: str, value, low: float, *, strict: bool) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or (value <= low if strict else value < low):
-        raise ValueError(f"The {name!r} argument must be a float {'>' if strict else '≥'} {low:g}. "
-                         f"Got {value!r} instead.")

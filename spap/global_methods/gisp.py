@@ -42,15 +42,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .adapters import Adapter, LinearView, get_adapter
-from .capture import calibration_batches
-from .pipeline import apply_kept
-from .report import peak_memory
+from .. import units as U
+from ..adapters import LinearView, get_adapter
+from ..capture import calibration_batches
+from ..checks import Boolean, DistinctFloats, Interval, InvalidArgumentError, NoneOr, Options, check_table
+from ..report import peak_memory
+from ..units import PruneStructure
 
-STRUCTURES = ("mlp", "heads", "mlp+heads")
 OBJECTIVES = ("perplexity", "margin")
 NORMALIZATIONS = ("mean", "sum", "none")
-_TYPES = ("mlp", "heads")  # enumeration order of structure types (fixes the order of ties)
+_CONSTRAINTS = {
+    "sparsities": DistinctFloats(Interval(float, 0, 1, closed="neither")),
+    "objective": Options(OBJECTIVES),
+    "normalize": Options(NORMALIZATIONS),
+    "steps_per_target": Interval(int, 1, None),
+    "batch_size": Interval(int, 1, None),
+    "batches_per_step": NoneOr(Interval(int, 1, None)),
+    "seed": Interval(int, None, None),
+    "progress": Boolean(),
+}
 
 
 @dataclass
@@ -78,7 +88,7 @@ class GispResult:
     kept : dict float -> list (one per block) of dict str -> LongTensor
         ``kept[s][i]["mlp"]``: sorted indices of block ``i``'s kept MLP channels, shape ``(width_i,)``;
         ``kept[s][i]["heads"]``: sorted indices of its kept key-value groups, shape ``(n_kv_i,)``.  The
-        format :func:`spap.pipeline.apply_kept` takes.
+        format :func:`spap.units.keep` takes.
     achieved : dict float -> float
         Removed parameters of the chosen structures over their total (the definition of sparsity).
     unit_params : dict str -> int
@@ -132,22 +142,13 @@ class GispResult:
         hidden size, so their removed heads are zeroed instead of cut (as in ``prune_layerwise``).
         """
         key = self._key(sparsity)
-        adapter = get_adapter(model)
-        _check_dense(adapter, self.dense_widths, "model", "the dense model GISP ran on")
+        U.check_uniform(get_adapter(model), self.dense_widths, "model", "the dense model GISP ran on")
         if not inplace:
             model = copy.deepcopy(model)
-            adapter = get_adapter(model)
-        kept = self.kept[key]
-        group = adapter.n_heads // adapter.n_kv_heads
-        for block, k in zip(adapter.blocks(), kept):
-            apply_kept(adapter, block, k)
-            if "heads" in k and adapter.shrink_heads:
-                adapter.set_block_heads(block, len(k["heads"]) * group, len(k["heads"]))
-        widths = self.widths(key)
-        if "mlp" in widths and len(set(widths["mlp"])) == 1:
-            adapter.set_intermediate_size(widths["mlp"][0])
-        if "heads" in widths and adapter.shrink_heads and len(set(widths["heads"])) == 1:
-            adapter.set_heads(widths["heads"][0] * group, widths["heads"][0])
+        adapter = get_adapter(model)
+        for block, k in zip(adapter.blocks(), self.kept[key]):
+            U.keep(adapter, block, k)
+        U.set_widths(adapter, self.widths(key))
         return model
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,32 +242,15 @@ def gisp(
     """
     # --- validate everything before any model work ----------------------------------------------
     adapter = get_adapter(model)
-    if structure not in STRUCTURES:
-        raise ValueError(f"The 'structure' argument must be one of {', '.join(map(repr, STRUCTURES))}. "
-                         f"Got {structure!r} instead.")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"The 'objective' argument must be one of {', '.join(map(repr, OBJECTIVES))}. "
-                         f"Got {objective!r} instead.")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"The 'normalize' argument must be one of {', '.join(map(repr, NORMALIZATIONS))}. "
-                         f"Got {normalize!r} instead.")
-    levels = _check_sparsities(sparsities)
-    for name, value in (("steps_per_target", steps_per_target), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"The {name!r} argument must be an int >= 1. Got {value!r} instead.")
-    if batches_per_step is not None and (isinstance(batches_per_step, bool) or not isinstance(batches_per_step, int)
-                                         or batches_per_step < 1):
-        raise ValueError(f"The 'batches_per_step' argument must be None or an int >= 1. Got {batches_per_step!r} instead.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"The 'seed' argument must be an int. Got {seed!r} instead.")
-    if not isinstance(progress, bool):
-        raise ValueError(f"The 'progress' argument must be a bool. Got {progress!r} instead.")
-    types = tuple(t for t in _TYPES if t in structure.split("+"))
+    types = PruneStructure.parse(structure, caller="gisp", units_only=True).units
+    check_table("gisp", _CONSTRAINTS, locals())
+    levels = sorted(float(s) for s in sparsities)
     if "heads" in types and adapter.n_heads % adapter.n_kv_heads:
-        raise ValueError(f"The model has {adapter.n_heads} query heads, not a multiple of its {adapter.n_kv_heads} "
-                         "key-value heads; KV groups are undefined.")
-    dense = {"mlp": adapter.intermediate_size, "heads": adapter.n_kv_heads}
-    _check_dense(adapter, dense, "model", "its config")
+        raise InvalidArgumentError(f"The model has {adapter.n_heads} query heads, not a multiple of its "
+                                   f"{adapter.n_kv_heads} key-value heads; KV groups are undefined.")
+    kinds = U.kinds(adapter, types)
+    dense = {name: kind.dense_count() for name, kind in U.kinds(adapter).items()}
+    U.check_uniform(adapter, dense, "model", "its config")
     vocab = model.get_input_embeddings().weight.shape[0]
     if objective == "perplexity":
         batches: list[Any] = calibration_batches(calib, tokenizer, batch_size=batch_size)
@@ -278,7 +262,7 @@ def gisp(
         batches = [triples[i : i + batch_size] for i in range(0, len(triples), batch_size)]
     blocks = adapter.blocks()
     n_blocks = len(blocks)
-    sizes = {t: _unit_params(adapter, blocks[0], t) for t in types}
+    sizes = {t: kinds[t].params_per_unit(blocks[0]) for t in types}
     counts = {t: dense[t] for t in types}
     total = sum(counts[t] * n_blocks * sizes[t] for t in types)
     slack = min(sizes.values()) / 2
@@ -300,16 +284,16 @@ def gisp(
     generator = torch.Generator().manual_seed(seed)
     per_step = len(batches) if batches_per_step is None else min(batches_per_step, len(batches))
     removed_params = 0
-    with _scoring(model, adapter, types) as scored:
+    with _scoring(model, blocks, kinds) as scored:
         bar = _progress(progress, len(schedule) * per_step)
         try:
             for index, (target, level) in enumerate(schedule):
                 t0 = time.perf_counter()
                 chosen = batches if per_step == len(batches) else \
                     [batches[i] for i in sorted(torch.randperm(len(batches), generator=generator)[:per_step].tolist())]
-                with _masked(adapter, alive):
+                with _masked(kinds, blocks, alive):
                     value = _objective_pass(model, chosen, objective, device, bar)
-                scores = {t: torch.stack([_block_scores(adapter, block, t) for block in blocks]) for t in types}
+                scores = {t: torch.stack([_block_scores(kinds[t], block) for block in blocks]) for t in types}
                 for module in scored:
                     module.weight.grad = None
                     if module.bias is not None:
@@ -337,20 +321,6 @@ def gisp(
 # Validation and bookkeeping
 
 
-def _check_sparsities(sparsities: Any) -> list[float]:
-    message = ("The 'sparsities' argument must be a non-empty sequence of distinct floats in (0, 1), "
-               f"e.g. [0.2, 0.3, 0.5]. Got {sparsities!r} instead.")
-    if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Sequence) or not sparsities:
-        raise ValueError(message)
-    for s in sparsities:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 1:
-            raise ValueError(message)
-    levels = sorted(float(s) for s in sparsities)
-    if any(math.isclose(a, b, abs_tol=1e-9) for a, b in zip(levels, levels[1:])):
-        raise ValueError(message)
-    return levels
-
-
 def _check_triples(calib: Any, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``calib`` as a list of ``(prompt, correct, incorrect)`` 1-D LongTensors."""
     message = ("With objective='margin', the 'calib' argument must be a non-empty list of (prompt, correct, "
@@ -375,32 +345,6 @@ def _check_triples(calib: Any, vocab: int) -> list[tuple[torch.Tensor, torch.Ten
     return out
 
 
-def _check_dense(adapter: Adapter, dense: dict[str, int], name: str, what: str) -> None:
-    """Every block has the widths ``dense``: GISP starts from a uniform model, and materialises from
-    the dense model it ran on."""
-    hd, group = adapter.head_dim, adapter.n_heads // adapter.n_kv_heads
-    for i, block in enumerate(adapter.blocks()):
-        mlp = LinearView(adapter.mlp_out(block)).d_in
-        heads = LinearView(adapter.attention_out(block)).d_in
-        if mlp != dense["mlp"] or heads != dense["heads"] * group * hd:
-            raise ValueError(f"The {name!r} argument must have the uniform widths of {what} "
-                             f"(MLP {dense['mlp']}, {dense['heads']} KV groups); block {i} has MLP width {mlp} and "
-                             f"{heads} attention-output columns.")
-
-
-def _unit_params(adapter: Adapter, block: nn.Module, kind: str) -> int:
-    """Parameters one MLP channel (``"mlp"``) or one KV group (``"heads"``) of ``block`` holds."""
-    if kind == "mlp":
-        rows = sum(LinearView(m).d_in + (LinearView(m).bias is not None) for m in adapter.mlp_in(block))
-        return rows + LinearView(adapter.mlp_out(block)).d_out
-    hd, group = adapter.head_dim, adapter.n_heads // adapter.n_kv_heads
-    n = 0
-    for module, _, which in adapter.qkv_rows(block):
-        view = LinearView(module)
-        n += (group * hd if which == "q" else hd) * (view.d_in + (view.bias is not None))
-    return n + LinearView(adapter.attention_out(block)).d_out * group * hd
-
-
 def _schedule(levels: list[float], steps: int) -> list[tuple[float, float | None]]:
     """``(cumulative target, requested level or None)`` per step: ``steps`` equal steps per interval."""
     out, previous = [], 0.0
@@ -415,18 +359,15 @@ def _schedule(levels: list[float], steps: int) -> list[tuple[float, float | None
 
 
 @contextmanager
-def _scoring(model: nn.Module, adapter: Adapter, types: tuple[str, ...]) -> Iterator[list[nn.Module]]:
-    """Gradients on for the linears whose weights make up the structures, off everywhere else; eval
-    mode.  Restores every ``requires_grad`` flag and the training mode on exit."""
+def _scoring(model: nn.Module, blocks: nn.ModuleList, kinds: dict[str, U.UnitKind]) -> Iterator[list[nn.Module]]:
+    """Gradients on for the linears whose weights make up the units, off everywhere else; eval mode.
+    Restores every ``requires_grad`` flag and the training mode on exit."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     modules: dict[int, nn.Module] = {}
-    for block in adapter.blocks():
-        if "mlp" in types:
-            for m in adapter.mlp_in(block) + [adapter.mlp_out(block)]:
-                modules[id(m)] = m
-        if "heads" in types:
-            for m in [m for m, _, _ in adapter.qkv_rows(block)] + [adapter.attention_out(block)]:
+    for block in blocks:
+        for kind in kinds.values():
+            for m in kind.linears(block):
                 modules[id(m)] = m
     try:
         for p, _ in flags:
@@ -451,27 +392,15 @@ def _scoring(model: nn.Module, adapter: Adapter, types: tuple[str, ...]) -> Iter
 
 
 @contextmanager
-def _masked(adapter: Adapter, alive: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Forward pre-hooks that zero removed MLP channels (input of the MLP's output linear) and removed
-    KV groups (their query heads' columns of the input of the attention's output linear).  The block
-    then computes exactly what the shrunk block computes, and gradients of removed weights are zero."""
-    hd, group = adapter.head_dim, adapter.n_heads // adapter.n_kv_heads
+def _masked(kinds: dict[str, U.UnitKind], blocks: nn.ModuleList, alive: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Gate every removed unit to zero (:meth:`spap.units.UnitKind.gate`): the block then computes
+    exactly what the shrunk block computes, and gradients of removed weights are zero."""
     handles = []
-
-    def multiply(mask: torch.Tensor):
-        def hook(module, args):
-            x = args[0]
-            return (x * mask.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
-
-        return hook
-
     try:
-        for i, block in enumerate(adapter.blocks()):
-            if "mlp" in alive and not alive["mlp"][i].all():
-                handles.append(adapter.mlp_out(block).register_forward_pre_hook(multiply(alive["mlp"][i])))
-            if "heads" in alive and not alive["heads"][i].all():
-                columns = alive["heads"][i].repeat_interleave(group * hd)
-                handles.append(adapter.attention_out(block).register_forward_pre_hook(multiply(columns)))
+        for i, block in enumerate(blocks):
+            for t, kind in kinds.items():
+                if not alive[t][i].all():
+                    handles.append(kind.gate(block, lambda mask=alive[t][i]: mask))
         yield
     finally:
         for h in handles:
@@ -526,13 +455,11 @@ def _margin_sum(model: nn.Module, triples: list[tuple[torch.Tensor, ...]], devic
 
 
 def _products(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(w · g, b · g_b)`` elementwise, float64, the weight part as ``(d_out, d_in)`` (``Conv1D``
-    transposed); zeros where no gradient reached the module."""
+    """``(w · g, b · g_b)`` elementwise, float64, the weight part as ``(d_out, d_in)``; zeros where no
+    gradient reached the module."""
     w = module.weight
     g = w.grad if w.grad is not None else torch.zeros_like(w)
-    wg = w.detach().double() * g.double()
-    if type(module).__name__ == "Conv1D":
-        wg = wg.T
+    wg = LinearView(module).as_weight(w.detach().double() * g.double())
     b = getattr(module, "bias", None)
     bg = None
     if b is not None:
@@ -540,27 +467,19 @@ def _products(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return wg, bg
 
 
-def _block_scores(adapter: Adapter, block: nn.Module, kind: str) -> torch.Tensor:
-    """``|Σ_{w ∈ S} w · ḡ_w|`` for every structure ``S`` of ``block``: shape ``(intermediate,)`` for
-    ``"mlp"`` (gate/up rows and biases, down column), ``(n_kv_heads,)`` for ``"heads"`` (q rows of the
-    group's query heads, k/v rows of its KV head, with biases; o columns of its query heads)."""
-    if kind == "mlp":
-        total = torch.zeros(LinearView(adapter.mlp_out(block)).d_in, dtype=torch.float64)
-        for m in adapter.mlp_in(block):
-            wg, bg = _products(m)
-            total += wg.sum(1).cpu() + (bg.cpu() if bg is not None else 0)
-        total += _products(adapter.mlp_out(block))[0].sum(0).cpu()
-        return total.abs()
-    n_kv, hd = adapter.n_kv_heads, adapter.head_dim
-    total = torch.zeros(n_kv, dtype=torch.float64)
-    for module, offset, which in adapter.qkv_rows(block):
-        width = (adapter.n_heads if which == "q" else n_kv) * hd
+def _block_scores(kind: U.UnitKind, block: nn.Module) -> torch.Tensor:
+    """``|Σ_{w ∈ S} w · ḡ_w|`` for every unit ``S`` of ``block``, shape ``(n_units,)``: the unit's rows of
+    the input linears (with biases) and its columns of the output linear."""
+    n = kind.count(block)
+    total = torch.zeros(n, dtype=torch.float64)
+    for module, offset, rows_per_unit in kind.input_rows(block):
         wg, bg = _products(module)
+        width = n * rows_per_unit
         rows = wg[offset : offset + width].sum(1)
         if bg is not None:
             rows = rows + bg[offset : offset + width]
-        total += rows.reshape(n_kv, -1).sum(1).cpu()
-    total += _products(adapter.attention_out(block))[0].sum(0).reshape(n_kv, -1).sum(1).cpu()
+        total += rows.reshape(n, -1).sum(1).cpu()
+    total += _products(kind.output_linear(block))[0].sum(0).reshape(n, -1).sum(1).cpu()
     return total.abs()
 
 

@@ -42,11 +42,9 @@ trained logits (noise, mask, gradient, density term, Adam).
 
 from __future__ import annotations
 
-import math
 import numbers
-import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,17 +53,31 @@ import torch.nn.functional as F
 from torch import nn
 
 import solvers
+from solvers.masks import keep_largest_across, keep_largest_per_row
 
-from .adapters import Adapter, LinearView, get_adapter
-from .capture import GramHooks, calibration_batches, capture_block_inputs, run_block
-from .pipeline import _checked
-from .report import peak_memory, peak_memory_text
+from ..adapters import Adapter, LinearView, get_adapter
+from ..capture import GramHooks, calibration_batches, capture_block_inputs, run_block
+from ..checks import Boolean, DecreasingPair, Interval, InvalidArgumentError, Options, check_table, finite
+from ..report import peak_memory, peak_memory_text
 
 SCOPES = ("global", "layer", "row")
 _GRAM_BATCH = 8  # windows per Gram batch in the Wanda pass: prune_layerwise's default, so the masks agree
 _DUAL_RATE = 5.0  # μ ← μ + rate·μ₀·(d̄ − d*)/d*
 _PENALTY = 50.0  # the density term's coefficient is μ + penalty·μ₀·(d̄ − d*)/d*
 _NOISE_EPS = 1e-6  # u is clamped to [eps, 1 − eps] before log(u/(1−u))
+_CONSTRAINTS = {
+    "sparsity": Interval(float, 0, 1, closed="neither"),
+    "steps": Interval(int, 0, None),
+    "lr": Interval(float, 0, None, closed="neither"),
+    "seed": Interval(int, None, None),
+    "scope": Options(SCOPES),
+    "batch_size": Interval(int, 1, None),
+    "init_logit": Interval(float, 0, None, closed="neither"),
+    "init_width": Interval(float, 0, 1),
+    "temperature": DecreasingPair(),
+    "kl_weight": Interval(float, 0, None),
+    "progress": Boolean(),
+}
 
 
 @dataclass
@@ -200,23 +212,8 @@ def leap_prune(
     """
     adapter = get_adapter(model)
     n_blocks = len(adapter.blocks())
-    _check_real("sparsity", sparsity, lambda v: 0 < v < 1, "a float in (0, 1)")
-    _check_int("steps", steps, 0)
-    _check_real("lr", lr, lambda v: v > 0, "a float > 0")
+    check_table("leap_prune", _CONSTRAINTS, locals())
     groups = _groups(blocks, n_blocks)
-    _check_int("seed", seed, None)
-    if scope not in SCOPES:
-        raise ValueError(f"The 'scope' argument must be one of {', '.join(map(repr, SCOPES))}. Got {scope!r} instead.")
-    _check_int("batch_size", batch_size, 1)
-    _check_real("init_logit", init_logit, lambda v: v > 0, "a float > 0")
-    _check_real("init_width", init_width, lambda v: 0 <= v <= 1, "a float in [0, 1]")
-    if (not isinstance(temperature, (tuple, list)) or len(temperature) != 2
-            or not all(_is_real(t) and t > 0 for t in temperature) or temperature[0] < temperature[1]):
-        raise ValueError(f"The 'temperature' argument must be a pair (first, last) of floats with first >= last > 0. "
-                         f"Got {temperature!r} instead.")
-    _check_real("kl_weight", kl_weight, lambda v: v >= 0, "a float >= 0")
-    if not isinstance(progress, bool):
-        raise ValueError(f"The 'progress' argument must be a bool. Got {progress!r} instead.")
     batches = calibration_batches(calib, tokenizer, batch_size=_GRAM_BATCH)
     if len({b.shape[1] for b in batches}) != 1:
         raise ValueError("The 'calib' argument must hold windows of one length (LEAP batches them for training); "
@@ -228,7 +225,7 @@ def leap_prune(
         raise ValueError(f"The 'batch_size' argument must be at most the number of calibration windows, "
                          f"{windows.shape[0]}. Got {batch_size} instead.")
     if train_seqlen is not None:
-        _check_int("train_seqlen", train_seqlen, 2)
+        check_table("leap_prune", {"train_seqlen": Interval(int, 2, None)}, locals())
         if train_seqlen > windows.shape[1]:
             raise ValueError(f"The 'train_seqlen' argument must be at most the calibration windows' length, "
                              f"{windows.shape[1]}. Got {train_seqlen} instead.")
@@ -391,7 +388,7 @@ def _wanda_init(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor],
                     norms = acc.H.diagonal().clamp_min(0).sqrt().float()
                     layers.append(_MaskedLinear(i, name, module, keep, norms, run))
             for b, h in enumerate(hidden):  # the pruned block's outputs feed the next block
-                hidden[b] = _checked(run_block(block, h, kwargs[i][b], device), f"output of block {i}")
+                hidden[b] = finite(run_block(block, h, kwargs[i][b], device), f"output of block {i}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -496,79 +493,14 @@ def _project(logits: list[torch.Tensor], row_kept: list[torch.Tensor], scope: st
     per linear (``row_kept[l].sum()``) or over all linears (the sum of those).  Ties go to the lower
     index (row-major within a linear, linears in order)."""
     if scope == "row":
-        masks = []
-        for theta, counts in zip(logits, row_kept):
-            order = torch.argsort(theta, dim=1, descending=True, stable=True)
-            rank = torch.empty_like(order)
-            rank.scatter_(1, order, torch.arange(theta.shape[1], device=theta.device).expand_as(order))
-            masks.append(rank < counts.to(theta.device)[:, None])
-        return masks
+        return [keep_largest_per_row(theta, counts) for theta, counts in zip(logits, row_kept)]
     if scope == "layer":
-        return [_top_k([theta], int(counts.sum()))[0] for theta, counts in zip(logits, row_kept)]
-    return _top_k(logits, sum(int(c.sum()) for c in row_kept))
-
-
-def _top_k(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Masks of the ``k`` largest entries over all float32 ``tensors`` together (ties: lower index first).
-
-    The ``k``-th largest value is found by bisection over the float32 values in their order (at most 33
-    counting passes), so no tensor is concatenated or sorted: the memory is one boolean per entry.
-    """
-    def count_above(key: int) -> int:
-        t = torch.tensor(_from_key(key), dtype=torch.float32)
-        return sum(int((x > t.to(x.device)).sum()) for x in tensors)
-
-    if k == 0:
-        return [torch.zeros_like(x, dtype=torch.bool) for x in tensors]
-    lo = _to_key(min(float(x.min()) for x in tensors)) - 1  # count_above(lo) = n >= k
-    hi = _to_key(max(float(x.max()) for x in tensors))  # count_above(hi) = 0 < k
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if count_above(mid) >= k:
-            lo = mid
-        else:
-            hi = mid
-    threshold = _from_key(hi)  # the k-th largest value: more than it < k <= at least it
-    need = k - count_above(hi)
-    masks = []
-    for x in tensors:
-        keep = x > threshold
-        if need > 0:
-            ties = torch.nonzero((x == threshold).flatten()).flatten()[:need]
-            keep.view(-1)[ties] = True
-            need -= ties.numel()
-        masks.append(keep)
-    return masks
-
-
-def _to_key(value: float) -> int:
-    """An int that orders float32 values as their values do (−0.0 and +0.0 get neighbouring keys)."""
-    bits = struct.unpack("<i", struct.pack("<f", value))[0]
-    return bits if bits >= 0 else -(bits & 0x7FFFFFFF) - 1
-
-
-def _from_key(key: int) -> float:
-    bits = key if key >= 0 else (-(key + 1)) | -0x80000000
-    return struct.unpack("<f", struct.pack("<i", bits))[0]
+        return [keep_largest_across([theta], int(counts.sum()))[0] for theta, counts in zip(logits, row_kept)]
+    return keep_largest_across(logits, sum(int(c.sum()) for c in row_kept))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Arguments, windows, progress
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
-
-
-def _check_real(name: str, value: Any, ok: Callable[[float], bool], text: str) -> None:
-    if not (_is_real(value) and ok(value)):
-        raise ValueError(f"The {name!r} argument must be {text}. Got {value!r} instead.")
-
-
-def _check_int(name: str, value: Any, low: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
-        text = "an int" if low is None else f"an int >= {low}"
-        raise ValueError(f"The {name!r} argument must be {text}. Got {value!r} instead.")
 
 
 def _groups(blocks: Any, n_blocks: int) -> list[list[int]]:
@@ -579,16 +511,16 @@ def _groups(blocks: Any, n_blocks: int) -> list[list[int]]:
         return [list(range(n_blocks))]
     if isinstance(blocks, numbers.Integral) and not isinstance(blocks, bool):
         if blocks < 1:
-            raise ValueError(f"{allowed} Got {blocks!r} instead.")
+            raise InvalidArgumentError(f"{allowed} Got {blocks!r} instead.")
         return [list(range(i, min(i + blocks, n_blocks))) for i in range(0, n_blocks, blocks)]
     if not isinstance(blocks, Sequence) or isinstance(blocks, str) or not blocks:
-        raise ValueError(f"{allowed} Got {blocks!r} instead.")
+        raise InvalidArgumentError(f"{allowed} Got {blocks!r} instead.")
     nested = all(isinstance(g, Sequence) and not isinstance(g, str) for g in blocks)
     groups = [list(g) for g in blocks] if nested else [list(blocks)]
     flat = [i for g in groups for i in g]
     valid = all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < n_blocks for i in flat)
     if not valid or not all(groups) or len(flat) != len(set(flat)):
-        raise ValueError(f"{allowed} Got {blocks!r} instead.")
+        raise InvalidArgumentError(f"{allowed} Got {blocks!r} instead.")
     return [[int(i) for i in g] for g in groups]
 
 

@@ -1,0 +1,276 @@
+"""The prunable units of a model: MLP channels and key-value groups, through the adapter.
+
+A *unit* is what structured pruning removes as a whole:
+
+- an **MLP channel** (``"mlp"``): one column of the MLP's output linear (down_proj, fc2, c_proj) and
+  the matching row, with its bias entry, of every input linear (gate_proj and up_proj, fc1, c_fc);
+- a **key-value group** (``"heads"``): one key-value head (its rows of k and v) and the query heads
+  that share it (their rows of q and their columns of the attention's output linear).
+
+Every method that removes units goes through this module: the layer-wise pipeline, GISP (scores and
+masks), DDP (gates), checkpoints and :func:`spap.load_pruned` (re-applying kept units).  Where the
+linears are, the group size and transposed weights are the adapter's facts; this module only
+combines them, so a new architecture is a new adapter and nothing here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+import solvers
+
+from .adapters import Adapter, LinearView
+from .checks import InvalidArgumentError
+
+UNIT_KINDS = ("mlp", "heads")
+STRUCTURES = ("mlp", "heads", "mlp+heads", "unstructured", "N:M")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+@dataclass(frozen=True)
+class PruneStructure:
+    """What a prune removes, parsed once from the user's string.
+
+    ``units`` names the unit kinds removed whole (``("mlp",)``, ``("heads",)``, ``("mlp", "heads")``),
+    empty for row structures; ``rows`` is the per-weight structure (``solvers.Unstructured()`` or
+    ``solvers.NM(n, m)``), None for unit structures.
+    """
+
+    text: str
+    units: tuple[str, ...]
+    rows: solvers.Structure | None = None
+
+    @classmethod
+    def parse(cls, text: object, *, caller: str = "prune_layerwise", units_only: bool = False) -> "PruneStructure":
+        """Parse ``"mlp"``, ``"heads"``, ``"mlp+heads"``, ``"unstructured"`` or ``"N:M"`` (``0 < N < M``);
+        ``units_only`` refuses the row structures."""
+        allowed = STRUCTURES[:3] if units_only else STRUCTURES
+        message = (f"The 'structure' argument of {caller} must be one of {', '.join(map(repr, allowed))}"
+                   + (" (e.g. '2:4')" if not units_only else "") + f". Got {text!r} instead.")
+        if not isinstance(text, str):
+            raise InvalidArgumentError(message)
+        if text in ("mlp", "heads", "mlp+heads"):
+            return cls(text, tuple(t for t in UNIT_KINDS if t in text.split("+")))
+        if units_only:
+            raise InvalidArgumentError(message)
+        if text == "unstructured":
+            return cls(text, (), solvers.Unstructured())
+        m = _NM.match(text)
+        if m:
+            n, mm = int(m.group(1)), int(m.group(2))
+            if not 0 < n < mm:
+                raise InvalidArgumentError(f"The 'structure' argument of {caller} is {text!r}; it must be N:M with "
+                                           "0 < N < M (N kept of every M).")
+            return cls(text, (), solvers.NM(n, mm))
+        raise InvalidArgumentError(message)
+
+
+class UnitKind:
+    """One kind of unit of one model: where its weights are, how to count, gate and remove them.
+
+    Subclasses set :attr:`name` and :attr:`columns_per_unit` and implement :meth:`output_linear`,
+    :meth:`input_rows` and :meth:`dense_count`.
+    """
+
+    name: str
+    shrinks = True  # whether keep() removes the other units' weights (False: zeroes them, shapes kept)
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+
+    @property
+    def columns_per_unit(self) -> int:
+        raise NotImplementedError
+
+    def output_linear(self, block: nn.Module) -> nn.Module:
+        """The linear whose input columns the units own, ``columns_per_unit`` consecutive ones each."""
+        raise NotImplementedError
+
+    def input_rows(self, block: nn.Module) -> list[tuple[nn.Module, int, int]]:
+        """``(linear, first row, rows per unit)`` for every linear whose output rows the units own (fused
+        linears appear once per part, at its offset); unit ``u`` owns rows ``first + u·rows … + rows``."""
+        raise NotImplementedError
+
+    def dense_count(self) -> int:
+        """Units per block as the config states them."""
+        raise NotImplementedError
+
+    def linears(self, block: nn.Module) -> list[nn.Module]:
+        """Every distinct linear holding the units' weights, input linears first."""
+        out: dict[int, nn.Module] = {}
+        for module, _, _ in self.input_rows(block):
+            out.setdefault(id(module), module)
+        out.setdefault(id(self.output_linear(block)), self.output_linear(block))
+        return list(out.values())
+
+    def count(self, block: nn.Module) -> int:
+        """Units ``block`` holds now (read from its weights)."""
+        return LinearView(self.output_linear(block)).d_in // self.columns_per_unit
+
+    def params_per_unit(self, block: nn.Module) -> int:
+        """Parameters (weights and biases) one unit of ``block`` holds."""
+        n = 0
+        for module, _, rows in self.input_rows(block):
+            view = LinearView(module)
+            n += rows * (view.d_in + (view.bias is not None))
+        return n + LinearView(self.output_linear(block)).d_out * self.columns_per_unit
+
+    def column_groups(self, block: nn.Module) -> solvers.ColumnGroups:
+        """The units as column groups of the output linear: the structure of its layer problem."""
+        d_in = LinearView(self.output_linear(block)).d_in
+        return solvers.channels(d_in) if self.columns_per_unit == 1 else solvers.heads(d_in, self.columns_per_unit)
+
+    def keep(self, block: nn.Module, idx: torch.Tensor) -> None:
+        """Keep only units ``idx`` (sorted indices) of ``block``: remove the others' rows and columns."""
+        for module, offset, rows in self.input_rows(block):
+            if offset:
+                raise NotImplementedError("Shrinking units of a fused linear; the adapter must zero them instead.")
+            LinearView(module).keep_outputs(_spans(idx, rows).to(module.weight.device))
+        out = self.output_linear(block)
+        LinearView(out).keep_inputs(_spans(idx, self.columns_per_unit).to(out.weight.device))
+
+    def gate(self, block: nn.Module, multiplier: Callable[[], torch.Tensor | None]) -> RemovableHandle:
+        """Multiply every unit's columns of the output linear's input by ``multiplier()`` (shape
+        ``(n_units,)``), in a forward pre-hook; ``None`` leaves the input alone.  With a 0/1 multiplier the
+        block computes what the block with only the kept units computes.  Returns the hook's handle."""
+        columns = self.columns_per_unit
+
+        def hook(module, args):
+            m = multiplier()
+            if m is None:
+                return None
+            if columns > 1:
+                m = m.repeat_interleave(columns)
+            x = args[0]
+            return (x * m.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
+
+        return self.output_linear(block).register_forward_pre_hook(hook)
+
+
+class MLPChannels(UnitKind):
+    """MLP intermediate channels: a column of the output linear and a row of each input linear."""
+
+    name = "mlp"
+
+    @property
+    def columns_per_unit(self) -> int:
+        return 1
+
+    def output_linear(self, block):
+        return self.adapter.mlp_out(block)
+
+    def input_rows(self, block):
+        return [(m, 0, 1) for m in self.adapter.mlp_in(block)]
+
+    def dense_count(self) -> int:
+        return self.adapter.intermediate_size
+
+
+class KVGroups(UnitKind):
+    """Key-value groups: one KV head (``head_dim`` rows of k and of v) and its query heads (their rows
+    of q and their columns of the attention's output linear)."""
+
+    name = "heads"
+
+    @property
+    def shrinks(self) -> bool:  # type: ignore[override]
+        return self.adapter.shrink_heads
+
+    @property
+    def columns_per_unit(self) -> int:
+        return self.adapter.kv_group_columns
+
+    def output_linear(self, block):
+        return self.adapter.attention_out(block)
+
+    def input_rows(self, block):
+        a = self.adapter
+        return [(m, offset, self.columns_per_unit if part == "q" else a.head_dim) for m, offset, part in a.qkv_rows(block)]
+
+    def dense_count(self) -> int:
+        return self.adapter.n_kv_heads
+
+    def keep(self, block: nn.Module, idx: torch.Tensor) -> None:
+        """Keep key-value groups ``idx``; families that cannot shrink heads (``adapter.shrink_heads``
+        False: head_dim derived from the hidden size) get the other groups' weights zeroed instead."""
+        if self.shrinks:
+            return super().keep(block, idx)
+        a = self.adapter
+        for module, offset, rows in self.input_rows(block):
+            view = LinearView(module)
+            drop = offset + _spans(_complement(idx, self.dense_count()), rows).to(module.weight.device)
+            view.weight[drop] = 0  # a view of the stored weight (transposed for Conv1D): writes through
+            if view.bias is not None:
+                view.bias[drop] = 0
+        out = LinearView(self.output_linear(block))
+        out.weight[:, _spans(_complement(idx, a.n_kv_heads), self.columns_per_unit).to(out.weight.device)] = 0
+
+
+def kinds(adapter: Adapter, names: Sequence[str] = UNIT_KINDS) -> dict[str, UnitKind]:
+    """The unit kinds ``names`` (among ``"mlp"``, ``"heads"``) of ``adapter``'s model, by name."""
+    classes = {"mlp": MLPChannels, "heads": KVGroups}
+    return {name: classes[name](adapter) for name in names}
+
+
+def prune_count(sparsity: float, n: int) -> int:
+    """Units of ``n`` that ``sparsity`` prunes (the package's one rounding rule, ``solvers.prune_count``)."""
+    return solvers.prune_count(sparsity, n)
+
+
+def keep(adapter: Adapter, block: nn.Module, kept: Mapping[str, torch.Tensor]) -> None:
+    """Keep, in ``block``, the units ``kept[kind]`` (sorted indices) of each kind named."""
+    for name, kind in kinds(adapter, [k for k in UNIT_KINDS if k in kept]).items():
+        kind.keep(block, kept[name])
+
+
+def widths(adapter: Adapter) -> dict[str, list[int] | None]:
+    """Units per block, read from the weights: ``{"mlp": [...], "heads": [...]}``; ``"heads"`` is None
+    where the family zeroes pruned heads instead of removing them (the weights then show no width)."""
+    blocks = adapter.blocks()
+    return {name: [kind.count(b) for b in blocks] if kind.shrinks else None for name, kind in kinds(adapter).items()}
+
+
+def set_widths(adapter: Adapter, per_block: Mapping[str, Sequence[int] | None]) -> None:
+    """Record per-block unit counts in the attention modules and, for a kind whose count is the same in
+    every block, in the config (so that stock transformers reloads the model)."""
+    blocks = adapter.blocks()
+    heads = per_block.get("heads")
+    if heads is not None and adapter.shrink_heads:
+        for block, n_kv in zip(blocks, heads):
+            adapter.set_block_heads(block, n_kv * adapter.kv_group_size, n_kv)
+        if len(set(heads)) == 1:
+            adapter.set_heads(heads[0] * adapter.kv_group_size, heads[0])
+    mlp = per_block.get("mlp")
+    if mlp is not None and len(set(mlp)) == 1:
+        adapter.set_intermediate_size(mlp[0])
+
+
+def check_uniform(adapter: Adapter, dense: Mapping[str, int], name: str, what: str) -> None:
+    """Refuse, naming argument ``name``, a model whose blocks do not all hold ``dense[kind]`` units."""
+    now = widths(adapter)
+    for kind, n in dense.items():
+        counts = now[kind] if now[kind] is not None else [n] * len(adapter.blocks())
+        for i, c in enumerate(counts):
+            if c != n:
+                raise InvalidArgumentError(
+                    f"The {name!r} argument must have the uniform widths of {what} "
+                    f"({', '.join(f'{k} {v}' for k, v in dense.items())}); block {i} has {kind} width {c}.")
+
+
+def _spans(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices ``[u·size, (u+1)·size)`` for every ``u`` in ``idx``, concatenated in order."""
+    if size == 1:
+        return idx
+    return (idx[:, None] * size + torch.arange(size, device=idx.device)).flatten()
+
+
+def _complement(idx: torch.Tensor, n: int) -> torch.Tensor:
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[idx.cpu()] = False
+    return torch.nonzero(mask).flatten()
