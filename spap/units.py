@@ -135,18 +135,19 @@ class UnitKind:
         out = self.output_linear(block)
         LinearView(out).keep_inputs(_spans(idx, self.columns_per_unit).to(out.weight.device))
 
+    def per_column(self, per_unit: torch.Tensor) -> torch.Tensor:
+        """A per-unit tensor ``(n_units,)`` repeated over each unit's output-linear columns ``(n_columns,)``."""
+        return per_unit.repeat_interleave(self.columns_per_unit) if self.columns_per_unit > 1 else per_unit
+
     def gate(self, block: nn.Module, multiplier: Callable[[], torch.Tensor | None]) -> RemovableHandle:
         """Multiply every unit's columns of the output linear's input by ``multiplier()`` (shape
         ``(n_units,)``), in a forward pre-hook; ``None`` leaves the input alone.  With a 0/1 multiplier the
         block computes what the block with only the kept units computes.  Returns the hook's handle."""
-        columns = self.columns_per_unit
-
         def hook(module, args):
             m = multiplier()
             if m is None:
                 return None
-            if columns > 1:
-                m = m.repeat_interleave(columns)
+            m = self.per_column(m)
             x = args[0]
             return (x * m.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
 

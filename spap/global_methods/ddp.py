@@ -143,7 +143,7 @@ def ddp_prune(
     calib : list of str, LongTensor (n, seq), or iterable of LongTensor batches
         Calibration text or token ids (see :func:`spap.capture.calibration_batches`), split into windows.
     sparsity : float in [0, 1), default 0.3
-        Fraction of each unit type pruned: ``n_blocks × round(sparsity × n)`` of the ``n_blocks × n`` MLP
+        Fraction of each unit type pruned: ``n_blocks × ⌊sparsity·n + ½⌋`` of the ``n_blocks × n`` MLP
         channels and/or KV groups, the same totals as :func:`spap.prune_layerwise`.
     structure : {"mlp", "heads", "mlp+heads"}, default "mlp"
         The units, as in :func:`spap.prune_layerwise`: MLP intermediate channels; whole KV groups.
@@ -231,7 +231,7 @@ def ddp_prune(
     with torch.no_grad():
         for i, block in enumerate(blocks):
             for t, u in units.items():
-                _fold(u.kind.output_linear(block), report.gates[t][i], u.kind.columns_per_unit)
+                _fold(u.kind, block, report.gates[t][i])
                 u.kind.keep(block, torch.nonzero(keep[t][i]).flatten())
     if report.uniform:  # one width everywhere: the config describes the model (stock save and reload)
         U.set_widths(adapter, {t: [w[t] for w in report.widths] for t in units})
@@ -399,8 +399,7 @@ def _hard_mask(z: torch.Tensor, keep_per_block: int, allocation: str) -> torch.T
     return keep_largest_overall(z, z.shape[0] * keep_per_block, min_per_row=1)
 
 
-def _fold(module: nn.Module, gate: torch.Tensor, columns: int) -> None:
-    """Scale the input columns of ``module`` by ``gate`` (``(n_units,)``, repeated over ``columns`` each)."""
-    view = LinearView(module)
-    scale = gate.repeat_interleave(columns) if columns > 1 else gate
-    view.set_weight(view.weight * scale.to(view.weight.dtype)[None, :])
+def _fold(kind: U.UnitKind, block: nn.Module, gate: torch.Tensor) -> None:
+    """Scale each unit's input columns of its output linear by ``gate`` (``(n_units,)``)."""
+    view = LinearView(kind.output_linear(block))
+    view.set_weight(view.weight * kind.per_column(gate).to(view.weight.dtype)[None, :])
