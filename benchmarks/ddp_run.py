@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import end_to_end as e2e  # noqa: E402  (the quick protocol, the dense row, the locked cache file)
+import end_to_end as e2e  # the quick protocol, the dense row, the locked cache file
 
 DEFAULTS = {"steps": 200, "batch_size": 4, "n": 32, "seqlen": 128, "allocation": "global", "seed": 0, "teacher": "cache"}
 PROTOCOL = "quick"

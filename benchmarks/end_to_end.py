@@ -43,9 +43,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
-
 STRUCTURED_METHODS = ["spap", "obs", "admm", "flap", "wanda_sp", "magnitude"]
 ROW_METHODS = ["spap", "sparsegpt", "admm", "wanda", "magnitude"]
 PROTOCOLS = {

@@ -23,15 +23,10 @@ again, and ``--report`` prints the table from the cache alone.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.append(str(Path(__file__).resolve().parent))  # after the root, so ``solvers`` stays the package
-
-from end_to_end import PROTOCOLS, check_args, load_cache, machine_text, save_result  # noqa: E402
+from end_to_end import PROTOCOLS, check_args, load_cache, machine_text, save_result
 
 METHODS = ["gisp"]
 

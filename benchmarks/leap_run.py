@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import end_to_end as e2e  # noqa: E402  (PROTOCOLS, the cache helpers and the machine line)
+import end_to_end as e2e  # PROTOCOLS, the cache helpers and the machine line
 
 BUDGET_KEYS = ("steps", "lr", "batch_size", "train_seqlen", "blocks", "scope", "kl_weight", "seed")
 
