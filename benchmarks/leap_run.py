@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import end_to_end as e2e  # PROTOCOLS, the cache helpers and the machine line
+import harness
 
 BUDGET_KEYS = ("steps", "lr", "batch_size", "train_seqlen", "blocks", "scope", "kl_weight", "seed")
 
@@ -37,12 +36,11 @@ def run_one(payload: dict) -> dict:
     import torch
 
     import spap
-    from spap.data import c4_documents, calibration_set, wikitext_rows
-    from spap.eval import perplexity
+    from spap.data import calibration_set
     from spap.report import count_parameters
 
     torch.set_num_threads(payload["threads"])
-    p = e2e.PROTOCOLS[payload["protocol"]]
+    p = harness.PROTOCOLS[payload["protocol"]]
     model, tok = spap.load_model(payload["model"])
     calib = calibration_set("c4", tok, n=p["n"], seqlen=p["seqlen"], seed=0)
     budget = payload["budget"]
@@ -50,14 +48,11 @@ def run_one(payload: dict) -> dict:
                                     batch_size=budget["batch_size"], train_seqlen=budget["train_seqlen"],
                                     blocks=budget["blocks"], scope=budget["scope"], kl_weight=budget["kl_weight"],
                                     seed=budget["seed"], progress=payload["progress"])
-    evaluate = dict(seqlen=p["eval_seqlen"], max_windows=p["eval_windows"])
-    t = time.perf_counter()
-    wiki = perplexity(model, tok, wikitext_rows(), **evaluate)
-    c4 = perplexity(model, tok, c4_documents(500, None), **evaluate)
+    scores = harness.evaluate(model, tok, payload["protocol"])
     history = report.history
     return {
         "structure": "unstructured", "method": label(budget), "sparsity": payload["sparsity"], **budget,
-        "wikitext_ppl": wiki, "c4_ppl": c4, "eval_s": time.perf_counter() - t,
+        **scores,
         "prune_s": report.seconds, "wanda_s": report.wanda_seconds,
         "train_s_per_step": (report.seconds - report.wanda_seconds) / max(1, len(history)),
         "peak_rss_gib": report.peak_memory["rss"] / 2**30, "peak_cuda_gib": report.peak_memory.get("cuda", 0) / 2**30,
@@ -74,7 +69,7 @@ def table(cache: dict, protocol: str) -> str:
                   key=lambda r: (r["sparsity"], r["steps"], r["method"]))
     if not rows:
         return "no LEAP rows in the cache"
-    lines = [e2e.protocol_text(protocol), "",
+    lines = [harness.protocol_text(protocol), "",
              "| sparsity | steps | lr | batch x seqlen | blocks | scope | WikiText-2 ppl | C4 ppl | changed vs Wanda "
              "| Wanda s | s/step | total s | threads | peak RSS GiB |",
              "|" + "---|" * 14]
@@ -98,7 +93,7 @@ def main(argv=None) -> None:
     parser.add_argument("--scope", default="global", choices=["global", "layer", "row"])
     parser.add_argument("--kl-weight", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--protocol", default="quick", choices=list(e2e.PROTOCOLS))
+    parser.add_argument("--protocol", default="quick", choices=list(harness.PROTOCOLS))
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default="leap_run.json", help="JSON file of finished runs (resumable)")
@@ -111,14 +106,14 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(run_one(json.loads(args.worker))))
         return
-    e2e.check_args(parser, args, at_least={"steps": 0, "batch_size": 1, "train_seqlen": 2, "threads": 1})
+    harness.check_args(parser, args, at_least={"steps": 0, "batch_size": 1, "train_seqlen": 2, "threads": 1})
     if not args.lr > 0:
         parser.error(f"--lr must be > 0; got {args.lr}")
     cache_path = Path(args.cache)
-    cache = e2e.load_cache(cache_path)
+    cache = harness.load_cache(cache_path)
     if not args.report:
         budget = {k: getattr(args, k) for k in BUDGET_KEYS}
-        print(e2e.protocol_text(args.protocol), flush=True)
+        print(harness.protocol_text(args.protocol), flush=True)
         for sparsity in args.sparsities:
             key = f"{args.protocol}|unstructured|{label(budget)}|{sparsity:g}"
             if key in cache:
@@ -126,8 +121,8 @@ def main(argv=None) -> None:
                 continue
             payload = {"protocol": args.protocol, "model": args.model, "threads": args.threads, "sparsity": sparsity,
                        "budget": budget, "progress": args.progress}
-            done = e2e.run_and_cache(cache_path, key, payload, timeout=args.timeout, threads=args.threads,
-                                     script=__file__, stream_stderr=True)
+            done = harness.run_and_cache(cache_path, key, payload, script=__file__, timeout=args.timeout,
+                                         threads=args.threads, stream_stderr=True)
             if done is None:
                 continue
             cache, row = done
