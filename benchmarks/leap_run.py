@@ -7,9 +7,9 @@ tokens of those windows.  Evaluation: the first 40 windows of 1024 tokens of Wik
 docs[500:] (``end_to_end.py``'s quick protocol).  Each run is its own process (its peak RSS is its
 own); rows are cached in ``--cache`` under a key that names the budget, so a run is done once.
 
-Default budget, for a 2-core CPU: 200 steps of one 128-token crop (25,600 training tokens), 3-4 s
-per step on one busy core, after a Wanda start of about 11 minutes; the evaluation adds 5-10 minutes.
-The paper's budget is many orders of magnitude larger (see docs/global.md).
+Default budget, for a 2-core CPU: 200 steps of one 128-token crop (25,600 training tokens) after the
+Wanda start; a run takes roughly half an hour on 2 CPU cores, evaluation included (measured figures in
+docs/global.md).  The paper's budget is many orders of magnitude larger (see docs/global.md).
 
     python benchmarks/leap_run.py --cache leap.json                       # 50% and 60%, 200 steps
     python benchmarks/leap_run.py --cache leap.json --steps 0             # the Wanda start alone
