@@ -27,13 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import end_to_end as e2e  # noqa: E402  (the quick protocol, the dense row, the locked cache file)
+import harness
 
 DEFAULTS = {"steps": 200, "batch_size": 4, "n": 32, "seqlen": 128, "allocation": "global", "seed": 0, "teacher": "cache"}
 PROTOCOL = "quick"
@@ -50,25 +46,20 @@ def run_one(sparsity: float, settings: dict, model_source: str, threads: int) ->
     import torch
 
     import spap
-    from spap.data import c4_documents, calibration_set, wikitext_rows
-    from spap.eval import perplexity
+    from spap.data import calibration_set
 
     torch.set_num_threads(threads)
-    p = e2e.PROTOCOLS[PROTOCOL]
     model, tok = spap.load_model(model_source)
     calib = calibration_set("c4", tok, n=settings["n"], seqlen=settings["seqlen"], seed=0)
     model, report = spap.ddp_prune(model, calib, sparsity, structure="mlp", steps=settings["steps"],
                                    batch_size=settings["batch_size"], allocation=settings["allocation"],
                                    seed=settings["seed"], teacher=settings["teacher"], progress=False)
-    evaluate = dict(seqlen=p["eval_seqlen"], max_windows=p["eval_windows"])
-    t = time.perf_counter()
-    wiki = perplexity(model, tok, wikitext_rows(), **evaluate)
-    c4 = perplexity(model, tok, c4_documents(500, None), **evaluate)
+    scores = harness.evaluate(model, tok, PROTOCOL)
     widths = [w["mlp"] for w in report.widths]
     last = report.history[-1]
     return {
         "structure": "mlp", "method": label(settings), "sparsity": sparsity, **settings,
-        "wikitext_ppl": wiki, "c4_ppl": c4, "eval_s": time.perf_counter() - t,
+        **scores,
         "prune_s": report.seconds, "seconds_per_step": report.seconds / settings["steps"],
         "solver_s": report.seconds,  # end_to_end.py's column: here the whole gate training
         "sum_rel_err": float("nan"),  # no layer problems are solved
@@ -83,10 +74,8 @@ def table(cache: dict) -> str:
     dense = cache.get(f"{PROTOCOL}|dense")
     rows = sorted((r for k, r in cache.items() if k.startswith(f"{PROTOCOL}|mlp|ddp")),
                   key=lambda r: (r["sparsity"], r["method"]))
-    p = e2e.PROTOCOLS[PROTOCOL]
-    lines = [f"protocol {PROTOCOL}: evaluation first {p['eval_windows']} windows of {p['eval_seqlen']} tokens of WikiText-2 "
-             "test and of C4 docs[500:]; DDP calibration windows from C4 docs[:500], seed 0 (sizes and steps in the "
-             "method label, defaults: " + ", ".join(f"{k}={v}" for k, v in DEFAULTS.items()) + ")", "",
+    lines = [f"protocol {PROTOCOL}: evaluation {harness.evaluation_text(PROTOCOL)}; DDP calibration windows from "
+             "C4 docs[:500], seed 0 (sizes and steps in the method label, defaults: " + ", ".join(f"{k}={v}" for k, v in DEFAULTS.items()) + ")", "",
              "| sparsity | method | WikiText-2 ppl | C4 ppl | prune s | s/step | peak RSS GiB | params | widths min-max |",
              "|---|---|---|---|---|---|---|---|---|"]
     if dense:
@@ -121,14 +110,14 @@ def main(argv=None) -> None:
     if args.worker:
         payload = json.loads(args.worker)
         if payload["sparsity"] is None:
-            row = e2e.dense_row(PROTOCOL, payload["model"], None, payload["threads"])
+            row = harness.dense_row(PROTOCOL, payload["model"], None, payload["threads"])
         else:
             row = run_one(payload["sparsity"], payload["settings"], payload["model"], payload["threads"])
         print(json.dumps(row))
         return
-    e2e.check_args(parser, args, at_least={"steps": 1, "batch_size": 1, "n": 1, "seqlen": 1, "threads": 1, "seed": 0})
+    harness.check_args(parser, args, at_least={"steps": 1, "batch_size": 1, "n": 1, "seqlen": 1, "threads": 1, "seed": 0})
     cache_path = Path(args.cache)
-    cache = e2e.load_cache(cache_path)
+    cache = harness.load_cache(cache_path)
     if not args.report:
         settings = {k: getattr(args, k) for k in DEFAULTS}
         todo = [] if f"{PROTOCOL}|dense" in cache else [(f"{PROTOCOL}|dense", None)]
@@ -137,8 +126,8 @@ def main(argv=None) -> None:
         print(f"{len(todo)} runs to do, {len(cache)} cached in {cache_path}", flush=True)
         for i, (key, sparsity) in enumerate(todo, 1):
             payload = {"sparsity": sparsity, "settings": settings, "model": args.model, "threads": args.threads}
-            done = e2e.run_and_cache(cache_path, key, payload, timeout=args.timeout, threads=args.threads,
-                                     script=__file__, label=f"[{i}/{len(todo)}] {key}")
+            done = harness.run_and_cache(cache_path, key, payload, script=__file__, timeout=args.timeout,
+                                         threads=args.threads, label=f"[{i}/{len(todo)}] {key}")
             if done is None:
                 continue
             cache, row = done

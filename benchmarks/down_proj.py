@@ -14,17 +14,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-# The repository root first, so that ``import solvers`` finds the package and not benchmarks/solvers.py;
-# this folder stays on the path (after it) for ``real_layers``.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import solvers  # noqa: E402
-from real_layers import load, n_layers, problem  # noqa: E402
+import solvers
+from real_layers import load, n_layers, problem
 
 BASELINES = {"magnitude+refit": ("magnitude", {"refit": True}), "wanda+refit": ("wanda", {"refit": True})}
 

@@ -21,13 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Published shapes (config.json of each model); head_dim is hidden_size / num_attention_heads.
 SHAPES = {

@@ -33,25 +33,15 @@ Timings are printed, never asserted.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
+from harness import PROTOCOLS, check_args, dense_row, evaluate, load_cache, protocol_text, run_and_cache
 
 STRUCTURED_METHODS = ["spap", "obs", "admm", "flap", "wanda_sp", "magnitude"]
 ROW_METHODS = ["spap", "sparsegpt", "admm", "wanda", "magnitude"]
-PROTOCOLS = {
-    "quick": {"n": 64, "seqlen": 1024, "eval_seqlen": 1024, "eval_windows": 40},
-    "standard": {"n": 128, "seqlen": 2048, "eval_seqlen": 2048, "eval_windows": None},
-}
 
 DEFAULT_DAMP = 0.01  # prune_layerwise's default relative damping
 
@@ -83,13 +73,6 @@ def base_method(label: str) -> str:
 def is_variant(label: str) -> bool:
     """A method run away from its defaults (another damping or steps, a refit): shown, not ranked or plotted."""
     return base_method(label) != label
-
-
-def protocol_text(protocol: str) -> str:
-    p = PROTOCOLS[protocol]
-    windows = "all windows" if p["eval_windows"] is None else f"first {p['eval_windows']} windows"
-    return (f"protocol {protocol}: calibration {p['n']}x{p['seqlen']} tokens from C4 docs[:500], seed 0; "
-            f"evaluation {windows} of {p['eval_seqlen']} tokens of WikiText-2 test and of C4 docs[500:]")
 
 
 def row_target(text: str) -> str:
@@ -127,15 +110,14 @@ def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | No
 
 
 # ---------------------------------------------------------------------------------------------------
-# One run, in its own process
+# One run, in its own process (``harness.run_and_cache`` starts it)
 
 
 def run_one(job: Job, protocol: str, model_source: str, device: str | None, threads: int) -> dict:
     import torch
 
     import spap
-    from spap.data import c4_documents, calibration_set, wikitext_rows
-    from spap.eval import perplexity
+    from spap.data import calibration_set
 
     torch.set_num_threads(threads)
     p = PROTOCOLS[protocol]
@@ -148,13 +130,9 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
     sparsity = 0.5 if job.sparsity is None else job.sparsity
     model, report = spap.prune_layerwise(model, calib, sparsity, method=name, structure=job.structure,
                                          method_options=options, damp=job.damp, device=device, progress=False)
-    evaluate = dict(seqlen=p["eval_seqlen"], max_windows=p["eval_windows"])
-    t = time.perf_counter()
-    wiki = perplexity(model, tok, wikitext_rows(), **evaluate)
-    c4 = perplexity(model, tok, c4_documents(500, None), **evaluate)
     return {
         "structure": job.structure, "method": job.label, "sparsity": job.sparsity, "damp": job.damp,
-        "wikitext_ppl": wiki, "c4_ppl": c4, "eval_s": time.perf_counter() - t,
+        **evaluate(model, tok, protocol),
         "prune_s": report.seconds, "solver_s": report.solver_seconds,
         "peak_rss_gib": report.peak_memory["rss"] / 2**30,
         "peak_cuda_gib": report.peak_memory.get("cuda", 0) / 2**30,
@@ -164,77 +142,8 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
     }
 
 
-def dense_row(protocol: str, model_source: str, device: str | None, threads: int) -> dict:
-    import torch
-
-    import spap
-    from spap.data import c4_documents, wikitext_rows
-    from spap.eval import perplexity
-    from spap.report import count_parameters
-
-    torch.set_num_threads(threads)
-    p = PROTOCOLS[protocol]
-    model, tok = spap.load_model(model_source, device=device or "cpu")
-    evaluate = dict(seqlen=p["eval_seqlen"], max_windows=p["eval_windows"])
-    return {"structure": "dense", "method": "dense", "sparsity": 0.0,
-            "wikitext_ppl": perplexity(model, tok, wikitext_rows(), **evaluate),
-            "c4_ppl": perplexity(model, tok, c4_documents(500, None), **evaluate),
-            "params": count_parameters(model), "params_dense": count_parameters(model)}
-
-
 # ---------------------------------------------------------------------------------------------------
-# The sweep: a cache of finished runs and a subprocess per missing one
-
-
-def load_cache(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def save_result(path: Path, key: str, row: dict) -> dict:
-    """Add one finished run to the cache file and return the whole cache.
-
-    The file is re-read under a lock before writing, so two sweeps sharing one cache (say, one per
-    CPU core with ``--threads 1``) add to it rather than overwrite each other's runs.
-    """
-    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        cache = load_cache(path)
-        cache[key] = row
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        tmp.replace(path)  # atomic: an interrupted write never leaves half a cache
-    return cache
-
-
-def run_in_subprocess(payload: dict, timeout: float | None, *, script: str | Path | None = None,
-                      stream_stderr: bool = False) -> dict:
-    """Run ``script --worker JSON`` (default: this file) in a fresh process, so each run's peak RSS is its
-    own; the worker's last stdout line is its result row.  ``stream_stderr`` lets the worker's progress
-    bar through instead of keeping its stderr for the error message."""
-    cmd = [sys.executable, str(Path(script or __file__).resolve()), "--worker", json.dumps(payload)]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if stream_stderr else subprocess.PIPE,
-                         text=True, timeout=timeout, cwd=os.getcwd())
-    if out.returncode != 0:
-        detail = "its error is above" if stream_stderr else f"\n{out.stderr[-3000:]}"
-        raise RuntimeError(f"worker failed ({out.returncode}): {detail}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def run_and_cache(cache_path: Path, key: str, payload: dict, *, timeout: float | None, threads: int | None,
-                  device: str | None = None, script: str | Path | None = None, stream_stderr: bool = False,
-                  label: str | None = None) -> tuple[dict, dict] | None:
-    """One run in its own process, stamped (wall time, machine, threads, date) and saved under ``key``.
-
-    Returns ``(cache, row)``, or None after printing why the run failed (the sweep goes on)."""
-    start = time.perf_counter()
-    try:
-        row = run_in_subprocess(payload, timeout, script=script, stream_stderr=stream_stderr)
-    except (RuntimeError, subprocess.TimeoutExpired) as err:
-        print(f"{label or key}: FAILED: {err}", flush=True)
-        return None
-    row.update(wall_s=time.perf_counter() - start, machine=machine_text(device), threads=threads,
-               date=time.strftime("%Y-%m-%d"))
-    return save_result(cache_path, key, row), row
+# The sweep: the cache of finished runs (harness.py) and a subprocess per missing one
 
 
 def sweep(args) -> dict:
@@ -255,22 +164,14 @@ def sweep(args) -> dict:
             continue
         payload = {"protocol": args.protocol, "model": args.model, "device": args.device, "threads": args.threads,
                    "job": None if job is None else job.__dict__}
-        done = run_and_cache(cache_path, key, payload, timeout=args.timeout, threads=args.threads,
-                             device=args.device, label=f"[{i}/{len(todo)}] {key}")
+        done = run_and_cache(cache_path, key, payload, script=__file__, timeout=args.timeout,
+                             threads=args.threads, device=args.device, label=f"[{i}/{len(todo)}] {key}")
         if done is None:
             continue
         cache, row = done
         print(f"[{i}/{len(todo)}] {key}: wiki {row['wikitext_ppl']:.3f}, c4 {row['c4_ppl']:.3f}, "
               f"{row['wall_s']:.0f} s", flush=True)
     return cache
-
-
-def machine_text(device: str | None) -> str:
-    import torch
-
-    if device and device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -352,20 +253,6 @@ def plot(cache: dict, protocol: str, prefix: str) -> list[str]:
         plt.close(fig)
         written.append(path)
     return written
-
-
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, *, at_least: dict[str, float]) -> None:
-    """Stop with a usage error, before any work, if a sparsity is outside (0, 1) or an option is too small.
-
-    ``at_least`` maps option names as stored on ``args`` (``batch_size``) to their smallest allowed value.
-    """
-    bad = [s for s in args.sparsities if not 0 < s < 1]
-    if bad:
-        parser.error(f"--sparsities must be in (0, 1); got {bad}")
-    for name, low in at_least.items():
-        value = getattr(args, name)
-        if value < low:
-            parser.error(f"--{name.replace('_', '-')} must be at least {low:g}; got {value}")
 
 
 def main(argv=None) -> None:

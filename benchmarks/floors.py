@@ -18,17 +18,11 @@ For each: flops, floor = flops / rate, measured seconds (best of ``--repeats``),
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import solvers  # noqa: E402
+import solvers
 
 
 def best_time(fn, repeats: int, device: str) -> float:

@@ -23,15 +23,10 @@ again, and ``--report`` prints the table from the cache alone.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.append(str(Path(__file__).resolve().parent))  # after the root, so ``solvers`` stays the package
-
-from end_to_end import PROTOCOLS, check_args, load_cache, machine_text, save_result  # noqa: E402
+from harness import check_args, evaluate, evaluation_text, load_cache, machine_text, save_result
 
 METHODS = ["gisp"]
 
@@ -74,14 +69,11 @@ def run(args, cache_path: Path) -> None:
     import torch
 
     import spap
-    from spap.data import c4_documents, calibration_set, wikitext_rows
-    from spap.eval import perplexity
+    from spap.data import calibration_set
     from spap.report import count_parameters, peak_memory
 
     torch.set_num_threads(args.threads)
     key = run_key(args)
-    protocol = PROTOCOLS["quick"]
-    evaluate = dict(seqlen=protocol["eval_seqlen"], max_windows=protocol["eval_windows"])
     print(budget_text(args), flush=True)
     model, tok = spap.load_model(args.model)
     cache = load_cache(cache_path)
@@ -101,20 +93,19 @@ def run(args, cache_path: Path) -> None:
         if row_key in cache:
             continue
         pruned = result.materialize(model, s)
-        t = time.perf_counter()
-        wiki = perplexity(pruned, tok, wikitext_rows(), **evaluate)
-        c4 = perplexity(pruned, tok, c4_documents(500, None), **evaluate)
+        scores = evaluate(pruned, tok, "quick")
         level = next(x for x in result.sparsities if abs(x - s) < 1e-9)
         reach = sum(step.seconds for step in result.steps if step.target <= level + 1e-12)
         widths = result.widths(level)[args.structure.split("+")[0]]
-        row = {"sparsity": s, "achieved": result.achieved[level], "wikitext_ppl": wiki, "c4_ppl": c4,
-               "eval_s": time.perf_counter() - t, "prune_s_to_reach": reach, "prune_s_run": result.seconds,
+        row = {"sparsity": s, "achieved": result.achieved[level], **scores,
+               "prune_s_to_reach": reach, "prune_s_run": result.seconds,
                "peak_rss_gib_gisp": result.peak_memory["rss"] / 2**30,
                "peak_rss_gib_process": peak_memory()["rss"] / 2**30,
                "params": count_parameters(pruned), "params_dense": dense_params,
                "width_min": min(widths), "width_max": max(widths), "threads": args.threads}
         cache = save_result(cache_path, row_key, row)
-        print(f"{s:.0%}: wiki {wiki:.2f}, c4 {c4:.2f}, widths {min(widths)}..{max(widths)}", flush=True)
+        print(f"{s:.0%}: wiki {scores['wikitext_ppl']:.2f}, c4 {scores['c4_ppl']:.2f}, "
+              f"widths {min(widths)}..{max(widths)}", flush=True)
         del pruned
 
 
@@ -124,9 +115,7 @@ def table(cache: dict, args) -> str:
     rows = sorted((r for k, r in cache.items() if k.startswith(key + "|")), key=lambda r: r["sparsity"])
     if run is None or not rows:
         return f"nothing cached under {key}"
-    p = PROTOCOLS["quick"]
-    lines = [run["budget"], f"evaluation: first {p['eval_windows']} windows of {p['eval_seqlen']} tokens of "
-             f"WikiText-2 test and of C4 docs[500:]; {run['machine']}, {run['date']}", "",
+    lines = [run["budget"], f"evaluation: {evaluation_text('quick')}; {run['machine']}, {run['date']}", "",
              "| sparsity | achieved | WikiText-2 ppl | C4 ppl | GISP s to reach | GISP s (run) | peak RSS GiB (GISP) "
              "| peak RSS GiB (after eval) | params | layer widths |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -23,15 +23,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from spap.eval import throughput  # noqa: E402
+from spap.eval import throughput
 
 # Shapes only (no weights are read): SmolLM2-135M and Llama-3-8B.
 SHAPES = {

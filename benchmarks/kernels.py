@@ -18,18 +18,12 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-# This folder holds a file named like the package ``solvers``: take the folder off the path.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import solvers  # noqa: E402
-from solvers import kernels  # noqa: E402
-from solvers.synthetic import make_problem  # noqa: E402
+import solvers
+from solvers import kernels
+from solvers.synthetic import make_problem
 
 # (label, d_out, d_in): SmolLM2-135M's linears.
 SHAPES = [("q/o_proj", 576, 576), ("gate/up_proj", 1536, 576), ("down_proj", 576, 1536)]
@@ -52,7 +46,6 @@ def timed(problem, method: str, kernel: str, repeats: int) -> tuple[float, solve
 def real_layers_comparison() -> None:
     """SPAP with either kernel on the 30 real SmolLM2 down_proj layers (30% channels), ``H⁻¹`` computed
     beforehand; both orders alternate to cancel drift.  Needs the cache of ``benchmarks/real_layers.py``."""
-    sys.path.append(str(_HERE))  # after the repository root, so ``solvers`` stays the package
     from real_layers import load, n_layers, problem
 
     data = load()

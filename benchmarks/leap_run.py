@@ -7,9 +7,9 @@ tokens of those windows.  Evaluation: the first 40 windows of 1024 tokens of Wik
 docs[500:] (``end_to_end.py``'s quick protocol).  Each run is its own process (its peak RSS is its
 own); rows are cached in ``--cache`` under a key that names the budget, so a run is done once.
 
-Default budget, for a 2-core CPU: 200 steps of one 128-token crop (25,600 training tokens), 3-4 s
-per step on one busy core, after a Wanda start of about 11 minutes; the evaluation adds 5-10 minutes.
-The paper's budget is many orders of magnitude larger (see docs/global.md).
+Default budget, for a 2-core CPU: 200 steps of one 128-token crop (25,600 training tokens) after the
+Wanda start; a run takes roughly half an hour on 2 CPU cores, evaluation included (measured figures in
+docs/global.md).  The paper's budget is many orders of magnitude larger (see docs/global.md).
 
     python benchmarks/leap_run.py --cache leap.json                       # 50% and 60%, 200 steps
     python benchmarks/leap_run.py --cache leap.json --steps 0             # the Wanda start alone
@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import end_to_end as e2e  # noqa: E402  (PROTOCOLS, the cache helpers and the machine line)
+import harness
 
 BUDGET_KEYS = ("steps", "lr", "batch_size", "train_seqlen", "blocks", "scope", "kl_weight", "seed")
 
@@ -40,12 +36,11 @@ def run_one(payload: dict) -> dict:
     import torch
 
     import spap
-    from spap.data import c4_documents, calibration_set, wikitext_rows
-    from spap.eval import perplexity
+    from spap.data import calibration_set
     from spap.report import count_parameters
 
     torch.set_num_threads(payload["threads"])
-    p = e2e.PROTOCOLS[payload["protocol"]]
+    p = harness.PROTOCOLS[payload["protocol"]]
     model, tok = spap.load_model(payload["model"])
     calib = calibration_set("c4", tok, n=p["n"], seqlen=p["seqlen"], seed=0)
     budget = payload["budget"]
@@ -53,14 +48,11 @@ def run_one(payload: dict) -> dict:
                                     batch_size=budget["batch_size"], train_seqlen=budget["train_seqlen"],
                                     blocks=budget["blocks"], scope=budget["scope"], kl_weight=budget["kl_weight"],
                                     seed=budget["seed"], progress=payload["progress"])
-    evaluate = dict(seqlen=p["eval_seqlen"], max_windows=p["eval_windows"])
-    t = time.perf_counter()
-    wiki = perplexity(model, tok, wikitext_rows(), **evaluate)
-    c4 = perplexity(model, tok, c4_documents(500, None), **evaluate)
+    scores = harness.evaluate(model, tok, payload["protocol"])
     history = report.history
     return {
         "structure": "unstructured", "method": label(budget), "sparsity": payload["sparsity"], **budget,
-        "wikitext_ppl": wiki, "c4_ppl": c4, "eval_s": time.perf_counter() - t,
+        **scores,
         "prune_s": report.seconds, "wanda_s": report.wanda_seconds,
         "train_s_per_step": (report.seconds - report.wanda_seconds) / max(1, len(history)),
         "peak_rss_gib": report.peak_memory["rss"] / 2**30, "peak_cuda_gib": report.peak_memory.get("cuda", 0) / 2**30,
@@ -77,7 +69,7 @@ def table(cache: dict, protocol: str) -> str:
                   key=lambda r: (r["sparsity"], r["steps"], r["method"]))
     if not rows:
         return "no LEAP rows in the cache"
-    lines = [e2e.protocol_text(protocol), "",
+    lines = [harness.protocol_text(protocol), "",
              "| sparsity | steps | lr | batch x seqlen | blocks | scope | WikiText-2 ppl | C4 ppl | changed vs Wanda "
              "| Wanda s | s/step | total s | threads | peak RSS GiB |",
              "|" + "---|" * 14]
@@ -101,7 +93,7 @@ def main(argv=None) -> None:
     parser.add_argument("--scope", default="global", choices=["global", "layer", "row"])
     parser.add_argument("--kl-weight", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--protocol", default="quick", choices=list(e2e.PROTOCOLS))
+    parser.add_argument("--protocol", default="quick", choices=list(harness.PROTOCOLS))
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default="leap_run.json", help="JSON file of finished runs (resumable)")
@@ -114,14 +106,14 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(run_one(json.loads(args.worker))))
         return
-    e2e.check_args(parser, args, at_least={"steps": 0, "batch_size": 1, "train_seqlen": 2, "threads": 1})
+    harness.check_args(parser, args, at_least={"steps": 0, "batch_size": 1, "train_seqlen": 2, "threads": 1})
     if not args.lr > 0:
         parser.error(f"--lr must be > 0; got {args.lr}")
     cache_path = Path(args.cache)
-    cache = e2e.load_cache(cache_path)
+    cache = harness.load_cache(cache_path)
     if not args.report:
         budget = {k: getattr(args, k) for k in BUDGET_KEYS}
-        print(e2e.protocol_text(args.protocol), flush=True)
+        print(harness.protocol_text(args.protocol), flush=True)
         for sparsity in args.sparsities:
             key = f"{args.protocol}|unstructured|{label(budget)}|{sparsity:g}"
             if key in cache:
@@ -129,8 +121,8 @@ def main(argv=None) -> None:
                 continue
             payload = {"protocol": args.protocol, "model": args.model, "threads": args.threads, "sparsity": sparsity,
                        "budget": budget, "progress": args.progress}
-            done = e2e.run_and_cache(cache_path, key, payload, timeout=args.timeout, threads=args.threads,
-                                     script=__file__, stream_stderr=True)
+            done = harness.run_and_cache(cache_path, key, payload, script=__file__, timeout=args.timeout,
+                                         threads=args.threads, stream_stderr=True)
             if done is None:
                 continue
             cache, row = done

@@ -9,16 +9,10 @@ of ``benchmarks/real_layers.py``.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.append(str(Path(__file__).resolve().parent))  # after the root, so ``solvers`` stays the package
-
-import solvers  # noqa: E402
-from real_layers import load, n_layers, problem  # noqa: E402
+import solvers
+from real_layers import load, n_layers, problem
 
 
 def main() -> None:

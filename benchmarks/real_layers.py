@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import solvers  # noqa: E402
+import solvers
 
 # Linear whose input Gram is captured -> the linears sharing that input.
 SHARED_INPUTS = {

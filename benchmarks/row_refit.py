@@ -21,14 +21,11 @@ import importlib
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE.parent))
-
-import solvers  # noqa: E402
+import real_layers
+import solvers
 
 refit_module = importlib.import_module("solvers.refit")
 _sorted_chunks = refit_module._chunks_by_count
@@ -72,9 +69,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = importlib.util.spec_from_file_location("real_layers", _HERE / "real_layers.py")
-    real_layers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real_layers)
     data = real_layers.load()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# benchmarks/row_refit.py {' '.join(sys.argv[1:])}\n# torch {torch.__version__}, "

@@ -43,9 +43,6 @@ def worker(payload: dict) -> dict:
 
     import torch
 
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
     import solvers
     from solvers.synthetic import make_factor_problem
 

@@ -13,14 +13,10 @@ how often SPAP is worse than magnitude + refit (the acceptance asks for 0).
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import solvers  # noqa: E402
-from solvers.synthetic import make_problem  # noqa: E402
+import solvers
+from solvers.synthetic import make_problem
 
 STRUCTURES = {
     "channels16": lambda: solvers.channels(16),

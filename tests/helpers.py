@@ -1,6 +1,10 @@
-"""Shared test helpers: devices and small-problem strategies."""
+"""Shared test helpers: devices, small-problem strategies, and the benchmark scripts as modules."""
 
 from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -17,3 +21,14 @@ def kept_gradient(problem, W_hat: torch.Tensor, keep_entries: torch.Tensor) -> f
     G = (W_hat.to(torch.float64) - problem.W64) @ problem.hessian
     scale = float((problem.W64 @ problem.hessian).abs().max())
     return float(G[keep_entries].abs().max()) / scale if keep_entries.any() else 0.0
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """``benchmarks/NAME.py`` imported the way its siblings see it when run as ``python benchmarks/NAME.py``:
+    with ``benchmarks/`` first on ``sys.path`` (only while it is imported)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        return importlib.import_module(name)

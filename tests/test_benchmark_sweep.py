@@ -1,22 +1,21 @@
-"""The end-to-end sweep's bookkeeping (no model is loaded): which runs it plans, and its shared cache."""
+"""The end-to-end sweep's bookkeeping (no model is loaded): which runs it plans, and the shared cache of
+``benchmarks/harness.py``."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def e2e():
-    spec = importlib.util.spec_from_file_location("end_to_end", ROOT / "benchmarks" / "end_to_end.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["end_to_end"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("end_to_end")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    return benchmark_module("harness")
 
 
 def test_row_targets_choose_the_unstructured_runs(e2e):
@@ -33,13 +32,13 @@ def test_structured_runs_cover_every_method_and_sparsity(e2e):
     assert {j.structure for j in jobs} == {"mlp"}
 
 
-def test_two_sweeps_add_to_one_cache_without_losing_runs(e2e, tmp_path):
+def test_two_sweeps_add_to_one_cache_without_losing_runs(harness, tmp_path):
     path = tmp_path / "cache.json"
-    e2e.save_result(path, "a", {"wikitext_ppl": 1.0})
-    stale = e2e.load_cache(path)  # what a second sweep read before the first one wrote again
-    e2e.save_result(path, "b", {"wikitext_ppl": 2.0})
+    harness.save_result(path, "a", {"wikitext_ppl": 1.0})
+    stale = harness.load_cache(path)  # what a second sweep read before the first one wrote again
+    harness.save_result(path, "b", {"wikitext_ppl": 2.0})
     assert "b" not in stale
-    merged = e2e.save_result(path, "c", {"wikitext_ppl": 3.0})
+    merged = harness.save_result(path, "c", {"wikitext_ppl": 3.0})
     assert sorted(merged) == ["a", "b", "c"] == sorted(json.loads(path.read_text()))
     assert not path.with_suffix(".json.tmp").exists()
 

@@ -1,23 +1,16 @@
 """``benchmarks/dry_run.py`` on its tiny shape: it prunes every block, reports each one, and checks its
 arguments before building anything."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def dry_run():
-    spec = importlib.util.spec_from_file_location("dry_run", ROOT / "benchmarks" / "dry_run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dry_run"] = module
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("dry_run")
 
 
 def test_tiny_dry_run_prunes_every_block_and_reports_it(dry_run, tmp_path, capsys):

@@ -17,11 +17,11 @@ gap uses the damped objective that every solver minimises.  A method name may ca
 score methods' exact refit).  ``flap[bias]`` is FLAP's error once its compensated bias is used.
 Timings are printed, never asserted; the CPU may be shared, so the header prints the load average.
 
-    python benchmarks/solvers.py --quick                                    # a minute: small versions of every suite
-    python benchmarks/solvers.py --suite columns --plot docs/solvers_columns.png
-    python benchmarks/solvers.py --suite rows --row-blocks 0 15 29
-    python benchmarks/solvers.py --suite speed --threads 2
-    python benchmarks/solvers.py --suite columns --damp 0.001 --json columns-0.001.json   # lighter damping
+    python benchmarks/compare_solvers.py --quick                            # a minute: small versions of every suite
+    python benchmarks/compare_solvers.py --suite columns --plot docs/solvers_columns.png
+    python benchmarks/compare_solvers.py --suite rows --row-blocks 0 15 29
+    python benchmarks/compare_solvers.py --suite speed --threads 2
+    python benchmarks/compare_solvers.py --suite columns --damp 0.001 --json columns-0.001.json   # lighter damping
 """
 
 from __future__ import annotations
@@ -37,13 +37,8 @@ from pathlib import Path
 
 import torch
 
-# This file is named like the package: take its own folder off the path so ``import solvers`` finds the package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import solvers  # noqa: E402
-from solvers.synthetic import make_problem  # noqa: E402
+import solvers
+from solvers.synthetic import make_problem
 
 COLUMN_METHODS = ["spap", "obs", "admm", "wanda_sp", "wanda_sp+refit", "flap", "flap+refit", "magnitude", "magnitude+refit"]
 ROW_METHODS = ["spap", "sparsegpt", "admm", "wanda", "magnitude"]
@@ -131,11 +126,7 @@ def suite_exact(args) -> list[dict]:
 
 
 def _real(args):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("real_layers", _HERE / "real_layers.py")
-    real_layers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real_layers)
+    import real_layers
 
     data = real_layers.load()
     layers = args.layers if args.layers is not None else list(range(real_layers.n_layers(data)))
@@ -375,7 +366,8 @@ def main(argv=None) -> None:
         args.sparsities = [s for s in args.sparsities if s in (0.3, 0.5, 0.7)] or args.sparsities[:2]
     suites = args.suite or (list(SUITES) if args.quick else ["synthetic", "exact", "columns", "rows", "speed"])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# benchmarks/solvers.py {' '.join(sys.argv[1:])}\n# torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"# benchmarks/compare_solvers.py {' '.join(sys.argv[1:])}\n"
+          f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, load average {load:.2f}, real layers damped by {args.damp:g}·mean(diag H)")
     rows = []
     for suite in suites:
