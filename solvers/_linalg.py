@@ -81,10 +81,10 @@ def _lower_gram(M: torch.Tensor) -> torch.Tensor:
 def inverse_from_cholesky(L: torch.Tensor) -> torch.Tensor:
     """``(L Lᵀ)⁻¹ = L⁻ᵀ L⁻¹`` from the lower Cholesky factor ``L`` (n, n), symmetrised.
 
-    Matrix products only (:func:`lower_inverse`, then ``L⁻ᵀL⁻¹`` by blocks): on 2 CPU cores for
-    n = 1536 this took 0.144-0.154 s where a triangular solve against the identity and one full product
-    took 0.231-0.232 s (``benchmarks/floors.py``, ``docs/performance.md``); LAPACK's ``potri``
-    (``torch.cholesky_inverse``) is avoided because it is erratic when the cores are shared.
+    Matrix products only (:func:`lower_inverse`, then ``L⁻ᵀL⁻¹`` by blocks, skipping the zero triangle):
+    fewer flops than a triangular solve against the identity followed by one full product.  LAPACK's
+    ``potri`` (``torch.cholesky_inverse``) is avoided because it is erratic when the cores are shared.
+    Measured by ``python benchmarks/floors.py``; figures in ``docs/performance.md``.
     """
     return symmetrize_(_lower_gram(lower_inverse(L)))
 

@@ -20,9 +20,9 @@ and the ``d_out × d_in`` weight at every step, the removed directions are store
 thin matrices, ``H⁻¹' = H⁻¹ − CᵀC``, ``W' = W − AᵀC`` and ``B = A W``, and only the small per-group
 blocks ``H⁻¹'_gg`` and ``(W'ᵀW')_gg`` that the criterion needs are kept up to date (``WᵀW`` is formed
 once).  A step that removes ``m`` columns after ``r`` have gone costs ``O((d_in + d_out)·r·m)`` instead of
-``O(d_in²·m + d_out·d_in·m)`` for the explicit downdates.  Measured on 2 CPU cores for a SmolLM2 down_proj
-(576×1536, 461 channels removed one per step): about 0.2 s with the recursion, against about 1.4 s for
-explicit rank-1 downdates of ``H⁻¹`` and ``W`` in float64 torch (``benchmarks/solvers.py --speed``).
+``O(d_in²·m + d_out·d_in·m)`` for the explicit downdates.  ``obs`` is timed by
+``python benchmarks/scaling.py`` and ``python benchmarks/compare_solvers.py --suite speed`` (figures in
+``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def group_costs(Hb: torch.Tensor, Gb: torch.Tensor) -> torch.Tensor:
 def thin_product(A: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """``A @ V`` for a ``V`` of few columns, as one matrix-vector product per column.
 
-    Measured on 2 shared CPU cores (MKL, float64, ``A`` of shape 1536×230): 0.1 ms per ``torch.mv``
-    but 5 to 24 ms for the same product as a GEMM with 2 to 8 columns.
+    On CPU (MKL, float64) a GEMM with 2 to 8 columns was far slower than the same number of
+    ``torch.mv`` calls (``obs`` as a whole is timed by ``python benchmarks/scaling.py``).
     """
     if V.shape[1] > 8:
         return A @ V
@@ -79,8 +79,9 @@ def thin_product(A: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 def _inverse_cholesky(M: torch.Tensor) -> torch.Tensor:
     """``L⁻¹`` for the Cholesky factor ``L`` of a small SPD block.
 
-    Explicit, because ``solve_triangular`` on a transposed (strided) right-hand side measured 6 ms per
-    call here against microseconds for the product with ``L⁻¹``.
+    Explicit, because ``solve_triangular`` on a transposed (strided) right-hand side was orders of
+    magnitude slower than the product with ``L⁻¹`` (``obs`` as a whole is timed by
+    ``python benchmarks/scaling.py``).
     """
     if M.shape[0] == 1:
         if not bool(M[0, 0] > 0):

@@ -1,7 +1,8 @@
 """SPAP: a penalty method with alternating minimization, then an exact 1-swap local search.
 
 Column structures (channels, heads, index groups).  With ``s`` the indicator of pruned groups and
-``D = diag(H_d)``, the bilinear constraint ``Ŵ·diag(s) = 0`` is replaced by the penalty::
+``D = diag(c)``, ``c_j = 1/[H_d⁻¹]_jj`` (the OBS cost of pruning column ``j`` alone is ``c_j‖W_{:,j}‖²``),
+the bilinear constraint ``Ŵ·diag(s) = 0`` is replaced by the penalty::
 
     F_ρ(Ŵ, s) = ½ tr((Ŵ−W) H_d (Ŵ−W)ᵀ) + ρ/2 Σ_j s_j D_j ‖Ŵ_{:,j}‖²,     s ∈ {0,1}^g, Σ s = k
 
@@ -98,8 +99,9 @@ def spap(
     steps : int, optional
         Number of penalty parameters, geometric between ``rho0`` and ``rho_max``.  Default 5 for column
         groups, where the swap search finishes the job (on the 30 SmolLM2 down_proj layers 5 steps end
-        at the same mean error as 10 in 8% less time), and 10 for unstructured and N:M, which have no
-        swap search (5 steps raised the error by 3-7% on real o_proj/k_proj layers, unstructured 50%).  ``docs/method.md`` §7.3.
+        at the same mean error as 10, in less time), and 10 for unstructured and N:M, which have no
+        swap search (5 steps raised the error by 3-7% on real o_proj/k_proj layers, unstructured 50%).
+        Measured by ``python benchmarks/down_proj.py --grid`` and ``--row-steps``; ``docs/method.md`` §7.3.
     gradual : bool, default True
         Raise the number of pruned units along the cubic ramp ``k(1 − (1 − t/T)³)`` (all ``k`` by the last
         step) instead of pruning ``k`` from the first step.
@@ -219,9 +221,9 @@ def refit_through_inverse(Hinv: torch.Tensor, W: torch.Tensor, pruned_cols: torc
     ``Ŵ = W − W_P (H⁻¹_PP)⁻¹ H⁻¹_{P,:}`` (zero on ``P``) is the same optimum as
     :func:`solvers.refit.refit_columns` (which factors ``H_KK``), by the block inverse; with ``H⁻¹``
     at hand it costs one ``|P|×|P|`` Cholesky, shared with the objective ``½ tr(W_P (H⁻¹_PP)⁻¹ W_Pᵀ)``
-    (:func:`mask_objective`), and one ``m×|P|×n`` product, against a ``|K|×|K|`` Cholesky and solve.
-    In a one-thread profile of a 576×1536 factor-model problem (SmolLM2 down_proj shape, 461 channels
-    pruned) ``refit_columns`` took 0.21 s of SPAP's 0.79 s (``docs/performance.md``).
+    (:func:`mask_objective`), and one ``m×|P|×n`` product, against a ``|K|×|K|`` Cholesky and solve,
+    which was a large share of SPAP's time (SPAP's solve is measured by ``python benchmarks/down_proj.py``;
+    figures in ``docs/performance.md``).
     """
     if pruned_cols.numel() == 0:
         return 0.0, W.clone()

@@ -46,7 +46,8 @@ class GramAccumulator:
         refit used here).
     product_dtype : torch.float64 (default) or torch.float32
         Precision of each batch's ``XᵀX``.  The running sum is float64 either way; float32 products
-        (summing one batch, a few thousand tokens, in float32) are about twice as fast on CPU.
+        (summing one batch, a few thousand tokens, in float32) are cheaper on CPU, where the float32 GEMM
+        rate is about twice the float64 one (``python benchmarks/floors.py`` prints both).
 
     Examples
     --------
@@ -91,8 +92,9 @@ def _add_upper_gram(H: torch.Tensor, X: torch.Tensor, panels: int = 4) -> None:
     """``H += XᵀX`` for ``X`` of shape (tokens, d), computing only the upper triangle.
 
     torch has no symmetric rank-k update (BLAS ``syrk``); products of row panels with the columns to
-    their right do ``(1 + 1/panels)/2`` of the work, and mirror the strictly lower part.  Measured on 2
-    CPU cores for a float32 8192×1536 batch: 0.16 s against 0.28 s for the full product, bit-identical.
+    their right do ``(1 + 1/panels)/2`` of the work, and mirror the strictly lower part; the result is
+    bit-identical to the full product.  Measured against its GEMM floor by ``python benchmarks/floors.py``
+    (figures in ``docs/performance.md``).
     """
     d = X.shape[1]
     edges = [round(i * d / panels) for i in range(panels + 1)] if d >= 256 else [0, d]
@@ -281,8 +283,9 @@ class LayerProblem:
         """``(H + δ·mean(diag H)·I)⁻¹`` in float64.
 
         Computed as ``L⁻ᵀL⁻¹`` by blocks (:func:`solvers._linalg.inverse_from_cholesky`): matrix
-        products only, because ``torch.cholesky_inverse`` (LAPACK potri) took 1 to 11 s instead of 0.1 s
-        for d=1536 when another process shared the 2 cores.
+        products only, because ``torch.cholesky_inverse`` (LAPACK potri) slows down by up to two orders
+        of magnitude when another process shares the cores (the command at the top of
+        ``docs/performance.md`` shows it; ``python benchmarks/floors.py`` times this inverse).
         """
         return inverse_from_cholesky(self.hessian_cholesky)
 

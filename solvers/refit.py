@@ -22,9 +22,9 @@ import torch
 from ._linalg import cholesky
 from .problem import LayerProblem
 
-# Upper bound on the float64 elements of one batch of row systems.  On CPU small batches stay in cache:
-# the 50% unstructured refit of a SmolLM2 down_proj took 17.0 s with 64M-element (0.5 GB) batches and
-# 10.6 s with 2M (1 thread, loaded machine; `python benchmarks/row_refit.py`, docs/performance.md).  On CUDA large batches fill the device.
+# Upper bound on the float64 elements of one batch of row systems.  On CPU small batches stay in cache
+# and are faster than 64M-element (0.5 GB) ones (measured by `python benchmarks/row_refit.py`; figures in
+# docs/performance.md).  On CUDA large batches fill the device.
 _ROW_CHUNK_ELEMENTS = 2_000_000
 _ROW_CHUNK_ELEMENTS_CUDA = 64_000_000
 
@@ -109,8 +109,8 @@ def _chunks_by_count(rows: torch.Tensor, counts: torch.Tensor, budget: int):
 
     Rows are sorted by kept count so that each batch pads only to its own largest count.  Unstructured
     masks chosen over a whole layer keep between 93 and 1137 of 1536 weights per row on a SmolLM2
-    ``down_proj`` at 50%; padding every row to the layer's largest count made the refit 2.4x slower
-    (68.2 s vs 17.0 s at equal batch budget, 1 thread; ``python benchmarks/row_refit.py``).
+    ``down_proj`` at 50%, and padding every row to the layer's largest count makes most systems far
+    larger than they are (measured by ``python benchmarks/row_refit.py``; figures in ``docs/performance.md``).
     """
     if rows.numel() == 0:
         return

@@ -18,8 +18,8 @@ By the block inverse, ``H_PK (H_KK)⁻¹ = −(H⁻¹_PP)⁻¹ H⁻¹_PK``, so `
 ``Kinv_{:,K} = H⁻¹_{:,K} − H⁻¹_{:,P} (H⁻¹_PP)⁻¹ H⁻¹_PK = H⁻¹_{:,K} + HinvPᵀ U_{:,K}`` (zero on ``P``).  The
 swap search reads ``Kinv`` only as a few columns per swap and the diagonal blocks of the kept groups per
 table, so both are formed from ``HinvP`` and ``U`` in ``O(|P| d n)``, instead of keeping the ``n×n``
-``Kinv`` up to date with a rank update per swap (the largest matrix of the state; dropping it cut the
-swap search's time on SmolLM2 down_proj layers, ``docs/performance.md``).
+``Kinv`` up to date with a rank update per swap (it would be the largest matrix of the state; the
+search is timed by ``python benchmarks/down_proj.py``, figures in ``docs/performance.md``).
 
 With ``S_p = H_pp − U_p H[:, p]`` (Schur complement), ``X = S_p⁻¹ U_pq``::
 
@@ -37,7 +37,8 @@ from ._linalg import cholesky, inverse_from_cholesky, spd_inverse
 
 # Swaps between two rebuilds of the state from H⁻¹.  The rank updates drift little: on SmolLM2 down_proj
 # layers the tracked error after 29-74 swaps with no rebuild matched the exact refit error to 2.2e-16
-# (relative; docs/performance.md), so a rebuild, which costs about as much as 20 swaps, is only a bound for long searches.
+# (relative; the command is in docs/performance.md), so a rebuild, which costs as much as many swaps,
+# is only a bound for long searches.
 _REFRESH_EVERY = 128
 
 
@@ -179,8 +180,8 @@ class _ColumnState:
         (with ``(H Z)_P`` in closed form: ``H Z`` vanishes on the kept rows) and the matching rows of ``U``
         and ``A``; the slot's row of ``HinvP`` becomes ``H⁻¹_{q,:}``.  The few columns of the intermediate state that the second step
         reads are formed from the first step's factors, so each large matrix is updated once, by a
-        rank-``2d`` product: the updates are memory-bound, and this halves their traffic (measured on a
-        SmolLM2 down_proj: ``docs/performance.md``).
+        rank-``2d`` product: the updates are memory-bound, and this halves their traffic (the search is
+        timed by ``python benchmarks/down_proj.py``; figures in ``docs/performance.md``).
         """
         d = self.d
         p = int(self.pruned[pos])
