@@ -5,7 +5,7 @@ is its own), its gates are trained with ``spap.ddp_prune`` and the pruned model 
 ``benchmarks/end_to_end.py``'s quick protocol: the first 40 windows of 1024 tokens of WikiText-2 test
 and of C4 documents ``[500:]``.
 
-The budget (defaults; docs/global.md, section "DDP", explains it): calibration 32 windows of 128 tokens
+The budget (defaults; docs/ddp.md explains it): calibration 32 windows of 128 tokens
 from C4 docs[:500] (seed 0), the dense model's log-probabilities cached (0.8 GB), 200 steps of 4
 windows (each window seen 25 times), global allocation (blocks may keep different widths; the pruned
 model is evaluated in memory).  Each run takes roughly 15-30 minutes on 2 CPU cores, evaluation included.

@@ -9,7 +9,7 @@ own); rows are cached in ``--cache`` under a key that names the budget, so a run
 
 Default budget, for a 2-core CPU: 200 steps of one 128-token crop (25,600 training tokens) after the
 Wanda start; a run takes roughly half an hour on 2 CPU cores, evaluation included (measured figures in
-docs/global.md).  The paper's budget is many orders of magnitude larger (see docs/global.md).
+docs/leap.md).  The paper's budget is many orders of magnitude larger (see docs/leap.md).
 
     python benchmarks/leap_run.py --cache leap.json                       # 50% and 60%, 200 steps
     python benchmarks/leap_run.py --cache leap.json --steps 0             # the Wanda start alone

@@ -202,15 +202,15 @@ class KVGroups(UnitKind):
         False: head_dim derived from the hidden size) get the other groups' weights zeroed instead."""
         if self.shrinks:
             return super().keep(block, idx)
-        a = self.adapter
+        dropped = _complement(idx, self.dense_count())
         for module, offset, rows in self.input_rows(block):
             view = LinearView(module)
-            drop = offset + _spans(_complement(idx, self.dense_count()), rows).to(module.weight.device)
+            drop = offset + _spans(dropped, rows).to(module.weight.device)
             view.weight[drop] = 0  # a view of the stored weight (transposed for Conv1D): writes through
             if view.bias is not None:
                 view.bias[drop] = 0
         out = LinearView(self.output_linear(block))
-        out.weight[:, _spans(_complement(idx, a.n_kv_heads), self.columns_per_unit).to(out.weight.device)] = 0
+        out.weight[:, _spans(dropped, self.columns_per_unit).to(out.weight.device)] = 0
 
 
 def kinds(adapter: Adapter, names: Sequence[str] = UNIT_KINDS) -> dict[str, UnitKind]:

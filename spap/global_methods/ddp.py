@@ -4,7 +4,7 @@ DDP (Huang et al., "Deterministic Differentiable Structured Pruning for Large La
 arXiv:2603.08065) learns one multiplicative gate per structure (an MLP channel, or a KV group: one key-value
 head and its query heads) with every weight frozen, under an ℓ0 budget.  Instead of sampling stochastic
 hard-concrete gates it optimises a *deterministic* soft surrogate of the ℓ0 count.  Our reading of it
-(docs/global.md, section "DDP", says which choices are ours):
+(docs/ddp.md says which choices are ours):
 
 - gate ``m = ReLU(z)``, one trainable ``z`` per unit, initialised to 1 (the dense model); ``m``
   multiplies the unit's columns of the input of its output linear (down_proj, o_proj) through forward

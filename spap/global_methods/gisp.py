@@ -24,7 +24,7 @@ recomputing the gradients after each step:
    many").  :meth:`GispResult.materialize` shrinks a copy of the dense model to any of them.
 
 Memory: the whole model, the gradients of the linears being scored (their own size again) and the
-activations of one calibration batch, on the model's device.  docs/global.md states the formulas and
+activations of one calibration batch, on the model's device.  docs/gisp.md states the formulas and
 the choices made where the paper leaves them open.
 """
 
