@@ -194,17 +194,7 @@ def prune_layerwise(
         records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], block_settings)
         report.layers.extend(records)
         if propagate == "pruned":
-            with torch.no_grad():
-                for b, h in enumerate(hidden):
-                    if tail is not None:
-                        # `hidden` holds the residuals entering the MLP and `mlp_inputs` the inputs of its
-                        # output linear (first pass): only the pruned output linear is left to compute.
-                        x = mlp_inputs[b].index_select(-1, kept["mlp"].to(mlp_inputs[b].device)).to(device)
-                        mlp_inputs[b] = None
-                        out = tail[1](h.to(device), adapter.mlp_out(block)(x))
-                    else:
-                        out = run_block(block, h, kwargs[i][b], device)
-                    hidden[b] = finite(out, f"output of block {i}").to(offload)
+            _propagate(adapter, block, i, hidden, kwargs[i], kept, mlp_inputs, tail, device, offload)
         block.to(offload if device.type == "cuda" else device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -299,6 +289,22 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
         kind.keep(block, idx)
         records.append(record)
     return records, kept, mlp_inputs, tail
+
+
+def _propagate(adapter: Adapter, block: nn.Module, index: int, hidden: list[torch.Tensor], block_kwargs: list[dict],
+               kept: dict[str, torch.Tensor], mlp_inputs: list, tail, device: torch.device, offload: torch.device) -> None:
+    """Replace ``hidden[b]`` by the pruned block's output for every batch ``b`` (kept on ``offload``)."""
+    with torch.no_grad():
+        for b, h in enumerate(hidden):
+            if tail is not None:
+                # `hidden` holds the residuals entering the MLP and `mlp_inputs` the inputs of its output
+                # linear (first pass): only the pruned output linear is left to compute.
+                x = mlp_inputs[b].index_select(-1, kept["mlp"].to(mlp_inputs[b].device)).to(device)
+                mlp_inputs[b] = None
+                out = tail[1](h.to(device), adapter.mlp_out(block)(x))
+            else:
+                out = run_block(block, h, block_kwargs[b], device)
+            hidden[b] = finite(out, f"output of block {index}").to(offload)
 
 
 class _StopBlock(Exception):
