@@ -61,6 +61,7 @@ class BlockSettings:
     gram_dtype: torch.dtype
     propagate: str
     device: torch.device
+    offload: torch.device
     mlp_tail: bool = True
 
 
@@ -146,7 +147,33 @@ def prune_layerwise(
         Per solved problem: block, target, structure, kept/total, relative error, seconds; totals:
         parameters before/after, wall time, solver time, peak memory.
     """
-    # --- validate everything before any model work ----------------------------------------------
+    settings = check_arguments(model, sparsity, method=method, structure=structure, method_options=method_options,
+                               damp=damp, gram_dtype=gram_dtype, batch_size=batch_size, device=device, offload=offload,
+                               propagate=propagate, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+    return _run(model, calibration_batches(calib, tokenizer, batch_size=batch_size), settings, checkpoint_dir, resume,
+                progress)
+
+
+def check_arguments(
+    model: nn.Module,
+    sparsity: float = 0.3,
+    *,
+    method: str = "spap",
+    structure: str = "mlp",
+    method_options: dict | None = None,
+    damp: float = 0.01,
+    gram_dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    offload: str | torch.device = "cpu",
+    propagate: str = "pruned",
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> BlockSettings:
+    """Check :func:`prune_layerwise`'s arguments against ``model`` without any work (the command line
+    calls it before calibrating); raise :class:`solvers.InvalidArgumentError` naming the first bad one.
+    Returns the run's :class:`BlockSettings`."""
     adapter = get_adapter(model)
     parsed = PruneStructure.parse(structure)
     check_table("prune_layerwise", _CONSTRAINTS, locals())
@@ -164,12 +191,19 @@ def prune_layerwise(
     n_kv_prune = U.prune_count(sparsity, adapter.n_kv_heads) if "heads" in parsed.units else 0
     if "heads" in parsed.units and n_kv_prune >= adapter.n_kv_heads:
         raise InvalidArgumentError(f"sparsity={sparsity} would prune all {adapter.n_kv_heads} key-value groups.")
-    batches = calibration_batches(calib, tokenizer, batch_size=batch_size)
-    settings = {"sparsity": sparsity, "method": method, "structure": structure, "method_options": method_options,
-                "damp": damp, "gram_dtype": str(gram_dtype), "propagate": propagate, "n_batches": len(batches),
-                "calib_tokens": sum(b.numel() for b in batches), "model_type": model.config.model_type}
-    block_settings = BlockSettings(parsed, float(sparsity), n_kv_prune, method, method_options, damp, gram_dtype,
-                                   propagate, device, mlp_tail=_HOOKS.mlp_tail)
+    return BlockSettings(parsed, float(sparsity), n_kv_prune, method, method_options, damp, gram_dtype, propagate, device,
+                         offload, mlp_tail=_HOOKS.mlp_tail)
+
+
+def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkpoint_dir: str | None, resume: bool,
+         progress: bool) -> tuple[nn.Module, PruneReport]:
+    """The block-by-block prune, with arguments already checked."""
+    adapter = get_adapter(model)
+    device, offload, propagate = s.device, s.offload, s.propagate
+    settings = {"sparsity": s.sparsity, "method": s.method, "structure": s.structure.text,
+                "method_options": s.method_options, "damp": s.damp, "gram_dtype": str(s.gram_dtype),
+                "propagate": propagate, "n_batches": len(batches), "calib_tokens": sum(b.numel() for b in batches),
+                "model_type": model.config.model_type}
 
     # --- run --------------------------------------------------------------------------------------
     report = PruneReport(settings=settings, params_before=count_parameters(model))
@@ -191,7 +225,7 @@ def prune_layerwise(
         block_start = time.perf_counter()
         block = blocks[i]
         block.to(device)
-        records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], block_settings)
+        records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], s)
         report.layers.extend(records)
         if propagate == "pruned":
             _propagate(adapter, block, i, hidden, kwargs[i], kept, mlp_inputs, tail, device, offload)
@@ -204,7 +238,7 @@ def prune_layerwise(
         stop = _HOOKS.stop_after_blocks
         if stop is not None and i + 1 - first >= stop and i + 1 < len(blocks):
             raise ckpt.Interrupted(f"stopped after block {i} (test hook)")
-    U.set_widths(adapter, {name: width for name, width in U.widths(adapter).items() if name in parsed.units})
+    U.set_widths(adapter, {name: width for name, width in U.widths(adapter).items() if name in s.structure.units})
     model.train(was_training)
     report.params_after = count_parameters(model)
     report.seconds = time.perf_counter() - start
