@@ -16,8 +16,15 @@ from typing import Sequence
 
 import torch
 
+from .checks import InvalidArgumentError
+
 C4_FILE = "c4/c4-train.00000-of-01024.first1000.jsonl"
 WIKITEXT_FILE = "wikitext-2-raw/test.rows.json"
+
+
+class InvalidFileError(InvalidArgumentError):
+    """A file given as an argument (a model's manifest, a calibration or data file) that cannot be read as
+    what it should be; the message names the file and what is wrong, on one line."""
 
 
 def data_dir(path: str | Path | None = None) -> Path:
@@ -30,18 +37,62 @@ def data_dir(path: str | Path | None = None) -> Path:
     return candidate
 
 
+def data_file(name: str, path: str | Path | None = None) -> Path:
+    """``name`` (``C4_FILE`` or ``WIKITEXT_FILE``) inside the data directory; ``FileNotFoundError`` naming
+    both when the directory or the file is missing."""
+    directory = data_dir(path)
+    if not (directory / name).is_file():
+        raise FileNotFoundError(f"The data directory {directory} has no {name}.")
+    return directory / name
+
+
 def c4_documents(start: int = 0, stop: int | None = 500, *, path: str | Path | None = None) -> list[str]:
     """Texts of C4 documents ``[start:stop]`` (calibration: ``[:500]``; evaluation: ``[500:]``)."""
-    file = data_dir(path) / C4_FILE
-    with open(file, encoding="utf-8") as fh:
-        docs = [json.loads(line)["text"] for line in fh if line.strip()]
-    return docs[start:stop]
+    return _json_lines(data_file(C4_FILE, path))[start:stop]
 
 
 def wikitext_rows(*, path: str | Path | None = None) -> list[str]:
     """The 4,358 rows of the WikiText-2 raw test split."""
-    with open(data_dir(path) / WIKITEXT_FILE, encoding="utf-8") as fh:
-        return json.load(fh)
+    return _json_rows(data_file(WIKITEXT_FILE, path))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidFileError(f"{path} is not UTF-8 text (byte {e.start}).") from None
+    except IsADirectoryError:
+        raise InvalidFileError(f"{path} is a directory, not a text file.") from None
+
+
+def _json_lines(path: Path) -> list[str]:
+    """The ``"text"`` field of every line of a JSON-lines file (blank lines skipped)."""
+    texts = []
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidFileError(f"{path}, line {number}: not JSON ({e.msg}); a .jsonl file holds one JSON "
+                                   'object with a "text" string per line.') from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InvalidFileError(f'{path}, line {number}: no "text" string; a .jsonl file holds one JSON object '
+                                   'with a "text" string per line.')
+        texts.append(record["text"])
+    return texts
+
+
+def _json_rows(path: Path) -> list[str]:
+    """A JSON list of strings."""
+    try:
+        rows = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise InvalidFileError(f"{path} is not JSON ({e.msg}, line {e.lineno}); a .json file holds a list of "
+                               "strings.") from None
+    if not (isinstance(rows, list) and all(isinstance(r, str) for r in rows)):
+        raise InvalidFileError(f"{path} must hold a JSON list of strings.")
+    return rows
 
 
 def random_windows(
@@ -51,7 +102,7 @@ def random_windows(
     enough to hold it (the SparseGPT/Wanda calibration recipe).  Returns a LongTensor ``(n, seqlen)``.
     """
     if n <= 0 or seqlen <= 0:
-        raise ValueError(f"The 'n' and 'seqlen' arguments must be positive. Got n={n}, seqlen={seqlen}.")
+        raise InvalidArgumentError(f"The 'n' and 'seqlen' arguments must be positive. Got n={n}, seqlen={seqlen}.")
     gen = torch.Generator().manual_seed(seed)
     encoded: dict[int, list[int]] = {}
     windows = []
@@ -59,7 +110,8 @@ def random_windows(
     while len(windows) < n:
         tries += 1
         if tries > 100 * n:
-            raise ValueError(f"Too few documents hold {seqlen} tokens; lower 'seqlen' or give more text.")
+            raise InvalidArgumentError(f"Too few documents hold more than {seqlen} tokens (found {len(windows)} "
+                                       f"windows of {n} in {tries - 1} draws); lower 'seqlen' or give more text.")
         i = int(torch.randint(len(texts), (1,), generator=gen))
         if i not in encoded:
             encoded[i] = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
@@ -74,18 +126,21 @@ def random_windows(
 def text_file(path: str | Path) -> list[str]:
     """Documents of a UTF-8 file: ``.jsonl`` is JSON lines with a ``"text"`` field (the C4 format),
     ``.json`` a JSON list of strings (the WikiText rows format, joined into one document), anything else
-    plain text cut into blank-line separated paragraphs."""
+    plain text cut into blank-line separated paragraphs.
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`InvalidFileError` (an
+    ``InvalidArgumentError``) naming the file, and the line for ``.jsonl``, when it is not what its suffix
+    says, is not UTF-8, or holds no text."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            return [json.loads(line)["text"] for line in fh if line.strip()]
-    if path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not (isinstance(rows, list) and all(isinstance(r, str) for r in rows)):
-            raise ValueError(f"{path} must hold a JSON list of strings.")
-        return ["\n\n".join(rows)]
-    text = path.read_text(encoding="utf-8")
-    return [p for p in text.split("\n\n") if p.strip()]
+        docs = _json_lines(path)
+    elif path.suffix == ".json":
+        docs = ["\n\n".join(_json_rows(path))]
+    else:
+        docs = [p for p in _read_text(path).split("\n\n") if p.strip()]
+    if not any(d.strip() for d in docs):
+        raise InvalidFileError(f"{path} holds no text.")
+    return docs
 
 
 def calibration_set(source, tokenizer, *, n: int = 64, seqlen: int = 1024, seed: int = 0,
@@ -104,16 +159,16 @@ def calibration_set(source, tokenizer, *, n: int = 64, seqlen: int = 1024, seed:
         texts = ["\n\n".join(wikitext_rows(path=path))]
     elif isinstance(source, (str, Path)):
         if not Path(source).is_file():
-            raise ValueError(f"The 'source' argument must be 'c4', 'wikitext', a text file, a list of strings or a "
-                             f"datasets.Dataset. Got {source!r}, which is not a file.")
+            raise InvalidArgumentError(f"The 'source' argument must be 'c4', 'wikitext', a text file, a list of "
+                                       f"strings or a datasets.Dataset. Got {source!r}, which is not a file.")
         texts = text_file(source)
     elif hasattr(source, "column_names") and "text" in getattr(source, "column_names", ()):
         texts = list(source["text"])
     elif isinstance(source, Sequence) and all(isinstance(t, str) for t in source):
         texts = list(source)
     else:
-        raise ValueError(f"The 'source' argument must be 'c4', 'wikitext', a text file, a list of strings or a "
-                         f"datasets.Dataset. Got {type(source).__name__}.")
+        raise InvalidArgumentError(f"The 'source' argument must be 'c4', 'wikitext', a text file, a list of strings "
+                                   f"or a datasets.Dataset. Got {type(source).__name__}.")
     if not texts:
-        raise ValueError("The 'source' argument holds no text.")
+        raise InvalidArgumentError("The 'source' argument holds no text.")
     return random_windows(texts, tokenizer, n=n, seqlen=seqlen, seed=seed)
