@@ -154,19 +154,20 @@ def save_model(model, tokenizer, path: str | Path, *, report=None) -> Path:
     return _save_atomically(model, tokenizer, path, report=report)
 
 
-def check_save_path(path: str | Path) -> Path:
+def check_save_path(path: str | Path, argument: str = "The 'path' argument") -> Path:
     """``path`` as a ``Path`` if a save can create it: ``FileExistsError`` when it exists,
-    ``InvalidArgumentError`` when an existing parent is a file or is not writable."""
+    ``InvalidArgumentError`` when an existing parent is a file or is not writable (messages start with
+    ``argument``)."""
     path = Path(path)
     if path.exists():
-        raise FileExistsError(f"The 'path' argument names {path}, which already exists; choose a new directory.")
+        raise FileExistsError(f"{argument} names {path}, which already exists; choose a new directory.")
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise InvalidArgumentError(f"The 'path' argument names {path}, but {parent} is a file, not a directory.")
+        raise InvalidArgumentError(f"{argument} names {path}, but {parent} is a file, not a directory.")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise InvalidArgumentError(f"The 'path' argument names {path}, but the directory {parent} is not writable.")
+        raise InvalidArgumentError(f"{argument} names {path}, but the directory {parent} is not writable.")
     return path
 
 
