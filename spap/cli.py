@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from .checks import InvalidArgumentError
 
 STRUCTURE_HELP = "mlp, heads, mlp+heads, unstructured, or N:M such as 2:4"
 
@@ -37,7 +42,7 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
                    help="a solver option (repeatable; VALUE read as JSON when it parses, e.g. refit=true)")
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dense-propagation", action="store_true", help="next block's inputs from the dense block")
 
 
@@ -49,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="'smollm2', a Hugging Face model directory, or a .gguf file")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (checkpoints in OUT.partial)")
+    p.add_argument("--overwrite", action="store_true", help="delete an interrupted run in OUT.partial and start again")
     p.add_argument("--eval-windows", type=int, default=0, help="WikiText-2 windows of 1024 to evaluate after (default 0)")
     _add_pruning(p)
     _add_calibration(p, 64, 1024)
@@ -58,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default="wikitext", help="wikitext (WikiText-2 test rows) or a text/.json/.jsonl file")
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--max-windows", type=int, default=40)
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--data-dir")
 
     p = sub.add_parser("info", help="architecture, sizes and what spap can prune in it")
@@ -71,43 +77,190 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the command line reports as one line ("spap: error: ...") with exit code 2; anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (InvalidArgumentError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+EVAL_SEQLEN = 1024  # the WikiText-2 windows of prune --eval-windows and demo
+
+
 def _validate(args) -> None:
-    """Argument checks that argparse cannot express, before any model is loaded."""
+    """Every check that needs no loaded model, before anything is loaded or written: argument ranges,
+    devices, files (model directory, calibration and evaluation text, data directory, output).  Raises
+    one of :data:`USER_ERRORS` naming the argument."""
     from .units import PruneStructure
 
     if hasattr(args, "sparsity") and not 0 <= args.sparsity < 1:
-        raise SystemExit(f"spap: error: --sparsity must be in [0, 1); got {args.sparsity}")
-    if hasattr(args, "structure"):
-        try:
-            PruneStructure.parse(args.structure)
-        except ValueError as e:
-            raise SystemExit(f"spap: error: --structure: {e}") from None
+        raise InvalidArgumentError(f"--sparsity must be in [0, 1); got {args.sparsity}")
+    if hasattr(args, "damp") and not (math.isfinite(args.damp) and args.damp >= 0):
+        raise InvalidArgumentError(f"--damp must be a finite number >= 0; got {args.damp}")
     for name in ("n", "seqlen", "batch_size", "max_windows"):
         if hasattr(args, name) and getattr(args, name) <= 0:
-            raise SystemExit(f"spap: error: --{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
-    if hasattr(args, "option"):
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
+    if args.command == "eval" and args.seqlen < 2:
+        raise InvalidArgumentError(f"--seqlen must be at least 2 (one predicted token); got {args.seqlen}")
+    if hasattr(args, "eval_windows") and args.eval_windows < (1 if args.command == "demo" else 0):
+        raise InvalidArgumentError(f"--eval-windows must be {'positive' if args.command == 'demo' else '>= 0'}; "
+                                   f"got {args.eval_windows}")
+    if hasattr(args, "seed") and not 0 <= args.seed < 2**63:
+        raise InvalidArgumentError(f"--seed must be in [0, 2**63); got {args.seed}")
+    if hasattr(args, "structure"):
+        try:
+            structure = PruneStructure.parse(args.structure)
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"--structure: {e}") from None
         import solvers
 
+        options = _options(args.option)
         try:
-            solvers.check_method(args.method, _options(args.option))
-        except ValueError as e:
-            raise SystemExit(f"spap: error: --option: {e}") from None
-    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("spap: error: --device cuda, but torch sees no CUDA device")
-    model = getattr(args, "model", "smollm2")
-    if model != "smollm2" and not (Path(model).is_dir() or (Path(model).suffix == ".gguf" and Path(model).is_file())):
-        raise SystemExit(f"spap: error: model {model!r} must be 'smollm2', a Hugging Face model directory or a "
-                         ".gguf file, and it was not found")
+            solvers.check_method(args.method, options)
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"--option: {e}") from None
+        rows = structure.rows if structure.rows is not None else solvers.channels(1)
+        try:
+            solvers.check_method(args.method, options, rows)
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"--method {args.method} with --structure {args.structure}: {e}") from None
+    _check_device(getattr(args, "device", None))
+    if args.command == "prune":
+        _check_output(args)
+    needs = _check_text_files(args)
+    config = _check_model_source(getattr(args, "model", "smollm2"), args.command)
+    for file, needed_by in needs.items():
+        _check_data_file(args.data_dir, file, needed_by)
+    if config is not None:
+        _check_config(args, config)
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
+    if match is None:
+        raise InvalidArgumentError(f"--device must be cpu, cuda or cuda:N; got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(f"--device {device}, but torch sees no CUDA device")
+        if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+            raise InvalidArgumentError(f"--device {device}, but torch sees {torch.cuda.device_count()} CUDA device(s) "
+                                       f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
+def _check_output(args) -> None:
+    """``--out`` must be new and creatable; its ``OUT.partial`` is resumed (``--resume``), replaced
+    (``--overwrite``) or refused."""
+    from .models import check_save_path
+
+    out = Path(args.out)
+    check_save_path(out, "--out")
+    partial = _partial(out)
+    if args.resume and args.overwrite:
+        raise InvalidArgumentError("--resume continues the run in --out's .partial directory and --overwrite deletes "
+                                   "it; pass one of them")
+    if args.resume and not (partial / "settings.json").is_file():
+        raise InvalidArgumentError(f"--resume, but {partial} holds no interrupted run")
+    if not args.resume and not args.overwrite and partial.exists():
+        raise FileExistsError(f"{partial} holds an interrupted run of --out {out}; pass --resume to continue it or "
+                              "--overwrite to delete it and start again")
+
+
+def _check_text_files(args) -> dict[str, str]:
+    """The calibration and evaluation text files; returns the data files the command reads instead, each
+    with the argument that needs it."""
+    from .data import C4_FILE, WIKITEXT_FILE, text_file
+
+    needs = {}  # data file -> the argument that needs it
     for name in ("calib", "text"):
         value = getattr(args, name, None)
-        if value not in (None, "c4", "wikitext") and not Path(value).is_file():
-            raise SystemExit(f"spap: error: --{name} must be c4, wikitext or an existing file; got {value!r}")
-    if args.command == "prune":
-        out = Path(args.out)
-        if out.exists():
-            raise SystemExit(f"spap: error: --out {out} already exists; choose a new directory")
-        if args.resume and not (_partial(out) / "settings.json").is_file():
-            raise SystemExit(f"spap: error: --resume, but {_partial(out)} holds no interrupted run")
+        if value in ("c4", "wikitext"):
+            needs.setdefault(C4_FILE if value == "c4" else WIKITEXT_FILE, f"--{name} {value}")
+        elif value is not None:
+            if not Path(value).is_file():
+                raise FileNotFoundError(f"--{name} must be c4, wikitext or an existing file; got {value!r}")
+            try:
+                text_file(value)
+            except InvalidArgumentError as e:
+                raise InvalidArgumentError(f"--{name}: {e}") from None
+    if args.command == "demo" or getattr(args, "eval_windows", 0) > 0:
+        needs.setdefault(WIKITEXT_FILE, "--eval-windows")
+    return needs
+
+
+def _check_data_file(data_dir: str | None, file: str, needed_by: str) -> None:
+    from .data import data_dir as resolve
+
+    try:
+        directory = resolve(data_dir)
+    except FileNotFoundError:
+        where = (f"--data-dir {data_dir} is not a directory" if data_dir else
+                 "no data directory: --data-dir not given, $SPAP_DATA_DIR not set and ../shared/data not found")
+        raise FileNotFoundError(f"{where} ({needed_by} reads {file} there)") from None
+    if not (directory / file).is_file():
+        raise FileNotFoundError(f"--data-dir {directory} has no {file} ({needed_by} reads it)")
+
+
+def _check_model_source(model: str, command: str) -> dict | None:
+    """The model argument exists and, for a directory, holds a model; its config (None for smollm2 and
+    .gguf files, checked after loading)."""
+    from .models import model_config, smollm2_gguf_path
+
+    if model == "smollm2":
+        smollm2_gguf_path()
+        return None
+    path = Path(model)
+    if path.suffix == ".gguf" and path.is_file():
+        return None
+    if not path.exists():
+        raise FileNotFoundError(f"model {model!r} must be 'smollm2', a Hugging Face model directory or a .gguf file, "
+                                "and it was not found")
+    try:
+        config = model_config(path)
+    except USER_ERRORS as e:
+        raise type(e)(f"model: {e}") from None
+    if command in ("prune", "eval"):
+        from .models import has_tokenizer_files
+
+        if not has_tokenizer_files(path):
+            raise FileNotFoundError(f"model {model!r} has no tokenizer files (tokenizer.json or "
+                                    f"tokenizer_config.json); {command} needs one to read text")
+    return config
+
+
+def _check_config(args, config: dict) -> None:
+    """Checks against the model's configuration (``config.json``, or the loaded model's config): a family
+    spap can prune, and sequence lengths within its position embeddings."""
+    from .adapters import ADAPTERS
+
+    model = getattr(args, "model", "smollm2")
+    model_type = config.get("model_type")
+    if args.command in ("prune", "info", "demo") and model_type not in ADAPTERS:
+        raise InvalidArgumentError(f"model {model!r} is a {model_type!r} model, which spap cannot prune; supported "
+                                   f"model types: {', '.join(sorted(ADAPTERS))}")
+    limit = next((config[k] for k in ("max_position_embeddings", "n_positions") if isinstance(config.get(k), int)),
+                 None)
+    if limit is None:
+        return
+    lengths = {"--seqlen": getattr(args, "seqlen", None)}
+    if getattr(args, "eval_windows", 0) > 0:
+        lengths[f"--eval-windows (windows of {EVAL_SEQLEN} tokens)"] = EVAL_SEQLEN
+    for name, length in lengths.items():
+        if length is not None and length > limit:
+            raise InvalidArgumentError(f"{name}: {length} tokens exceed the {limit} positions of model {model!r}")
+
+
+def _check_loaded(args, model, tokenizer, checkpoint_dir: str | None = None) -> None:
+    """What only the loaded model can tell (a .gguf file's config, the pruning settings against its
+    widths), before calibrating."""
+    _check_config(args, model.config.to_dict())
+    if tokenizer is None and args.command != "info":
+        raise FileNotFoundError(f"model {getattr(args, 'model', 'smollm2')!r} has no tokenizer")
+    if args.command in ("prune", "demo"):
+        from .pipeline import check_arguments
+
+        check_arguments(model, args.sparsity, method=args.method, structure=args.structure,
+                        method_options=_options(args.option), damp=args.damp, batch_size=args.batch_size,
+                        device=args.device, propagate="dense" if args.dense_propagation else "pruned",
+                        checkpoint_dir=checkpoint_dir, resume=getattr(args, "resume", False))
 
 
 def _partial(out: Path) -> Path:
@@ -121,7 +274,7 @@ def _options(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"spap: error: --option must be KEY=VALUE; got {pair!r}")
+            raise InvalidArgumentError(f"--option must be KEY=VALUE; got {pair!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -147,7 +300,8 @@ def _prune(args, model, tokenizer, checkpoint_dir=None, resume=False):
     )
 
 
-def _wikitext_ppl(model, tokenizer, windows: int, data_dir=None, seqlen: int = 1024, text: str = "wikitext") -> float:
+def _wikitext_ppl(model, tokenizer, windows: int, data_dir=None, seqlen: int = EVAL_SEQLEN,
+                  text: str = "wikitext") -> float:
     from .data import text_file, wikitext_rows
     from .eval import perplexity
 
@@ -160,16 +314,22 @@ def cmd_prune(args) -> None:
 
     model, tokenizer = load_model(args.model)
     partial = _partial(Path(args.out))
+    _check_loaded(args, model, tokenizer, checkpoint_dir=str(partial))
+    if args.overwrite and partial.exists():
+        print(f"spap: --overwrite: deleting the interrupted run in {partial}", file=sys.stderr)
+        if partial.is_dir():
+            shutil.rmtree(partial)
+        else:
+            partial.unlink()
     model, report = _prune(args, model, tokenizer, checkpoint_dir=str(partial), resume=args.resume)
     if args.eval_windows:
         report.settings["wikitext_ppl"] = _wikitext_ppl(model, tokenizer, args.eval_windows, args.data_dir)
     save_model(model, tokenizer, args.out, report=report)
-    import shutil
-
     shutil.rmtree(partial, ignore_errors=True)
     print(report.summary())
     if args.eval_windows:
-        print(f"WikiText-2 perplexity ({args.eval_windows} windows of 1024): {report.settings['wikitext_ppl']:.3f}")
+        print(f"WikiText-2 perplexity ({args.eval_windows} windows of {EVAL_SEQLEN}): "
+              f"{report.settings['wikitext_ppl']:.3f}")
     print(f"saved to {args.out} (report: {Path(args.out) / 'spap_report.json'})")
 
 
@@ -178,10 +338,21 @@ def cmd_eval(args) -> None:
     from .models import load_model
 
     model, tokenizer = load_model(args.model, device=args.device or "cpu")
+    _check_loaded(args, model, tokenizer)
+    if args.text != "wikitext":
+        _check_text_length(args.text, tokenizer, args.seqlen)
     ppl = _wikitext_ppl(model, tokenizer, args.max_windows, args.data_dir, args.seqlen, args.text)
     speed = tokens_per_second(model)
     print(json.dumps({"text": args.text, "perplexity": ppl, "windows": args.max_windows, "seqlen": args.seqlen,
                       "prefill_tokens_per_s": speed["prefill"], "decode_tokens_per_s": speed["decode"]}, indent=1))
+
+
+def _check_text_length(file: str, tokenizer, seqlen: int) -> None:
+    from .data import text_file
+
+    tokens = len(tokenizer("\n\n".join(text_file(file)), add_special_tokens=False)["input_ids"])
+    if tokens < seqlen:
+        raise InvalidArgumentError(f"--text {file} holds {tokens} tokens, fewer than one window of --seqlen {seqlen}")
 
 
 def cmd_info(args) -> None:
@@ -191,7 +362,8 @@ def cmd_info(args) -> None:
     from .models import load_model
     from .report import count_parameters
 
-    model, _ = load_model(args.model)
+    model, tokenizer = load_model(args.model)
+    _check_loaded(args, model, tokenizer)
     a = get_adapter(model)
     print(f"model: {type(model).__name__} (model_type={model.config.model_type!r}, adapter {type(a).__name__})")
     print(f"blocks: {len(a.blocks())}; hidden {model.config.hidden_size}; MLP width {a.intermediate_size}; "
@@ -208,6 +380,7 @@ def cmd_demo(args) -> None:
 
     t0 = time.perf_counter()
     model, tokenizer = load_model("smollm2")
+    _check_loaded(args, model, tokenizer)
     print(f"SmolLM2-135M-Instruct: {count_parameters(model):,} parameters (loaded in {time.perf_counter() - t0:.1f} s)")
     dense_ppl = _wikitext_ppl(model, tokenizer, args.eval_windows, args.data_dir)
     dense_speed = tokens_per_second(model)
@@ -228,9 +401,19 @@ def cmd_demo(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one command.  A user error (a bad argument or file, found before any work where it can be)
+    prints one line, ``spap: error: ...``, on stderr and exits with code 2, as argparse's own errors do."""
     args = _parser().parse_args(argv)
-    _validate(args)
-    {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}[args.command](args)
+    try:
+        _validate(args)
+        {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}[args.command](args)
+    except USER_ERRORS as e:
+        print(f"spap: error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""The command line: argument checks happen before any model is loaded."""
+"""The command line: argument checks happen before any model is loaded (the catalogue of refused inputs is
+tests/test_reliability_cli.py); prune, eval, info and resume on a tiny checkpoint (``tiny_model_dir``, in
+conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 
-def test_cli_rejects_bad_arguments_before_loading():
+def test_cli_rejects_bad_arguments_before_loading(capsys):
     from spap.cli import main
 
     for argv, message in [
@@ -20,39 +22,16 @@ def test_cli_rejects_bad_arguments_before_loading():
     ]:
         with pytest.raises(SystemExit) as e:
             main(argv)
-        assert message in str(e.value)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
 
 
-def test_prune_refuses_an_existing_output(tmp_path):
+def test_prune_refuses_an_existing_output(tmp_path, capsys):
     from spap.cli import main
 
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(SystemExit) as e:
         main(["prune", "smollm2", "--out", str(tmp_path)])
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama with a word-level tokenizer, saved like a Hugging Face checkpoint (offline)."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = [f"w{i}" for i in range(120)]
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg)
-    root = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    gen = torch.Generator().manual_seed(0)
-    docs = [" ".join(words[int(j)] for j in torch.randint(0, 120, (80,), generator=gen)) for _ in range(12)]
-    (root / "calib.txt").write_text("\n\n".join(docs))
-    return root
+    assert e.value.code == 2 and "already exists" in capsys.readouterr().err
 
 
 def test_prune_eval_info_on_a_tiny_checkpoint(tiny_model_dir, tmp_path, capsys):
