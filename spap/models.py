@@ -232,12 +232,13 @@ def remove_stale_saves(parent: str | Path) -> list[Path]:
 
     removed = []
     for d in Path(parent).iterdir() if Path(parent).is_dir() else ():
-        marker_file = d / SAVE_MARKER
-        if not (d.name.startswith(".") and d.is_dir() and not d.is_symlink() and marker_file.is_file()):
+        if not d.name.startswith("."):
             continue
         try:
-            marker = json.loads(marker_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            if d.is_symlink() or not d.is_dir() or not (d / SAVE_MARKER).is_file():
+                continue
+            marker = json.loads((d / SAVE_MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # unreadable: not ours to judge
             continue
         if not (isinstance(marker, dict) and marker.get("format") == SAVE_MARKER
                 and marker.get("host") == socket.gethostname() and isinstance(marker.get("pid"), int)):
