@@ -136,7 +136,8 @@ def prune_layerwise(
         Save progress after every block (block weights and next inputs) for ``resume``.
     resume : bool, default False
         Continue from the last finished block in ``checkpoint_dir``; the result is identical to an
-        uninterrupted run with the same arguments.
+        uninterrupted run with the same arguments.  A checkpoint of another run (other model weights or
+        config, calibration tokens or setting) is refused, naming what differs (see :mod:`spap.checkpoint`).
     progress : bool, default True
         Show a progress bar over blocks.
 
