@@ -69,7 +69,11 @@ def load(n: int = 64, seqlen: int = 1024, seed: int = 0) -> dict:
     """The cached capture, building it on first use."""
     path = cache_path(n, seqlen, seed)
     if path.is_file():
-        return torch.load(path, weights_only=False)
+        try:  # data only: tensors, tuples, dicts and numbers, never code
+            return torch.load(path, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cache file {path} is corrupt or not a Gram cache ({type(e).__name__}: {e}); "
+                             "delete it to capture again") from None
     data = capture(n, seqlen, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -136,7 +136,8 @@ def prune_layerwise(
         Save progress after every block (block weights and next inputs) for ``resume``.
     resume : bool, default False
         Continue from the last finished block in ``checkpoint_dir``; the result is identical to an
-        uninterrupted run with the same arguments.
+        uninterrupted run with the same arguments.  A checkpoint of another run (other model weights or
+        config, calibration tokens or setting) is refused, naming what differs (see :mod:`spap.checkpoint`).
     progress : bool, default True
         Show a progress bar over blocks.
 
@@ -212,14 +213,16 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     was_training = model.training
     model.eval()
     first = 0
+    if checkpoint_dir is not None:  # what makes it the same run: the dense model, the tokens, every setting
+        run = ckpt.describe(model, batches, dict(settings, batch_size=len(batches[0]), device=device.type))
     if resume:
-        first, hidden, kwargs, records = ckpt.load(checkpoint_dir, settings, adapter, device)
+        first, hidden, kwargs, records = ckpt.load(checkpoint_dir, run, adapter, device)
         report.layers.extend(records)
     else:
         with _outside_blocks_on(model, blocks, device):
             hidden, kwargs = capture_block_inputs(model, blocks, batches, device, offload)
         if checkpoint_dir is not None:
-            ckpt.start(checkpoint_dir, settings)
+            ckpt.start(checkpoint_dir, run)
     bar = _progress(range(first, len(blocks)), progress, first, len(blocks))
     for i in bar:
         block_start = time.perf_counter()
