@@ -219,15 +219,8 @@ def load(directory: str, run: dict, adapter, device: torch.device):
     model is touched.
     """
     d = Path(directory)
-    if not (d / RUN_FILE).is_file():
-        raise FileNotFoundError(f"No checkpoint to resume in {d}; run without resume=True first.")
-    saved = _read_run(d)
-    differences = _differences(saved, run)
-    if differences:
-        raise InvalidArgumentError(
-            f"The checkpoint in {d} was made with different arguments, so it cannot be resumed: "
-            + "; ".join(differences) + ". Resume with the same model, calibration and settings, or run without "
-            "resume=True to start over.")
+    saved = _saved_run(d)
+    _refuse_if_different(d, _differences(saved, run))
     state_path = d / STATE_FILE
     if not state_path.is_file():
         old = [p.name for pattern in _OLD_FILES for p in d.glob(pattern)]
@@ -264,6 +257,31 @@ def load(directory: str, run: dict, adapter, device: torch.device):
             raise CheckpointError(path, f"does not fit block {i} ({type(e).__name__}: {e})") from None
     kwargs = share_equal(to_device(kwargs, device))
     return next_block, hidden, kwargs, records
+
+
+def check_settings(directory: str, settings: dict) -> None:
+    """Refuse to resume the checkpoint in ``directory`` when one of ``settings`` (a subset of the run's
+    settings, those known before calibrating) differs from the saved run's, naming it; the model and the
+    calibration tokens are checked by :func:`load`."""
+    d = Path(directory)
+    saved = _saved_run(d)["settings"]
+    now = _canonical(settings)
+    _refuse_if_different(d, [f"setting {k!r}: {saved.get(k)!r} saved, {now[k]!r} now"
+                             for k in sorted(now) if saved.get(k) != now[k]])
+
+
+def _saved_run(d: Path) -> dict:
+    if not (d / RUN_FILE).is_file():
+        raise FileNotFoundError(f"No checkpoint to resume in {d}; run without resume=True first.")
+    return _read_run(d)
+
+
+def _refuse_if_different(d: Path, differences: list[str]) -> None:
+    if differences:
+        raise InvalidArgumentError(
+            f"The checkpoint in {d} was made with different arguments, so it cannot be resumed: "
+            + "; ".join(differences) + ". Resume with the same model, calibration and settings, or run without "
+            "resume=True to start over.")
 
 
 def _read_run(d: Path) -> dict:

@@ -192,8 +192,19 @@ def check_arguments(
     n_kv_prune = U.prune_count(sparsity, adapter.n_kv_heads) if "heads" in parsed.units else 0
     if "heads" in parsed.units and n_kv_prune >= adapter.n_kv_heads:
         raise InvalidArgumentError(f"sparsity={sparsity} would prune all {adapter.n_kv_heads} key-value groups.")
-    return BlockSettings(parsed, float(sparsity), n_kv_prune, method, method_options, damp, gram_dtype, propagate, device,
-                         offload, mlp_tail=_HOOKS.mlp_tail)
+    settings = BlockSettings(parsed, float(sparsity), n_kv_prune, method, method_options, damp, gram_dtype, propagate,
+                             device, offload, mlp_tail=_HOOKS.mlp_tail)
+    if resume:  # the arguments, before calibrating; the model and the tokens are checked when loading
+        arguments = {k: v for k, v in _settings(settings, model).items() if k != "model_type"}
+        ckpt.check_settings(checkpoint_dir, dict(arguments, device=device.type))
+    return settings
+
+
+def _settings(s: BlockSettings, model: nn.Module) -> dict:
+    """The run's settings as the report and the checkpoint record them (before calibration)."""
+    return {"sparsity": s.sparsity, "method": s.method, "structure": s.structure.text,
+            "method_options": s.method_options, "damp": s.damp, "gram_dtype": str(s.gram_dtype),
+            "propagate": s.propagate, "model_type": model.config.model_type}
 
 
 def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkpoint_dir: str | None, resume: bool,
@@ -201,10 +212,7 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     """The block-by-block prune, with arguments already checked."""
     adapter = get_adapter(model)
     device, offload, propagate = s.device, s.offload, s.propagate
-    settings = {"sparsity": s.sparsity, "method": s.method, "structure": s.structure.text,
-                "method_options": s.method_options, "damp": s.damp, "gram_dtype": str(s.gram_dtype),
-                "propagate": propagate, "n_batches": len(batches), "calib_tokens": sum(b.numel() for b in batches),
-                "model_type": model.config.model_type}
+    settings = dict(_settings(s, model), n_batches=len(batches), calib_tokens=sum(b.numel() for b in batches))
 
     # --- run --------------------------------------------------------------------------------------
     report = PruneReport(settings=settings, params_before=count_parameters(model))

@@ -480,8 +480,6 @@ def test_models_load_without_remote_code(tiny_model_dir, tmp_path, monkeypatch):
     assert all(value is False for _, value in seen), seen
 
 
-@pytest.mark.xfail(strict=True, reason="owned by pipeline part: check_arguments must compare the arguments with "
-                                       "checkpoint_dir's settings.json when resume=True")
 def test_resume_with_other_arguments_is_refused_before_calibrating(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from spap import pipeline
 
