@@ -13,7 +13,7 @@ The mathematics only: tensors in, tensors out; nothing here knows about ``torch.
 from .problem import GramAccumulator, LayerProblem
 from .registry import SolverSpec, available_methods, check_method, get_solver, register, solve
 from .solution import Solution
-from .structure import NM, ColumnGroups, Structure, Unstructured, channels, column_groups, heads, parse_structure, prune_count
+from .structure import NM, ColumnGroups, Structure, Unstructured, channels, column_groups, heads, parse_structure, prune_count, checked_prune_count
 from .validation import InvalidArgumentError
 from .refit import refit, refit_columns, refit_rows
 
@@ -44,6 +44,7 @@ __all__ = [
     "column_groups",
     "parse_structure",
     "prune_count",
+    "checked_prune_count",
     "refit",
     "refit_columns",
     "refit_rows",

@@ -9,6 +9,8 @@ of ``o_proj``), which is what makes the layer physically smaller.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -29,6 +31,19 @@ class ColumnGroups:
     """
 
     groups: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        g = self.groups
+        ok = isinstance(g, tuple) and len(g) > 0 and all(
+            isinstance(grp, tuple) and len(grp) > 0
+            and all(isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 0 for c in grp)
+            for grp in g)
+        if not ok:
+            shown = repr(g) if not isinstance(g, tuple) or len(g) <= 4 else f"a tuple of {len(g)} groups"
+            raise InvalidArgumentError(
+                "The 'groups' argument of ColumnGroups must be a non-empty tuple of non-empty tuples of column "
+                f"indices (ints >= 0); build it with channels, heads or column_groups. Got {shown[:80]} instead."
+            )
 
     @property
     def n_groups(self) -> int:
@@ -118,9 +133,13 @@ def heads(d_in: int, head_dim: int) -> ColumnGroups:
 
 def column_groups(groups: Sequence[Sequence[int]]) -> ColumnGroups:
     """Arbitrary disjoint groups of column indices (checked against the layer in ``LayerProblem``)."""
-    as_tuples = tuple(tuple(int(c) for c in g) for g in groups)
-    if not as_tuples or any(len(g) == 0 for g in as_tuples):
-        raise InvalidArgumentError("The 'groups' argument of column_groups must be non-empty groups of ints.")
+    try:
+        as_tuples = tuple(tuple(int(c) for c in g) for g in groups)
+    except (TypeError, ValueError):
+        as_tuples = ()
+    if not as_tuples or any(len(g) == 0 or min(g) < 0 for g in as_tuples):
+        raise InvalidArgumentError("The 'groups' argument of column_groups must be a non-empty sequence of non-empty "
+                                   f"groups of column indices (ints >= 0). Got {groups!r:.80} instead.")
     flat = [c for g in as_tuples for c in g]
     if len(flat) != len(set(flat)):
         raise InvalidArgumentError("The 'groups' argument of column_groups must be disjoint; a column repeats.")
@@ -154,6 +173,29 @@ def prune_count(sparsity: float, n: int) -> int:
     global methods' per-block counts all use it, so a sparsity means the same count everywhere.
     """
     return int(math.floor(sparsity * n + 0.5))
+
+
+def checked_prune_count(sparsity: float, n: int, *, units: str, caller: str, argument: str = "sparsity") -> int:
+    """:func:`prune_count`, refused when it is all ``n`` units and warned about when it is none.
+
+    ``units`` says what is counted (``"channels"``, ``"key-value groups per block"``, ...) and
+    ``argument`` which argument of ``caller`` the fraction came from; both appear in the one-line
+    message.  A sparsity of exactly 0 is a deliberate no-op and gets no warning.
+    """
+    k = prune_count(sparsity, n)
+    if k >= n:
+        below = (n - 0.5) / n
+        raise InvalidArgumentError(
+            f"The {argument!r} argument of {caller} is {sparsity}, which would prune all {n} {units} "
+            f"(floor(s*n + 1/2) = {k}); at least one must stay, so it must be below {below:.6g}."
+        )
+    if k == 0 and sparsity > 0:
+        warnings.warn(
+            f"The {argument!r} argument of {caller} is {sparsity}, which rounds to 0 of {n} {units} "
+            f"(floor(s*n + 1/2) = 0): nothing is pruned; {0.5 / n:.6g} or more prunes one.",
+            UserWarning, stacklevel=3,
+        )
+    return k
 
 
 def _positive(name: str, value: int, caller: str) -> None:

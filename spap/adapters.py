@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .checks import InvalidArgumentError
+
 
 def is_transposed(module: nn.Module) -> bool:
     """Whether ``module`` stores its weight as ``(d_in, d_out)``: transformers' ``Conv1D`` (GPT-2)."""
@@ -288,8 +290,34 @@ def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model``, from ``model.config.model_type``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ADAPTERS:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"The 'model' argument is a {type(model).__name__} (model_type={model_type!r}), which spap does not "
             f"support. Supported model types: {', '.join(sorted(ADAPTERS))}."
         )
     return ADAPTERS[model_type](model)
+
+
+def check_model(model: nn.Module, caller: str) -> Adapter:
+    """The adapter for a model that a pruning run can use, or :class:`InvalidArgumentError` naming the
+    'model' argument of ``caller``: a supported family, a causal LM (with its language-model head, where
+    the decoder blocks are where the adapter looks), at least one decoder block, and every weight loaded
+    (no tensor on the meta device).  Reads no weight, so it costs nothing next to a run."""
+    adapter = get_adapter(model)
+    name = type(model).__name__
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    try:
+        blocks = adapter.blocks()
+    except AttributeError:
+        blocks = None
+    if head is None or blocks is None:
+        raise InvalidArgumentError(
+            f"The 'model' argument of {caller} is a {name}, not a causal language model with its head: load it with "
+            f"transformers.AutoModelForCausalLM (e.g. LlamaForCausalLM rather than LlamaModel).")
+    if len(blocks) == 0:
+        raise InvalidArgumentError(f"The 'model' argument of {caller} is a {name} with no decoder blocks "
+                                   "(0 hidden layers): there is nothing to prune.")
+    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise InvalidArgumentError(f"The 'model' argument of {caller} has tensors on the meta device ({meta}): its "
+                                   "weights were never loaded; load them (from_pretrained) before pruning.")
+    return adapter

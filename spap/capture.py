@@ -8,7 +8,7 @@ does not depend on the signature of any one version.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 import solvers
 
 from .adapters import LinearView
+from .checks import InvalidArgumentError
 
 
 class _Stop(Exception):
@@ -27,19 +28,26 @@ def calibration_batches(calib: Any, tokenizer=None, *, batch_size: int = 8) -> l
     """Normalise ``calib`` to a list of LongTensors of token ids, each ``(batch, seq)``.
 
     Accepts a list of strings (tokenized with ``tokenizer``, one sequence each, no padding: give them
-    equal token lengths, or use :func:`spap.data.random_windows`), a LongTensor ``(n, seq)`` (split into
-    batches of ``batch_size``), or an iterable of such tensors or of dicts with ``"input_ids"``.
+    equal token lengths, or use :func:`spap.data.random_windows`), an integer tensor ``(n, seq)`` (split
+    into batches of ``batch_size``), or an iterable of such tensors (or 1-D ones) or of dicts with
+    ``"input_ids"`` (a tokenizer's output, one mapping or several).  Whether the ids fit a model is
+    :func:`check_calibration`'s job.
     """
+    if isinstance(calib, Mapping):
+        if "input_ids" not in calib:
+            raise InvalidArgumentError(f"The 'calib' argument is a mapping without 'input_ids' (its keys: "
+                                       f"{', '.join(map(repr, list(calib)[:6]))}).")
+        return calibration_batches(calib["input_ids"], tokenizer, batch_size=batch_size)
     if isinstance(calib, torch.Tensor):
-        if calib.ndim != 2 or calib.dtype not in (torch.long, torch.int32, torch.int64) or calib.shape[0] == 0:
-            raise ValueError(f"The 'calib' argument as a tensor must be a non-empty (n, seq) tensor of token ids. "
-                             f"Got shape {tuple(calib.shape)} and dtype {calib.dtype}.")
+        if calib.ndim != 2 or not _integer(calib) or calib.shape[0] == 0:
+            raise InvalidArgumentError(f"The 'calib' argument as a tensor must be a non-empty (n, seq) tensor of token "
+                                       f"ids. Got shape {tuple(calib.shape)} and dtype {calib.dtype}.")
         return list(calib.long().split(batch_size))
     if isinstance(calib, str):
-        raise ValueError("The 'calib' argument must be a list of strings, not one string.")
+        raise InvalidArgumentError("The 'calib' argument must be a list of strings, not one string.")
     if isinstance(calib, Sequence) and calib and all(isinstance(t, str) for t in calib):
         if tokenizer is None:
-            raise ValueError("The 'calib' argument is a list of strings, so the 'tokenizer' argument is required.")
+            raise InvalidArgumentError("The 'calib' argument is a list of strings, so the 'tokenizer' argument is required.")
         ids = [tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"][0] for t in calib]
         lengths = {len(i) for i in ids}
         if len(lengths) != 1:
@@ -48,18 +56,52 @@ def calibration_batches(calib: Any, tokenizer=None, *, batch_size: int = 8) -> l
         return list(torch.stack(ids).split(batch_size))
     if isinstance(calib, Iterable):
         batches = []
-        for b in calib:
-            if isinstance(b, dict):
+        for i, b in enumerate(calib):
+            if isinstance(b, Mapping):
+                if "input_ids" not in b:
+                    raise InvalidArgumentError(f"The 'calib' argument: batch {i} is a dict without 'input_ids' (its keys: "
+                                               f"{', '.join(map(repr, list(b)[:6]))}).")
                 b = b["input_ids"]
-            if not isinstance(b, torch.Tensor) or b.ndim not in (1, 2):
-                raise ValueError(f"The 'calib' argument: every batch must be a tensor of token ids. Got {type(b).__name__}.")
+            if not isinstance(b, torch.Tensor) or b.ndim not in (1, 2) or not _integer(b):
+                what = f"a {b.dtype} tensor of shape {tuple(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__
+                raise InvalidArgumentError(f"The 'calib' argument: every batch must be a 1-D or 2-D integer tensor of "
+                                           f"token ids. Batch {i} is {what}.")
             batches.append((b[None] if b.ndim == 1 else b).long())
         if batches:
             return batches
-    raise ValueError(
+    raise InvalidArgumentError(
         "The 'calib' argument must be a non-empty list of strings, a LongTensor (n, seq) of token ids, or an "
         f"iterable of such batches. Got {type(calib).__name__}."
     )
+
+
+def _integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def check_calibration(batches: list[torch.Tensor], model: nn.Module, caller: str, *, min_length: int = 1) -> None:
+    """Refuse, naming the 'calib' argument of ``caller``, batches that ``model`` cannot run: none at all,
+    a batch with no sequence or with sequences shorter than ``min_length`` tokens, a token id outside
+    ``[0, vocabulary)`` (the rows of the input embedding), or sequences longer than the model's
+    positions (``config.max_position_embeddings``, GPT-2's ``n_positions``).  Without it these end in an
+    ``IndexError`` deep in torch or transformers, or, for rotary positions, in positions the model never
+    saw.  One pass over the ids; no model work."""
+    if not batches:
+        raise InvalidArgumentError(f"The 'calib' argument of {caller} holds no sequence.")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = embedding.weight.shape[0] if embedding is not None else model.config.vocab_size
+    positions = getattr(model.config, "max_position_embeddings", None)
+    for i, b in enumerate(batches):
+        if b.shape[0] == 0 or b.shape[1] < min_length:
+            raise InvalidArgumentError(f"The 'calib' argument of {caller}: batch {i} has shape {tuple(b.shape)}; every "
+                                       f"batch needs sequences of at least {min_length} token{'s' * (min_length > 1)}.")
+        low, high = int(b.min()), int(b.max())
+        if low < 0 or high >= vocab:
+            raise InvalidArgumentError(f"The 'calib' argument of {caller}: batch {i} holds token id "
+                                       f"{low if low < 0 else high}, outside the model's vocabulary [0, {vocab}).")
+        if positions is not None and b.shape[1] > positions:
+            raise InvalidArgumentError(f"The 'calib' argument of {caller}: batch {i} has sequences of {b.shape[1]} "
+                                       f"tokens, more than the model's {positions} positions.")
 
 
 def to_device(x: Any, device: torch.device | str) -> Any:

@@ -10,12 +10,15 @@ The sequential recipe (as in SparseGPT and llm-compressor's sequential pipeline)
    (``propagate="dense"`` keeps the dense outputs instead);
 3. update the config so the smaller model saves and reloads with stock transformers.
 
-Peak memory is one block, its Gram matrices and the calibration activations (kept on ``offload``).
+Peak memory is one block, its Gram matrices and the calibration activations (kept on ``offload``),
+plus, unless ``restore_on_failure=False``, a CPU copy of the blocks' weights to undo a failed run.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +29,8 @@ import solvers
 
 from . import checkpoint as ckpt
 from . import units as U
-from .adapters import Adapter, LinearView, get_adapter
-from .capture import GramHooks, calibration_batches, capture_block_inputs, run_block
+from .adapters import Adapter, LinearView, check_model, get_adapter
+from .capture import GramHooks, calibration_batches, capture_block_inputs, check_calibration, run_block
 from .checks import Boolean, Interval, InvalidArgumentError, NoneOr, Options, PathLike, check_table, device as _device_arg, finite
 from .report import LayerRecord, PruneReport, count_parameters, peak_memory
 from .units import PruneStructure
@@ -41,6 +44,7 @@ _CONSTRAINTS = {
     "checkpoint_dir": NoneOr(PathLike()),
     "resume": Boolean(),
     "progress": Boolean(),
+    "restore_on_failure": Boolean(),
 }
 
 
@@ -96,8 +100,23 @@ def prune_layerwise(
     checkpoint_dir: str | None = None,
     resume: bool = False,
     progress: bool = True,
+    restore_on_failure: bool = True,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` in place, block by block, and return ``(model, report)``.
+
+    Before any work (no forward pass, no change to ``model``) every argument is checked and a bad one
+    raises :class:`solvers.InvalidArgumentError` (a ``ValueError``) naming it: the model (a supported
+    causal LM with its head, at least one block, no weight on the meta device), every keyword, the
+    calibration ids (in the vocabulary, non-empty sequences, no longer than the model's positions) and
+    the counts: a ``sparsity`` that rounds (``⌊s·n + ½⌋``, :func:`solvers.prune_count`) to every MLP
+    channel, every key-value group or every weight of a linear is refused, and one that rounds to none
+    is warned about (``UserWarning`` naming 'sparsity'), as are fewer calibration tokens than the
+    widest solved layer's inputs (its problem is then underdetermined and reports error 0).
+
+    What only shows during the run (NaN or Inf activations, a solver's error, running out of memory, an
+    interrupt) raises after blocks have changed; with ``restore_on_failure`` (the default) the model is
+    then put back as it was (every block's parameters, buffers and shapes, the config, the training
+    mode) before the exception propagates.
 
     Parameters
     ----------
@@ -140,6 +159,14 @@ def prune_layerwise(
         config, calibration tokens or setting) is refused, naming what differs (see :mod:`spap.checkpoint`).
     progress : bool, default True
         Show a progress bar over blocks.
+    restore_on_failure : bool, default True
+        Copy every decoder block's parameters and buffers to CPU memory before the first change and put
+        them back if the run raises.  The copy costs CPU memory equal to the blocks' weights (0.5 GB for
+        SmolLM2-135M in float32, 16 GB for an 8B model in bfloat16) for the whole run, and the time of
+        one copy.  False skips it, for models whose copy would not fit (or when the model is thrown away
+        on failure, as the command line does); a failed run then leaves the finished blocks pruned and
+        the config unchanged, a model that may not run.  A checkpoint (``checkpoint_dir``) keeps the
+        finished blocks on disk either way.
 
     Returns
     -------
@@ -150,9 +177,18 @@ def prune_layerwise(
     """
     settings = check_arguments(model, sparsity, method=method, structure=structure, method_options=method_options,
                                damp=damp, gram_dtype=gram_dtype, batch_size=batch_size, device=device, offload=offload,
-                               propagate=propagate, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
-    return _run(model, calibration_batches(calib, tokenizer, batch_size=batch_size), settings, checkpoint_dir, resume,
-                progress)
+                               propagate=propagate, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                               restore_on_failure=restore_on_failure)
+    batches = calibration_batches(calib, tokenizer, batch_size=batch_size)
+    check_calibration(batches, model, "prune_layerwise")
+    _warn_few_tokens(get_adapter(model), settings.structure, batches)
+    snapshot = _Snapshot(model, get_adapter(model)) if restore_on_failure else None
+    try:
+        return _run(model, batches, settings, checkpoint_dir, resume, progress)
+    except BaseException:
+        if snapshot is not None:
+            snapshot.restore()
+        raise
 
 
 def check_arguments(
@@ -171,11 +207,13 @@ def check_arguments(
     checkpoint_dir: str | None = None,
     resume: bool = False,
     progress: bool = True,
+    restore_on_failure: bool = True,
 ) -> BlockSettings:
     """Check :func:`prune_layerwise`'s arguments against ``model`` without any work (the command line
-    calls it before calibrating); raise :class:`solvers.InvalidArgumentError` naming the first bad one.
-    Returns the run's :class:`BlockSettings`."""
-    adapter = get_adapter(model)
+    calls it before calibrating); raise :class:`solvers.InvalidArgumentError` naming the first bad one,
+    and warn (``UserWarning`` naming 'sparsity') when the sparsity rounds to no unit.  The calibration
+    ids are checked by :func:`spap.capture.check_calibration`.  Returns the run's :class:`BlockSettings`."""
+    adapter = check_model(model, "prune_layerwise")
     parsed = PruneStructure.parse(structure)
     check_table("prune_layerwise", _CONSTRAINTS, locals())
     method_options = dict(method_options or {})
@@ -189,9 +227,7 @@ def check_arguments(
         raise InvalidArgumentError("resume=True needs the 'checkpoint_dir' argument.")
     device = _device_arg("device", device or ("cuda" if torch.cuda.is_available() else "cpu"), "prune_layerwise")
     offload = _device_arg("offload", offload, "prune_layerwise")
-    n_kv_prune = U.prune_count(sparsity, adapter.n_kv_heads) if "heads" in parsed.units else 0
-    if "heads" in parsed.units and n_kv_prune >= adapter.n_kv_heads:
-        raise InvalidArgumentError(f"sparsity={sparsity} would prune all {adapter.n_kv_heads} key-value groups.")
+    n_kv_prune = _check_counts(adapter, parsed, float(sparsity))
     settings = BlockSettings(parsed, float(sparsity), n_kv_prune, method, method_options, damp, gram_dtype, propagate,
                              device, offload, mlp_tail=_HOOKS.mlp_tail)
     if resume:  # the arguments, before calibrating; the model and the tokens are checked when loading
@@ -205,6 +241,78 @@ def _settings(s: BlockSettings, model: nn.Module) -> dict:
     return {"sparsity": s.sparsity, "method": s.method, "structure": s.structure.text,
             "method_options": s.method_options, "damp": s.damp, "gram_dtype": str(s.gram_dtype),
             "propagate": s.propagate, "model_type": model.config.model_type}
+
+
+def _check_counts(adapter: Adapter, parsed: PruneStructure, sparsity: float) -> int:
+    """Refuse a sparsity that rounds to every unit of a block (MLP channels, key-value groups) or every
+    weight of a linear, and warn when it rounds to none; return the key-value groups each block loses."""
+    # The fewest units round to all first, and to none first: checking the smallest count covers all.
+    blocks = adapter.blocks()
+    if "mlp" in parsed.units:
+        width = min(U.kinds(adapter, ["mlp"])["mlp"].count(b) for b in blocks)
+        U.checked_prune_count(sparsity, width, units="MLP channels of a block", caller="prune_layerwise")
+    if isinstance(parsed.rows, solvers.Unstructured):
+        d_out, d_in = U.smallest_linear(adapter)
+        U.checked_prune_count(sparsity, d_out * d_in, units=f"weights of a {d_out}×{d_in} linear",
+                              caller="prune_layerwise")
+    if "heads" not in parsed.units:
+        return 0
+    return U.checked_prune_count(sparsity, adapter.n_kv_heads, units="key-value groups of a block",
+                                 caller="prune_layerwise")
+
+
+def _warn_few_tokens(adapter: Adapter, structure: PruneStructure, batches: list[torch.Tensor]) -> None:
+    """Warn, naming 'calib', when the calibration holds fewer tokens than the widest solved linear has
+    inputs: that layer's Gram matrix is then singular and its problem underdetermined."""
+    tokens = sum(b.numel() for b in batches)
+    kind_linear = {"mlp": "the MLP's output linear", "heads": "the attention's output linear"}
+    linears = [(kind_linear[name], kind.output_linear(b)) for b in adapter.blocks()
+               for name, kind in U.kinds(adapter, structure.units).items()]
+    if structure.rows is not None:
+        linears += [(f"linear {name!r}", m) for b in adapter.blocks() for g in adapter.linear_groups(b)
+                    for name, m in g.items()]
+    what, widest = max(((n, LinearView(m).d_in) for n, m in linears), key=lambda t: t[1])
+    if tokens < widest:
+        warnings.warn(f"The 'calib' argument of prune_layerwise holds {tokens} tokens, fewer than the {widest} inputs "
+                      f"of {what}: its problem is underdetermined and can report error 0 whatever is pruned; use at "
+                      f"least {widest} tokens.", UserWarning, stacklevel=3)
+
+
+class _Snapshot:
+    """What undoing a run on ``model`` needs: a CPU copy of every decoder block's parameters and buffers
+    (with their devices and ``requires_grad`` flags), every block module's plain attributes (shapes such
+    as ``in_features`` and head counts), every module's training flag and the config's fields.
+
+    :meth:`restore` puts back the original ``Parameter`` objects holding the copied values, so
+    references to the model's parameters taken before the run stay valid.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter) -> None:
+        self.model = model
+        self.config = copy.deepcopy(vars(model.config))
+        self.training = [(m, m.training) for m in model.modules()]
+        self.modules = []
+        for m in adapter.blocks().modules():
+            params = {name: (p, p.requires_grad, p.device, p.detach().to("cpu", copy=True))
+                      for name, p in m._parameters.items() if p is not None}
+            buffers = {name: (b.device, b.detach().to("cpu", copy=True)) for name, b in m._buffers.items() if b is not None}
+            plain = {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, type(None)))}
+            self.modules.append((m, params, buffers, plain))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for m, params, buffers, plain in self.modules:
+                for name, (p, requires_grad, device, saved) in params.items():
+                    p.data = saved.to(device)
+                    p.requires_grad_(requires_grad)
+                    m._parameters[name] = p
+                for name, (device, saved) in buffers.items():
+                    m._buffers[name] = saved.to(device)
+                vars(m).update(plain)
+        vars(self.model.config).clear()
+        vars(self.model.config).update(self.config)
+        for m, training in self.training:
+            m.training = training
 
 
 def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkpoint_dir: str | None, resume: bool,
@@ -315,19 +423,21 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
         if not torch.isfinite(acc.H).all():
             raise FloatingPointError(f"NaN or Inf in the calibration inputs of block {index} ({key}).")
     if s.structure.rows is not None:
-        target = {} if isinstance(s.structure.rows, solvers.NM) else {"sparsity": s.sparsity}
         for g in groups:
             acc = grams[next(iter(g))]
             for name, module in g.items():
                 view = LinearView(module)
+                # counts, not the fraction: check_arguments already refused or warned about the rounding
+                target = {} if isinstance(s.structure.rows, solvers.NM) else \
+                    {"n_prune": U.prune_count(s.sparsity, view.weight.numel())}
                 p = solvers.LayerProblem(view.weight, acc.H, s.structure.rows, damp=s.damp, input_mean=acc.mean,
                                          n_samples=acc.n_samples, **target)
                 sol = solvers.solve(p, s.method, **s.method_options)
                 view.set_weight(sol.weight)
                 records.append(LayerRecord.from_solution(index, name, sol, p))
     for name, kind in kinds.items():
-        # MLP channels by fraction, KV groups by count: the count rounds the same (units.prune_count)
-        target = {"sparsity": s.sparsity} if name == "mlp" else {"n_prune": s.n_kv_prune}
+        # counts by the one rounding rule (units.prune_count), checked by check_arguments
+        target = {"n_prune": U.prune_count(s.sparsity, kind.count(block)) if name == "mlp" else s.n_kv_prune}
         idx, record = _solve_groups(LinearView(kind.output_linear(block)), grams[name], kind.column_groups(block),
                                     index, name, s, damp=s.damp, **target)
         kept[name] = idx.cpu()

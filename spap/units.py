@@ -224,6 +224,20 @@ def prune_count(sparsity: float, n: int) -> int:
     return solvers.prune_count(sparsity, n)
 
 
+def checked_prune_count(sparsity: float, n: int, *, units: str, caller: str, argument: str = "sparsity") -> int:
+    """:func:`prune_count`, refused (:class:`InvalidArgumentError` naming ``argument``) when it is all ``n``
+    units and warned about (``UserWarning``) when it is none while ``sparsity > 0``
+    (``solvers.checked_prune_count``); every entry point checks its counts with it before any work."""
+    return solvers.checked_prune_count(sparsity, n, units=units, caller=caller, argument=argument)
+
+
+def smallest_linear(adapter: Adapter) -> tuple[int, int]:
+    """``(d_out, d_in)`` of the linear with the fewest weights over every block: where a fraction of
+    weights rounds to all of them, or to none, first."""
+    shapes = [LinearView(m).weight.shape for b in adapter.blocks() for g in adapter.linear_groups(b) for m in g.values()]
+    return tuple(min(shapes, key=lambda shape: shape[0] * shape[1]))
+
+
 def keep(adapter: Adapter, block: nn.Module, kept: Mapping[str, torch.Tensor]) -> None:
     """Keep, in ``block``, the units ``kept[kind]`` (sorted indices) of each kind named."""
     for name, kind in kinds(adapter, [k for k in UNIT_KINDS if k in kept]).items():

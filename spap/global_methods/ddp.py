@@ -39,8 +39,8 @@ from torch.nn import functional as F
 from solvers.masks import keep_largest_overall, keep_largest_per_row
 
 from .. import units as U
-from ..adapters import LinearView, get_adapter
-from ..capture import calibration_batches
+from ..adapters import LinearView, check_model
+from ..capture import calibration_batches, check_calibration
 from ..checks import Boolean, DecreasingPair, Interval, InvalidArgumentError, Options, check_table
 from ..report import PruneReport, count_parameters, peak_memory, peak_memory_text
 from ..units import PruneStructure
@@ -188,20 +188,29 @@ def ddp_prune(
     report : DDPReport
         Per-block widths, the final gates ``(n_blocks, n_units)`` per type, the per-step history, and the
         totals of :class:`PruneReport` (parameters before/after, seconds, peak memory).
+
+    Failures.  Every argument is checked before any work, as in :func:`spap.prune_layerwise` (the model,
+    the calibration ids, a sparsity that rounds to every unit of a block is refused and one that rounds
+    to none warned about).  The model's weights change only after training, in the final fold and
+    shrink, which allocates less than training did; a failure before it (a NaN or Inf loss or gate,
+    which raises ``FloatingPointError``, any other exception, an interrupt) leaves the model as it was:
+    weights, ``requires_grad`` flags, training mode, no hook left.
     """
     # --- validate everything before any model work ----------------------------------------------
-    adapter = get_adapter(model)
+    adapter = check_model(model, "ddp_prune")
     types = PruneStructure.parse(structure, caller="ddp_prune", units_only=True).units
     check_table("ddp_prune", _CONSTRAINTS, locals())
     units = _units(adapter, types, sparsity)
     device = next(model.parameters()).device
     windows = _windows(calib, tokenizer)
+    check_calibration([w[None] for w in windows], model, "ddp_prune", min_length=1 if distill else 2)
     vocab = model.get_output_embeddings().weight.shape[0]
     cache_bytes = sum(w.numel() for w in windows) * vocab * 4
     if distill and teacher == "cache" and cache_bytes > TEACHER_CACHE_LIMIT:
-        raise ValueError(f"teacher='cache' would keep {cache_bytes / 2**30:.1f} GiB of dense log-probabilities "
-                         f"({sum(w.numel() for w in windows)} tokens × {vocab} words; the limit is "
-                         f"{TEACHER_CACHE_LIMIT / 2**30:g} GiB). Pass teacher='online', or fewer or shorter windows.")
+        raise InvalidArgumentError(
+            f"teacher='cache' would keep {cache_bytes / 2**30:.1f} GiB of dense log-probabilities "
+            f"({sum(w.numel() for w in windows)} tokens × {vocab} words; the limit is "
+            f"{TEACHER_CACHE_LIMIT / 2**30:g} GiB). Pass teacher='online', or fewer or shorter windows.")
     settings = {"sparsity": sparsity, "method": "ddp", "structure": structure, "steps": steps, "lr": lr,
                 "lr_dual": lr_dual, "rho": rho, "tau": list(tau), "warmup": warmup, "distill": distill, "teacher": teacher,
                 "batch_size": batch_size, "allocation": allocation, "seed": seed, "n_windows": len(windows),
@@ -213,31 +222,36 @@ def ddp_prune(
     was_training = model.training
     model.eval()  # no dropout: the objective is deterministic
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    gates = _Gates(adapter, units, device)
     try:
-        z = _train(model, gates, units, windows, steps=steps, lr=lr, lr_dual=lr_dual, rho=rho, tau=tau, warmup=warmup,
-                   distill=distill, teacher=teacher, batch_size=batch_size, allocation=allocation, seed=seed,
-                   progress=progress, history=report.history)
-    finally:
-        gates.remove()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        gates = _Gates(adapter, units, device)
+        try:
+            z = _train(model, gates, units, windows, steps=steps, lr=lr, lr_dual=lr_dual, rho=rho, tau=tau,
+                       warmup=warmup, distill=distill, teacher=teacher, batch_size=batch_size, allocation=allocation,
+                       seed=seed, progress=progress, history=report.history)
+        finally:
+            gates.remove()
+        for t, v in z.items():
+            if not torch.isfinite(v).all():
+                raise FloatingPointError(f"NaN or Inf in the {t} gates after training; lower 'lr'.")
 
-    # --- exact hard mask, fold, shrink ----------------------------------------------------------
-    blocks = adapter.blocks()
-    keep = report.keep = {t: _hard_mask(z[t], u.keep_per_block, allocation) for t, u in units.items()}
-    report.gates = {t: torch.where(keep[t], z[t].clamp(min=0), torch.zeros_like(z[t])) for t in units}
-    report.widths = [{t: int(keep[t][i].sum()) for t in units} for i in range(len(blocks))]
-    with torch.no_grad():
-        for i, block in enumerate(blocks):
-            for t, u in units.items():
-                _fold(u.kind, block, report.gates[t][i])
-                u.kind.keep(block, torch.nonzero(keep[t][i]).flatten())
-    if report.uniform:  # one width everywhere: the config describes the model (stock save and reload)
-        U.set_widths(adapter, {t: [w[t] for w in report.widths] for t in units})
-    for name, p in model.named_parameters():
-        p.requires_grad_(flags.get(name, False))
-    model.train(was_training)
+        # --- exact hard mask, fold, shrink: the first change to the model -------------------------
+        blocks = adapter.blocks()
+        keep = report.keep = {t: _hard_mask(z[t], u.keep_per_block, allocation) for t, u in units.items()}
+        report.gates = {t: torch.where(keep[t], z[t].clamp(min=0), torch.zeros_like(z[t])) for t in units}
+        report.widths = [{t: int(keep[t][i].sum()) for t in units} for i in range(len(blocks))]
+        with torch.no_grad():
+            for i, block in enumerate(blocks):
+                for t, u in units.items():
+                    _fold(u.kind, block, report.gates[t][i])
+                    u.kind.keep(block, torch.nonzero(keep[t][i]).flatten())
+        if report.uniform:  # one width everywhere: the config describes the model (stock save and reload)
+            U.set_widths(adapter, {t: [w[t] for w in report.widths] for t in units})
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, False))
+        model.train(was_training)
     report.params_after = count_parameters(model)
     report.seconds = time.perf_counter() - start
     report.peak_memory = peak_memory(device)
@@ -255,13 +269,13 @@ class _Unit:
 
 
 def _units(adapter, types: tuple[str, ...], sparsity: float) -> dict[str, _Unit]:
+    """The unit kinds under training; a sparsity that rounds to every unit of a block is refused and one
+    that rounds to none warned about (:func:`spap.units.checked_prune_count`)."""
     units = {}
     for name, kind in U.kinds(adapter, types).items():
         n = kind.dense_count()
-        prune = U.prune_count(sparsity, n)
-        if prune >= n:
-            what = "MLP channels" if name == "mlp" else "key-value groups"
-            raise InvalidArgumentError(f"sparsity={sparsity} would prune all {n} {what} of a block.")
+        what = "MLP channels of a block" if name == "mlp" else "key-value groups of a block"
+        prune = U.checked_prune_count(float(sparsity), n, units=what, caller="ddp_prune")
         units[name] = _Unit(kind, n, n - prune)
     return units
 
@@ -335,6 +349,9 @@ def _train(model: nn.Module, gates: _Gates, units: dict[str, _Unit], windows: li
             else:
                 loss = F.nll_loss(log_p[:, :-1].flatten(0, 1), x[:, 1:].flatten())
             loss = loss * len(rows) / len(picked)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"NaN or Inf in the DDP loss at step {step}: the model's outputs on the "
+                                         "calibration windows are not finite.")
             loss.backward()
             loss_value += float(loss.detach())
         record = {"loss": loss_value, "tau": t_tau}

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,13 +44,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import units as U
-from ..adapters import LinearView, get_adapter
-from ..capture import calibration_batches
+from ..adapters import LinearView, check_model, get_adapter
+from ..capture import calibration_batches, check_calibration
 from ..checks import Boolean, DistinctFloats, Interval, InvalidArgumentError, NoneOr, Options, check_table
 from ..report import peak_memory
 from ..units import PruneStructure
 
 OBJECTIVES = ("perplexity", "margin")
+_UNIT_NAMES = {"mlp": "MLP channels", "heads": "key-value groups"}
 NORMALIZATIONS = ("mean", "sum", "none")
 _CONSTRAINTS = {
     "sparsities": DistinctFloats(Interval(float, 0, 1, closed="neither")),
@@ -241,7 +243,7 @@ def gisp(
         ``kept[s]`` per block, ``achieved[s]``, one :class:`GispStep` per step, time and peak memory.
     """
     # --- validate everything before any model work ----------------------------------------------
-    adapter = get_adapter(model)
+    adapter = check_model(model, "gisp")
     types = PruneStructure.parse(structure, caller="gisp", units_only=True).units
     check_table("gisp", _CONSTRAINTS, locals())
     levels = sorted(float(s) for s in sparsities)
@@ -254,11 +256,9 @@ def gisp(
     vocab = model.get_input_embeddings().weight.shape[0]
     if objective == "perplexity":
         batches: list[Any] = calibration_batches(calib, tokenizer, batch_size=batch_size)
-        for b in batches:
-            if b.shape[1] < 2 or int(b.min()) < 0 or int(b.max()) >= vocab:
-                raise ValueError(f"The 'calib' argument: every sequence needs >= 2 tokens with ids in [0, {vocab}).")
+        check_calibration(batches, model, "gisp", min_length=2)
     else:
-        triples = _check_triples(calib, vocab)
+        triples = _check_triples(calib, vocab, getattr(model.config, "max_position_embeddings", None))
         batches = [triples[i : i + batch_size] for i in range(0, len(triples), batch_size)]
     blocks = adapter.blocks()
     n_blocks = len(blocks)
@@ -268,8 +268,14 @@ def gisp(
     slack = min(sizes.values()) / 2
     removable = sum((counts[t] - 1) * n_blocks * sizes[t] for t in types)
     if levels[-1] * total > removable + slack:
-        raise ValueError(f"The 'sparsities' argument asks for {levels[-1]:g} of the {structure} parameters, but keeping "
-                         f"one of each structure in every block allows at most {removable / total:.4f}.")
+        raise InvalidArgumentError(f"The 'sparsities' argument asks for {levels[-1]:g} of the {structure} parameters, "
+                                   f"but keeping one of each structure in every block allows at most "
+                                   f"{removable / total:.4f}.")
+    if levels[0] * total + slack < min(sizes.values()):  # the budget of the first level rounds to no unit
+        warnings.warn(f"The 'sparsities' argument of gisp starts at {levels[0]:g}, which rounds to 0 of the "
+                      f"{sum(counts[t] * n_blocks for t in types)} {' and '.join(_UNIT_NAMES[t] for t in types)} "
+                      f"of the model: nothing is pruned at that level; "
+                      f"{min(sizes.values()) / 2 / total:.6g} or more prunes one.", UserWarning, stacklevel=2)
     settings = {"sparsities": levels, "structure": structure, "objective": objective,
                 "steps_per_target": steps_per_target, "normalize": normalize, "batch_size": batch_size,
                 "batches_per_step": batches_per_step, "seed": seed, "n_batches": len(batches),
@@ -321,26 +327,30 @@ def gisp(
 # Validation and bookkeeping
 
 
-def _check_triples(calib: Any, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``calib`` as a list of ``(prompt, correct, incorrect)`` 1-D LongTensors."""
+def _check_triples(calib: Any, vocab: int,
+                   positions: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``calib`` as a list of ``(prompt, correct, incorrect)`` 1-D LongTensors; a prompt and its longer
+    answer must fit in ``positions`` tokens (the model's positions, when it has a limit)."""
     message = ("With objective='margin', the 'calib' argument must be a non-empty list of (prompt, correct, "
                "incorrect) triples, each a non-empty 1-D LongTensor or list of token ids in [0, {vocab}).")
     if isinstance(calib, (str, torch.Tensor)) or not isinstance(calib, Sequence) or not calib:
-        raise ValueError(message.format(vocab=vocab) + f" Got {type(calib).__name__}.")
+        raise InvalidArgumentError(message.format(vocab=vocab) + f" Got {type(calib).__name__}.")
     out = []
     for i, triple in enumerate(calib):
         if not isinstance(triple, (tuple, list)) or len(triple) != 3:
-            raise ValueError(message.format(vocab=vocab) + f" Item {i} is not a triple.")
+            raise InvalidArgumentError(message.format(vocab=vocab) + f" Item {i} is not a triple.")
         parts = []
         for part in triple:
             try:
                 t = torch.as_tensor(part)
             except (TypeError, ValueError, RuntimeError):
-                raise ValueError(message.format(vocab=vocab) + f" Item {i} holds {type(part).__name__}.") from None
+                raise InvalidArgumentError(message.format(vocab=vocab) + f" Item {i} holds {type(part).__name__}.") from None
             if t.ndim != 1 or t.numel() == 0 or t.is_floating_point() or t.dtype == torch.bool \
                     or int(t.min()) < 0 or int(t.max()) >= vocab:
-                raise ValueError(message.format(vocab=vocab) + f" Item {i} does not qualify.")
+                raise InvalidArgumentError(message.format(vocab=vocab) + f" Item {i} does not qualify.")
             parts.append(t.long())
+        if positions is not None and len(parts[0]) + max(len(parts[1]), len(parts[2])) > positions:
+            raise InvalidArgumentError(message.format(vocab=vocab) + f" Item {i} is longer than the model's {positions} positions.")
         out.append(tuple(parts))
     return out
 

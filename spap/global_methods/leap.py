@@ -55,8 +55,9 @@ from torch import nn
 import solvers
 from solvers.masks import keep_largest_across, keep_largest_per_row
 
-from ..adapters import Adapter, LinearView, get_adapter
-from ..capture import GramHooks, calibration_batches, capture_block_inputs, run_block
+from .. import units as U
+from ..adapters import Adapter, LinearView, check_model
+from ..capture import GramHooks, calibration_batches, capture_block_inputs, check_calibration, run_block
 from ..checks import Boolean, DecreasingPair, Interval, InvalidArgumentError, Options, check_table, finite
 from ..report import peak_memory, peak_memory_text
 
@@ -210,25 +211,26 @@ def leap_prune(
         Per-linear kept/total and changes vs Wanda, per-step loss/density/temperature/multiplier,
         seconds, peak memory.
     """
-    adapter = get_adapter(model)
+    adapter = check_model(model, "leap_prune")
     n_blocks = len(adapter.blocks())
     check_table("leap_prune", _CONSTRAINTS, locals())
     groups = _groups(blocks, n_blocks)
+    d_out, d_in = U.smallest_linear(adapter)  # its count rounds to all, or to none, first
+    U.checked_prune_count(float(sparsity), d_out * d_in, units=f"weights of a {d_out}×{d_in} linear", caller="leap_prune")
     batches = calibration_batches(calib, tokenizer, batch_size=_GRAM_BATCH)
+    check_calibration(batches, model, "leap_prune", min_length=2)
     if len({b.shape[1] for b in batches}) != 1:
-        raise ValueError("The 'calib' argument must hold windows of one length (LEAP batches them for training); "
-                         "use spap.data.random_windows or a LongTensor (n, seq).")
+        raise InvalidArgumentError("The 'calib' argument must hold windows of one length (LEAP batches them for "
+                                   "training); use spap.data.random_windows or a LongTensor (n, seq).")
     windows = torch.cat(batches)
-    if windows.shape[1] < 2:
-        raise ValueError(f"The 'calib' windows must be at least 2 tokens long. Got {windows.shape[1]}.")
     if batch_size > windows.shape[0]:
-        raise ValueError(f"The 'batch_size' argument must be at most the number of calibration windows, "
-                         f"{windows.shape[0]}. Got {batch_size} instead.")
+        raise InvalidArgumentError(f"The 'batch_size' argument must be at most the number of calibration windows, "
+                                   f"{windows.shape[0]}. Got {batch_size} instead.")
     if train_seqlen is not None:
         check_table("leap_prune", {"train_seqlen": Interval(int, 2, None)}, locals())
         if train_seqlen > windows.shape[1]:
-            raise ValueError(f"The 'train_seqlen' argument must be at most the calibration windows' length, "
-                             f"{windows.shape[1]}. Got {train_seqlen} instead.")
+            raise InvalidArgumentError(f"The 'train_seqlen' argument must be at most the calibration windows' "
+                                       f"length, {windows.shape[1]}. Got {train_seqlen} instead.")
 
     settings = {"sparsity": sparsity, "steps": steps, "lr": lr, "groups": groups, "seed": seed, "scope": scope,
                 "batch_size": batch_size, "train_seqlen": train_seqlen, "init_logit": init_logit,
@@ -382,8 +384,9 @@ def _wanda_init(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor],
             for g in groups:
                 acc = hooks.accumulators[next(iter(g))]
                 for name, module in g.items():
-                    problem = solvers.LayerProblem(LinearView(module).weight, acc.H, solvers.Unstructured(),
-                                                   sparsity=sparsity)
+                    weight = LinearView(module).weight  # the count, checked by leap_prune before any work
+                    problem = solvers.LayerProblem(weight, acc.H, solvers.Unstructured(),
+                                                   n_prune=U.prune_count(sparsity, weight.numel()))
                     _, keep, _ = wanda.fn(problem)  # the registered function: the mask without the error report
                     norms = acc.H.diagonal().clamp_min(0).sqrt().float()
                     layers.append(_MaskedLinear(i, name, module, keep, norms, run))
