@@ -297,6 +297,7 @@ def _prune(args, model, tokenizer, checkpoint_dir=None, resume=False):
         method_options=_options(args.option),
         batch_size=args.batch_size, device=args.device, propagate="dense" if args.dense_propagation else "pruned",
         checkpoint_dir=checkpoint_dir, resume=resume,
+        restore_on_failure=False,  # the command line drops the model on failure: no CPU copy to undo it
     )
 
 

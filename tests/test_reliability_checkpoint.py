@@ -76,11 +76,12 @@ def test_resume_after_interruption_is_bit_identical(name, structure, stops, tmp_
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
-    """A 4-block llama run (mlp, 0.5) interrupted after block 1, and the interrupted (partly pruned) model."""
+    """A 4-block llama run (mlp, 0.5) interrupted after block 1, and the interrupted model, left partly pruned
+    (``restore_on_failure=False``: by default an interrupted run puts the dense model back)."""
     d = tmp_path_factory.mktemp("interrupted")
     model = _model()
     with pytest.raises(spap.checkpoint.Interrupted):
-        _prune(model, d, stop=2)
+        _prune(model, d, stop=2, restore_on_failure=False)
     return d, model
 
 
