@@ -64,7 +64,7 @@ def describe(model: torch.nn.Module, batches: list[torch.Tensor], settings: dict
     version), a sha256 of every parameter and buffer (name -> digest of dtype, shape and bytes; tied tensors
     once) and a sha256 of the calibration token ids, row by row (so it does not depend on the batching,
     which is a setting).  Tensors are hashed one at a time from their own memory (a GPU tensor is copied to
-    the CPU alone), about 1 GB/s.
+    the CPU alone), so the model is never copied whole; the cost is in docs/pipeline.md.
     """
     weights = {name: _tensor_digest(t) for name, t in
                itertools.chain(model.named_parameters(), model.named_buffers())}
