@@ -54,6 +54,7 @@ class Job:
     method: str
     sparsity: float | None
     damp: float = DEFAULT_DAMP
+    target: str = "pruned"  # prune_layerwise's target: "dense" fits the dense model's outputs
 
     def key(self, protocol: str) -> str:
         s = "nm" if self.sparsity is None else f"{self.sparsity:g}"
@@ -61,8 +62,9 @@ class Job:
 
     @property
     def label(self) -> str:
-        """The method's name in tables; a damping other than the default is part of it."""
-        return self.method if self.damp == DEFAULT_DAMP else f"{self.method}@damp={self.damp:g}"
+        """The method's name in tables; a damping or target other than the default is part of it."""
+        label = self.method if self.damp == DEFAULT_DAMP else f"{self.method}@damp={self.damp:g}"
+        return label if self.target == "pruned" else f"{label}@target={self.target}"
 
 
 def base_method(label: str) -> str:
@@ -88,7 +90,8 @@ def row_target(text: str) -> str:
 
 
 def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | None, refit_scores: bool,
-             row_targets: list[str] = ("0.5", "0.6", "2:4"), damp: float = DEFAULT_DAMP) -> list[Job]:
+             row_targets: list[str] = ("0.5", "0.6", "2:4"), damp: float = DEFAULT_DAMP,
+             target: str = "pruned") -> list[Job]:
     jobs = []
     for suite in suites:
         if suite in ("structured", "structured-heads"):
@@ -96,16 +99,16 @@ def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | No
             names = methods or STRUCTURED_METHODS
             if refit_scores:
                 names = names + [m + "+refit" for m in names if m in ("flap", "wanda_sp", "magnitude")]
-            jobs += [Job(structure, m, s, damp) for s in sparsities for m in names]
+            jobs += [Job(structure, m, s, damp, target) for s in sparsities for m in names]
         elif suite == "unstructured":
             names = methods or ROW_METHODS
             if refit_scores:
                 names = names + [m + "+refit" for m in names if m in ("wanda", "magnitude")]
-            for target in row_targets:
-                if ":" in target:
-                    jobs += [Job(target, m, None, damp) for m in names]
+            for row in row_targets:
+                if ":" in row:
+                    jobs += [Job(row, m, None, damp, target) for m in names]
                 else:
-                    jobs += [Job("unstructured", m, float(target), damp) for m in names]
+                    jobs += [Job("unstructured", m, float(row), damp, target) for m in names]
     return jobs
 
 
@@ -129,9 +132,10 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
         options = {"final": "refit"} if name == "admm" else {"refit": True}
     sparsity = 0.5 if job.sparsity is None else job.sparsity
     model, report = spap.prune_layerwise(model, calib, sparsity, method=name, structure=job.structure,
-                                         method_options=options, damp=job.damp, device=device, progress=False)
+                                         method_options=options, damp=job.damp, target=job.target, device=device,
+                                         progress=False)
     return {
-        "structure": job.structure, "method": job.label, "sparsity": job.sparsity, "damp": job.damp,
+        "structure": job.structure, "method": job.label, "sparsity": job.sparsity, "damp": job.damp, "target": job.target,
         **evaluate(model, tok, protocol),
         "prune_s": report.seconds, "solver_s": report.solver_seconds,
         "peak_rss_gib": report.peak_memory["rss"] / 2**30,
@@ -153,7 +157,8 @@ def sweep(args) -> dict:
     dense_key = f"{args.protocol}|dense"
     if dense_key not in cache:
         todo.append((dense_key, None))
-    for job in jobs_for(args.suite, args.sparsities, args.methods, args.refit_scores, args.row_targets, args.damp):
+    for job in jobs_for(args.suite, args.sparsities, args.methods, args.refit_scores, args.row_targets, args.damp,
+                        args.target):
         if job.key(args.protocol) not in cache:
             todo.append((job.key(args.protocol), job))
     print(protocol_text(args.protocol), flush=True)
@@ -260,6 +265,9 @@ def main(argv=None) -> None:
     parser.add_argument("--suite", nargs="+", default=["structured"], choices=["structured", "structured-heads", "unstructured"])
     parser.add_argument("--protocol", default="quick", choices=list(PROTOCOLS))
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--target", choices=["pruned", "dense"], default="pruned",
+                        help="what each layer fits: its own outputs on the pruned inputs (default) or the dense "
+                             "model's (cached and shown as METHOD@target=dense)")
     parser.add_argument("--damp", type=float, default=DEFAULT_DAMP,
                         help="relative damping of every Gram matrix (default 0.01); another value is "
                              "cached and shown as METHOD@damp=VALUE")

@@ -16,6 +16,7 @@ from .solution import Solution
 from .structure import NM, ColumnGroups, Structure, Unstructured, channels, column_groups, heads, parse_structure, prune_count, checked_prune_count
 from .validation import InvalidArgumentError
 from .refit import refit, refit_columns, refit_rows
+from .target import corrected_weight
 
 # Importing a solver module registers it.
 from . import scores as _scores  # noqa: F401,E402
@@ -48,5 +49,6 @@ __all__ = [
     "refit",
     "refit_columns",
     "refit_rows",
+    "corrected_weight",
     "InvalidArgumentError",
 ]

@@ -63,7 +63,7 @@ class GramAccumulator:
     """
 
     def __init__(self, d_in: int, device: torch.device | str | None = None, *,
-                 product_dtype: torch.dtype = torch.float64) -> None:
+                 product_dtype: torch.dtype = torch.float64, cross: bool = False) -> None:
         check("d_in", d_in, Interval(int, 1, None), "GramAccumulator")
         if product_dtype not in (torch.float32, torch.float64):
             raise InvalidArgumentError(
@@ -74,18 +74,29 @@ class GramAccumulator:
         self.H = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
         self.sum = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.n_samples = 0
+        # With ``cross``: C = Σ x_ref xᵀ, the reference inputs (e.g. the dense model's) against these.
+        self.C = torch.zeros(d_in, d_in, dtype=torch.float64, device=device) if cross else None
 
-    def add_batch(self, x: torch.Tensor) -> None:
-        """Add inputs of shape ``(..., d_in)``; every leading index is one sample (token)."""
+    def add_batch(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """Add inputs of shape ``(..., d_in)``; every leading index is one sample (token).  With ``cross``,
+        ``reference`` (same shape: the same tokens' reference inputs) adds ``x_ref xᵀ`` to ``C``."""
         if x.shape[-1] != self.d_in:
             raise InvalidArgumentError(
                 f"The 'x' argument of GramAccumulator.add_batch must have last dimension {self.d_in}. "
                 f"Got shape {tuple(x.shape)} instead."
             )
+        if (reference is None) != (self.C is None) or (reference is not None and reference.shape != x.shape):
+            raise InvalidArgumentError(
+                "The 'reference' argument of GramAccumulator.add_batch must be given, with the shape of 'x', exactly "
+                f"when the accumulator was built with cross=True. Got {None if reference is None else tuple(reference.shape)}."
+            )
         flat = x.detach().reshape(-1, self.d_in).to(device=self.H.device, dtype=self.product_dtype)
         _add_upper_gram(self.H, flat)
         self.sum += flat.sum(0, dtype=torch.float64)
         self.n_samples += flat.shape[0]
+        if self.C is not None:
+            ref = reference.detach().reshape(-1, self.d_in).to(device=self.H.device, dtype=self.product_dtype)
+            self.C += (ref.T @ flat).to(torch.float64)
 
     @property
     def mean(self) -> torch.Tensor:

@@ -198,17 +198,33 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torc
 class GramHooks:
     """Forward pre-hooks that stream the inputs of some linears into float64 Gram accumulators.
 
-    ``groups`` maps a name to a linear; linears that share an input should be given once (the first of
-    the group), since the pipeline shares the Gram matrix.
+    ``modules`` maps a name to a linear; linears that share an input should be given once (the first of
+    the group), since the pipeline shares the Gram matrix.  With ``cross`` every forward pass alternates:
+    a *reference* pass (``recording = True``: the dense model's inputs, only kept) and then a pass over the
+    same tokens whose inputs are accumulated together with the reference (``C = Σ x_ref xᵀ``, see
+    :func:`solvers.corrected_weight`).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], device: torch.device, product_dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device, product_dtype: torch.dtype = torch.float64,
+                 *, cross: bool = False) -> None:
         self.accumulators: dict[str, solvers.GramAccumulator] = {}
+        self.recording = False
+        self._references: dict[str, torch.Tensor] = {}
         self._handles = []
         for name, module in modules.items():
             d_in = LinearView(module).d_in
-            acc = self.accumulators[name] = solvers.GramAccumulator(d_in, device=device, product_dtype=product_dtype)
-            self._handles.append(module.register_forward_pre_hook(lambda m, args, acc=acc: acc.add_batch(args[0])))
+            acc = self.accumulators[name] = solvers.GramAccumulator(d_in, device=device, product_dtype=product_dtype,
+                                                                    cross=cross)
+            self._handles.append(module.register_forward_pre_hook(
+                lambda m, args, name=name, acc=acc: self._add(name, acc, args[0])))
+
+    def _add(self, name: str, acc: solvers.GramAccumulator, x: torch.Tensor) -> None:
+        if self.recording:
+            self._references[name] = x.detach()
+        elif acc.C is not None:
+            acc.add_batch(x, reference=self._references.pop(name))
+        else:
+            acc.add_batch(x)
 
     def remove(self) -> None:
         for h in self._handles:

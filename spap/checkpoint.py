@@ -147,8 +147,9 @@ def start(directory: str, run: dict) -> None:
     _atomic(d / RUN_FILE, lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True)))
 
 
-def save_block(directory: str, index: int, block, kept: dict, hidden, kwargs, records) -> None:
-    """Save block ``index`` (pruned) and the state after it: the next inputs, all call arguments, the rows."""
+def save_block(directory: str, index: int, block, kept: dict, hidden, kwargs, records, dense_hidden=None) -> None:
+    """Save block ``index`` (pruned) and the state after it: the next inputs (and the dense model's, for
+    the error-correcting target), all call arguments, the rows."""
     d = Path(directory)
     run_id = _read_run(d)["run_id"]
     tensors = {f"state.{k}": v for k, v in block.state_dict().items()}
@@ -157,6 +158,7 @@ def save_block(directory: str, index: int, block, kept: dict, hidden, kwargs, re
     table: dict[int, tuple[str, torch.Tensor]] = {}
     header = {"kind": "state", "run_id": run_id, "next_block": index + 1,
               "hidden": [_encode(h, table) for h in hidden], "kwargs": _encode(kwargs, table),
+              "dense_hidden": None if dense_hidden is None else [_encode(h, table) for h in dense_hidden],
               "records": [dict(r.__dict__) for r in records]}
     _save_tensors(d / STATE_FILE, dict(table.values()), header)
 
@@ -212,7 +214,8 @@ def _atomic(path: Path, write) -> None:
 
 
 def load(directory: str, run: dict, adapter, device: torch.device):
-    """Restore finished blocks into the model; return ``(next_block, hidden, kwargs, records)``.
+    """Restore finished blocks into the model; return ``(next_block, hidden, kwargs, records, dense_hidden)``
+    (``dense_hidden`` None unless the run fits the dense model's outputs).
 
     ``run`` (from :func:`describe` on the dense model) must be the checkpoint's run, else
     :class:`solvers.InvalidArgumentError` names what differs; every file is read and checked before the
@@ -237,6 +240,10 @@ def load(directory: str, run: dict, adapter, device: torch.device):
         hidden = [_decode(h, tensors, cache) for h in header["hidden"]]
         kwargs = _decode(header["kwargs"], tensors, cache)
         records = [LayerRecord(**r) for r in header["records"]]
+        dense = header.get("dense_hidden")
+        dense_hidden = None if dense is None else [_decode(h, tensors, cache) for h in dense]
+        if dense_hidden is not None and len(dense_hidden) != len(hidden):
+            raise ValueError("the dense stream does not hold one tensor per batch")
         if not (isinstance(kwargs, list) and len(kwargs) == len(adapter.blocks())
                 and all(isinstance(kw, list) and len(kw) == len(hidden) for kw in kwargs)):
             raise ValueError("the call arguments are not one list per block and batch")
@@ -256,7 +263,7 @@ def load(directory: str, run: dict, adapter, device: torch.device):
         except (RuntimeError, KeyError, ValueError, IndexError) as e:
             raise CheckpointError(path, f"does not fit block {i} ({type(e).__name__}: {e})") from None
     kwargs = share_equal(to_device(kwargs, device))
-    return next_block, hidden, kwargs, records
+    return next_block, hidden, kwargs, records, dense_hidden
 
 
 def check_settings(directory: str, settings: dict) -> None:

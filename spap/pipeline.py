@@ -40,6 +40,7 @@ _CONSTRAINTS = {
     "damp": Interval(float, 0, None, closed="left"),
     "gram_dtype": Options((torch.float32, torch.float64)),
     "propagate": Options(("pruned", "dense")),
+    "target": Options(("pruned", "dense")),
     "batch_size": Interval(int, 1, None),
     "checkpoint_dir": NoneOr(PathLike()),
     "resume": Boolean(),
@@ -67,6 +68,7 @@ class BlockSettings:
     device: torch.device
     offload: torch.device
     mlp_tail: bool = True
+    target: str = "pruned"
 
 
 @dataclass
@@ -97,6 +99,7 @@ def prune_layerwise(
     device: str | torch.device | None = None,
     offload: str | torch.device = "cpu",
     propagate: str = "pruned",
+    target: str = "pruned",
     checkpoint_dir: str | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -149,6 +152,11 @@ def prune_layerwise(
         Where blocks run and problems are solved; default CUDA when available, else CPU.
     offload : str or torch.device, default "cpu"
         Where calibration activations live between blocks.
+    target : {"pruned", "dense"}, default "pruned"
+        What each layer fits on the inputs the pruned model gives it: its own outputs on them
+        (``"pruned"``), or the dense model's outputs (``"dense"``: errors of earlier blocks are corrected;
+        a second activation stream, the dense model's, is kept on ``offload`` and run through each block
+        once more; see ``solvers.corrected_weight``).  Needs ``propagate="pruned"``.
     propagate : {"pruned", "dense"}, default "pruned"
         Next block's inputs from the pruned block (default) or from the dense block.
     checkpoint_dir : str, optional
@@ -177,7 +185,8 @@ def prune_layerwise(
     """
     settings = check_arguments(model, sparsity, method=method, structure=structure, method_options=method_options,
                                damp=damp, gram_dtype=gram_dtype, batch_size=batch_size, device=device, offload=offload,
-                               propagate=propagate, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                               propagate=propagate, target=target, checkpoint_dir=checkpoint_dir, resume=resume,
+                               progress=progress,
                                restore_on_failure=restore_on_failure)
     batches = calibration_batches(calib, tokenizer, batch_size=batch_size)
     check_calibration(batches, model, "prune_layerwise")
@@ -204,6 +213,7 @@ def check_arguments(
     device: str | torch.device | None = None,
     offload: str | torch.device = "cpu",
     propagate: str = "pruned",
+    target: str = "pruned",
     checkpoint_dir: str | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -228,8 +238,11 @@ def check_arguments(
     device = _device_arg("device", device or ("cuda" if torch.cuda.is_available() else "cpu"), "prune_layerwise")
     offload = _device_arg("offload", offload, "prune_layerwise")
     n_kv_prune = _check_counts(adapter, parsed, float(sparsity))
+    if target == "dense" and propagate != "pruned":
+        raise InvalidArgumentError("The 'target' argument of prune_layerwise is 'dense', which needs propagate='pruned' "
+                                   "(with dense propagation the inputs are the dense model's already).")
     settings = BlockSettings(parsed, float(sparsity), n_kv_prune, method, method_options, damp, gram_dtype, propagate,
-                             device, offload, mlp_tail=_HOOKS.mlp_tail)
+                             device, offload, mlp_tail=_HOOKS.mlp_tail, target=target)
     if resume:  # the arguments, before calibrating; the model and the tokens are checked when loading
         arguments = {k: v for k, v in _settings(settings, model).items() if k != "model_type"}
         ckpt.check_settings(checkpoint_dir, dict(arguments, device=device.type))
@@ -240,7 +253,7 @@ def _settings(s: BlockSettings, model: nn.Module) -> dict:
     """The run's settings as the report and the checkpoint record them (before calibration)."""
     return {"sparsity": s.sparsity, "method": s.method, "structure": s.structure.text,
             "method_options": s.method_options, "damp": s.damp, "gram_dtype": str(s.gram_dtype),
-            "propagate": s.propagate, "model_type": model.config.model_type}
+            "propagate": s.propagate, "target": s.target, "model_type": model.config.model_type}
 
 
 def _check_counts(adapter: Adapter, parsed: PruneStructure, sparsity: float) -> int:
@@ -332,11 +345,13 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     if checkpoint_dir is not None:  # what makes it the same run: the dense model, the tokens, every setting
         run = ckpt.describe(model, batches, dict(settings, batch_size=len(batches[0]), device=device.type))
     if resume:
-        first, hidden, kwargs, records = ckpt.load(checkpoint_dir, run, adapter, device)
+        first, hidden, kwargs, records, dense_hidden = ckpt.load(checkpoint_dir, run, adapter, device)
         report.layers.extend(records)
     else:
         with _outside_blocks_on(model, blocks, device):
             hidden, kwargs = capture_block_inputs(model, blocks, batches, device, offload)
+        # The dense model's stream, for the error-correcting target (identical until a block is pruned).
+        dense_hidden = [h.clone() for h in hidden] if s.target == "dense" else None
         if checkpoint_dir is not None:
             ckpt.start(checkpoint_dir, run)
     bar = _progress(range(first, len(blocks)), progress, first, len(blocks))
@@ -344,7 +359,7 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
         block_start = time.perf_counter()
         block = blocks[i]
         block.to(device)
-        records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], s)
+        records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], s, dense_hidden)
         report.layers.extend(records)
         if propagate == "pruned":
             _propagate(adapter, block, i, hidden, kwargs[i], kept, mlp_inputs, tail, device, offload)
@@ -353,7 +368,7 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
             torch.cuda.synchronize(device)
         report.block_seconds.append(time.perf_counter() - block_start)
         if checkpoint_dir is not None:
-            ckpt.save_block(checkpoint_dir, i, block, kept, hidden, kwargs, report.layers)
+            ckpt.save_block(checkpoint_dir, i, block, kept, hidden, kwargs, report.layers, dense_hidden)
         stop = _HOOKS.stop_after_blocks
         if stop is not None and i + 1 - first >= stop and i + 1 < len(blocks):
             raise ckpt.Interrupted(f"stopped after block {i} (test hook)")
@@ -366,7 +381,7 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
 
 
 def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[torch.Tensor], block_kwargs: list[dict],
-                 settings: BlockSettings):
+                 settings: BlockSettings, dense_hidden: list[torch.Tensor] | None = None):
     """Capture the block's Gram matrices, solve its problems and write the results into it.
 
     For an MLP-only prune with pruned propagation (and a family with :meth:`Adapter.mlp_tail`) the first
@@ -376,6 +391,11 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
     This trades memory (the MLP width instead of the hidden size per token) for a second pass; the
     equality with a full second pass is tested.  Returns ``(records, kept, mlp_inputs, tail)``, ``tail``
     the adapter's ``(entry, finish)`` pair when the shortcut was taken, else None.
+
+    With ``dense_hidden`` (``target="dense"``) each batch first runs through the dense block from the
+    dense model's stream (its outputs replace ``dense_hidden[b]``), recording the target linears'
+    inputs, then from the pruned stream; every problem is then posed on the corrected weight
+    ``solvers.corrected_weight(W, Ĥ, C)``.
     """
     s = settings
     device = s.device
@@ -389,21 +409,29 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
         wanted = {next(iter(g)): next(iter(g.values())) for g in groups}
     for name, kind in kinds.items():
         wanted[name] = kind.output_linear(block)
-    hooks = GramHooks(wanted, device, s.gram_dtype)
+    hooks = GramHooks(wanted, device, s.gram_dtype, cross=dense_hidden is not None)
     extra = []
     residuals: list[torch.Tensor] = []
     mlp_inputs: list[torch.Tensor | None] = []
     if tail is not None:
         def stop_at_mlp_out(module, args):  # registered after the Gram hook, so it runs after it
+            if hooks.recording:  # the dense stream's pass runs the whole block
+                return
             mlp_inputs.append(args[0].detach().to(hidden[0].device))  # NaN shows in the Gram check
             raise _StopBlock
 
-        extra.append(tail[0].register_forward_pre_hook(lambda m, args: residuals.append(args[0].detach())))
+        extra.append(tail[0].register_forward_pre_hook(
+            lambda m, args: None if hooks.recording else residuals.append(args[0].detach())))
         extra.append(wanted["mlp"].register_forward_pre_hook(stop_at_mlp_out))
     dense_out = []
     try:
         with torch.no_grad():
             for b, h in enumerate(hidden):
+                if dense_hidden is not None:
+                    hooks.recording = True
+                    out = run_block(block, dense_hidden[b], block_kwargs[b], device)
+                    hooks.recording = False
+                    dense_hidden[b] = finite(out, f"dense output of block {index}").to(dense_hidden[b].device)
                 try:
                     out = run_block(block, h, block_kwargs[b], device)
                 except _StopBlock:
@@ -430,8 +458,8 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
                 # counts, not the fraction: check_arguments already refused or warned about the rounding
                 target = {} if isinstance(s.structure.rows, solvers.NM) else \
                     {"n_prune": U.prune_count(s.sparsity, view.weight.numel())}
-                p = solvers.LayerProblem(view.weight, acc.H, s.structure.rows, damp=s.damp, input_mean=acc.mean,
-                                         n_samples=acc.n_samples, **target)
+                p = solvers.LayerProblem(_fitted_weight(view, acc, s), acc.H, s.structure.rows, damp=s.damp,
+                                         input_mean=acc.mean, n_samples=acc.n_samples, **target)
                 sol = solvers.solve(p, s.method, **s.method_options)
                 view.set_weight(sol.weight)
                 records.append(LayerRecord.from_solution(index, name, sol, p))
@@ -462,6 +490,13 @@ def _propagate(adapter: Adapter, block: nn.Module, index: int, hidden: list[torc
             hidden[b] = finite(out, f"output of block {index}").to(offload)
 
 
+def _fitted_weight(view: LinearView, acc: solvers.GramAccumulator, s: BlockSettings) -> torch.Tensor:
+    """The weight a layer problem fits: the layer's own, or with ``target="dense"`` the corrected one."""
+    if acc.C is None:
+        return view.weight
+    return solvers.corrected_weight(view.weight, acc.H, acc.C, s.damp).to(view.weight.dtype)
+
+
 class _StopBlock(Exception):
     """Ends a first pass at the MLP's output linear once its input is recorded."""
 
@@ -473,8 +508,8 @@ def _solve_groups(view: LinearView, acc, structure: solvers.Structure, index: in
     Returns the indices of the kept groups (on the weight's device) and the layer's record; the caller
     shrinks the block to those groups.
     """
-    p = solvers.LayerProblem(view.weight, acc.H, structure, bias=view.bias, input_mean=acc.mean,
-                             n_samples=acc.n_samples, **target)
+    p = solvers.LayerProblem(_fitted_weight(view, acc, settings), acc.H, structure, bias=view.bias,
+                             input_mean=acc.mean, n_samples=acc.n_samples, **target)
     sol = solvers.solve(p, settings.method, **settings.method_options)
     view.set_weight(sol.weight)
     if sol.bias is not None and view.bias is not None:
