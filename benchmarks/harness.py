@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+VALIDATION_WINDOWS = 32  # windows of eval_seqlen tokens of the validation split (spap.data.validation_documents)
 PROTOCOLS = {
     "quick": {"n": 64, "seqlen": 1024, "eval_seqlen": 1024, "eval_windows": 40},
     "standard": {"n": 128, "seqlen": 2048, "eval_seqlen": 2048, "eval_windows": None},
@@ -29,7 +30,9 @@ def evaluation_text(protocol: str) -> str:
     """``first 40 windows of 1024 tokens of WikiText-2 test and of C4 docs[500:]`` for ``quick``."""
     p = PROTOCOLS[protocol]
     windows = "all windows" if p["eval_windows"] is None else f"first {p['eval_windows']} windows"
-    return f"{windows} of {p['eval_seqlen']} tokens of WikiText-2 test and of C4 docs[500:]"
+    return (f"{windows} of {p['eval_seqlen']} tokens of WikiText-2 test and of C4 docs[500:]; validation (for "
+            f"choosing defaults): the first {VALIDATION_WINDOWS} windows of the C4 docs[:500] the calibration "
+            "draw does not use")
 
 
 def protocol_text(protocol: str) -> str:
@@ -43,8 +46,9 @@ def protocol_text(protocol: str) -> str:
 
 
 def evaluate(model, tok, protocol: str) -> dict:
-    """The protocol's evaluation of ``model``: ``{"wikitext_ppl", "c4_ppl", "eval_s"}``."""
-    from spap.data import c4_documents, wikitext_rows
+    """The protocol's evaluation of ``model``: ``{"wikitext_ppl", "c4_ppl", "val_ppl", "eval_s"}``
+    (``val_ppl`` on the validation split, the one to choose defaults by)."""
+    from spap.data import c4_documents, validation_documents, wikitext_rows
     from spap.eval import perplexity
 
     p = PROTOCOLS[protocol]
@@ -52,7 +56,9 @@ def evaluate(model, tok, protocol: str) -> dict:
     t = time.perf_counter()
     wiki = perplexity(model, tok, wikitext_rows(), **options)
     c4 = perplexity(model, tok, c4_documents(500, None), **options)
-    return {"wikitext_ppl": wiki, "c4_ppl": c4, "eval_s": time.perf_counter() - t}
+    val = perplexity(model, tok, validation_documents(tok, n=p["n"], seqlen=p["seqlen"]), seqlen=p["eval_seqlen"],
+                     max_windows=VALIDATION_WINDOWS)
+    return {"wikitext_ppl": wiki, "c4_ppl": c4, "val_ppl": val, "eval_s": time.perf_counter() - t}
 
 
 def dense_row(protocol: str, model_source: str, device: str | None, threads: int) -> dict:
@@ -66,7 +72,7 @@ def dense_row(protocol: str, model_source: str, device: str | None, threads: int
     model, tok = spap.load_model(model_source, device=device or "cpu")
     scores = evaluate(model, tok, protocol)
     return {"structure": "dense", "method": "dense", "sparsity": 0.0,
-            "wikitext_ppl": scores["wikitext_ppl"], "c4_ppl": scores["c4_ppl"],
+            "wikitext_ppl": scores["wikitext_ppl"], "c4_ppl": scores["c4_ppl"], "val_ppl": scores["val_ppl"],
             "params": count_parameters(model), "params_dense": count_parameters(model)}
 
 

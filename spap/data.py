@@ -96,10 +96,11 @@ def _json_rows(path: Path) -> list[str]:
 
 
 def random_windows(
-    texts: Sequence[str], tokenizer, *, n: int, seqlen: int, seed: int = 0
+    texts: Sequence[str], tokenizer, *, n: int, seqlen: int, seed: int = 0, used: list[int] | None = None
 ) -> torch.Tensor:
     """``n`` windows of ``seqlen`` tokens, each cut at a random offset from a random document long
-    enough to hold it (the SparseGPT/Wanda calibration recipe).  Returns a LongTensor ``(n, seqlen)``.
+    enough to hold it (the SparseGPT/Wanda calibration recipe).  Returns a LongTensor ``(n, seqlen)``;
+    ``used``, when given, receives the index of the document each window was cut from.
     """
     if n <= 0 or seqlen <= 0:
         raise InvalidArgumentError(f"The 'n' and 'seqlen' arguments must be positive. Got n={n}, seqlen={seqlen}.")
@@ -120,7 +121,22 @@ def random_windows(
             continue
         j = int(torch.randint(len(ids) - seqlen, (1,), generator=gen))
         windows.append(ids[j : j + seqlen])
+        if used is not None:
+            used.append(i)
     return torch.tensor(windows, dtype=torch.long)
+
+
+def validation_documents(tokenizer, *, n: int = 64, seqlen: int = 1024, seed: int = 0,
+                         path: str | Path | None = None) -> list[str]:
+    """The validation split: the documents of C4 ``[:500]`` (the calibration split) that the calibration
+    draw ``calibration_set("c4", tokenizer, n=n, seqlen=seqlen, seed=seed)`` cuts no window from.
+
+    Defaults are chosen on it, never on the evaluation sets (WikiText-2 test, C4 ``[500:]``).
+    """
+    texts = c4_documents(0, 500, path=path)
+    used: list[int] = []
+    random_windows(texts, tokenizer, n=n, seqlen=seqlen, seed=seed, used=used)
+    return [t for i, t in enumerate(texts) if i not in set(used)]
 
 
 def text_file(path: str | Path) -> list[str]:

@@ -104,3 +104,20 @@ def test_dense_target_needs_pruned_propagation():
         spap.prune_layerwise(_model("llama"), _ids(), 0.5, target="dense", propagate="dense", progress=False)
     with pytest.raises(ValueError, match="'target' argument of prune_layerwise must be one of 'pruned', 'dense'"):
         spap.prune_layerwise(_model("llama"), _ids(), 0.5, target="both", progress=False)
+
+
+def test_the_validation_split_holds_no_calibration_document(monkeypatch):
+    from spap import data
+
+    docs = [f"doc{i} " + " ".join(str(j) for j in range(i % 7 * 10 + 30)) for i in range(500)]
+    monkeypatch.setattr(data, "c4_documents", lambda start, stop, path=None: docs[start:stop])
+
+    class Words:  # one token per word
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [len(w) for w in text.split()]}
+
+    used: list[int] = []
+    calib = data.random_windows(docs, Words(), n=16, seqlen=40, seed=0, used=used)
+    validation = data.validation_documents(Words(), n=16, seqlen=40, seed=0)
+    assert calib.shape == (16, 40) and len(used) == 16
+    assert set(validation) == {d for i, d in enumerate(docs) if i not in set(used)}
