@@ -15,6 +15,7 @@ import torch
 
 try:  # numba is a dependency; the guard keeps ``import solvers`` working where it cannot load
     import numba
+    import numpy as np
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover
@@ -103,11 +104,154 @@ if HAVE_NUMBA:
                 out[i, j] = 0.5 * (ww[j] + 2.0 * A[row, c] * x + x * x * gi) / (kdiag[j] + u * x) - base
 
 
+    def _row_swap_delta(Ba, va, t, wb, cb):  # pragma: no cover - compiled
+        """``Δ`` of one swap (``solvers.row_swap.swap_delta``, the same operations in the same order)."""
+        return 0.5 * (Ba * wb * wb + 2.0 * t * va * wb - cb * va * va) / (Ba * cb + t * t)
+
+
+    _row_swap_delta_c = numba.njit(inline="always", cache=True)(_row_swap_delta)
+
+
+    def _row_swap_search(T, v, Bd, c, wk, P, K, pcount, kcount, H, Hinv, err, m, rel_tol, limit, batch,
+                         swaps, done):  # pragma: no cover - compiled
+        """The 1-swap search of ``solvers.row_swap`` for a batch of rows, each row to its end (rows in parallel).
+
+        Per row ``r`` (slots ``a < pcount[r]`` of ``P``, ``b < kcount[r]`` of ``K``; the state's arrays are
+        updated in place): scan the table ``Δ(a, b)`` (N:M, ``m > 0``: pairs of one group of ``m``) keeping
+        each pruned slot's best kept slot, take up to ``batch`` of those below ``−rel_tol·err[r]``, best first,
+        apply each whose kept slot is still unused and whose ``Δ``, re-evaluated on the updated state, still
+        improves; repeat until a table has no improving swap (``done[r]``) or ``limit[r]`` swaps.
+
+        torch would store each table (``|P|×|K|`` per row, about eight temporaries of that size) and advance
+        every row of a batch in lockstep, a dozen small operations per swap; here a table is one pass that
+        stores nothing, and each row stops when it is done.
+        """
+        R = T.shape[0]
+        for r in numba.prange(R):
+            p, k = pcount[r], kcount[r]
+            swaps[r] = 0
+            done[r] = False
+            if p == 0 or k == 0:
+                done[r] = True
+                continue
+            Tr, vr, Br, cr, wr, Pr, Kr = T[r], v[r], Bd[r], c[r], wk[r], P[r], K[r]
+            bestv = np.empty(p)
+            bestb = np.empty(p, np.int64)
+            cand = np.empty(batch, np.int64)
+            used = np.zeros(k, np.bool_)
+            kgroup = np.zeros(k, np.int64)
+            beta = np.empty(p)
+            phi = np.empty(p)
+            tau = np.empty(k)
+            psi = np.empty(k)
+            hk = np.empty(k)
+            while swaps[r] < limit[r]:
+                thr = -rel_tol * max(err[r], 1e-300)
+                if m > 0:
+                    for b in range(k):
+                        kgroup[b] = Kr[b] // m
+                for a in range(p):
+                    Ba, va = Br[a], vr[a]
+                    ga = Pr[a] // m if m > 0 else 0
+                    best, bb = np.inf, -1
+                    row = Tr[a]
+                    for b in range(k):
+                        if m > 0 and kgroup[b] != ga:
+                            continue
+                        d = _row_swap_delta_c(Ba, va, row[b], wr[b], cr[b])
+                        if d < best:
+                            best, bb = d, b
+                    bestv[a], bestb[a] = best, bb
+                ncand = 0
+                for _ in range(batch):  # the smallest entries below thr, best first (ties: lower slot)
+                    sel, sv = -1, thr
+                    for a in range(p):
+                        if bestv[a] < sv:
+                            sel, sv = a, bestv[a]
+                    if sel < 0:
+                        break
+                    cand[ncand] = sel
+                    ncand += 1
+                    bestv[sel] = np.inf
+                if ncand == 0:
+                    done[r] = True
+                    break
+                for t in range(ncand):
+                    if swaps[r] >= limit[r]:
+                        break
+                    a = cand[t]
+                    b = bestb[a]
+                    if used[b]:
+                        continue
+                    Ba, va, taub = Br[a], vr[a], Tr[a, b]
+                    d = _row_swap_delta_c(Ba, va, taub, wr[b], cr[b])
+                    if not d < -rel_tol * max(err[r], 1e-300):
+                        continue
+                    i, j = Pr[a], Kr[b]
+                    # β = B_{P,i} = H_{P,i} + T H_{K,i}
+                    for z in range(k):
+                        hk[z] = H[i, Kr[z]]
+                    for x in range(p):
+                        row = Tr[x]
+                        acc = H[i, Pr[x]]
+                        for z in range(k):
+                            acc += row[z] * hk[z]
+                        beta[x] = acc
+                    # ψ ← Q_{K,j} = (H⁻¹)_{K,j} − (H⁻¹)_{K,P} T_{:,b}
+                    for z in range(k):
+                        psi[z] = Hinv[j, Kr[z]]
+                    for x in range(p):
+                        coef = Tr[x, b]
+                        if coef != 0.0:
+                            hrow = Hinv[Pr[x]]
+                            for z in range(k):
+                                psi[z] -= hrow[Kr[z]] * coef
+                    g = taub / Ba
+                    c1 = cr[b] + taub * g
+                    w1 = wr[b] + g * va
+                    for z in range(k):
+                        tau[z] = Tr[a, z]
+                    tau[b] = 1.0
+                    psi[b] = 0.0
+                    for z in range(k):
+                        psi[z] = (psi[z] + tau[z] * g) / c1
+                    for x in range(p):
+                        phi[x] = Tr[x, b] - beta[x] * g
+                    for x in range(p):
+                        if x == a:
+                            continue
+                        bx, fx = beta[x] / Ba, phi[x]
+                        row = Tr[x]
+                        row[b] = 0.0
+                        for z in range(k):
+                            row[z] -= bx * tau[z] + fx * psi[z]
+                    for z in range(k):
+                        Tr[a, z] = psi[z]
+                    cr[b] = 0.0
+                    wr[b] = 0.0
+                    for z in range(k):
+                        cr[z] = cr[z] + (tau[z] * tau[z] / Ba - psi[z] * psi[z] * c1)
+                        wr[z] = wr[z] + (tau[z] * (va / Ba) - psi[z] * w1)
+                    for x in range(p):
+                        vr[x] = vr[x] - (beta[x] * (va / Ba) + phi[x] * (w1 / c1))
+                        Br[x] = Br[x] + (phi[x] * phi[x] / c1 - beta[x] * beta[x] / Ba)
+                    vr[a] = w1 / c1
+                    Br[a] = 1.0 / c1
+                    Pr[a] = j
+                    Kr[b] = i
+                    err[r] += d
+                    swaps[r] += 1
+                    used[b] = True
+                for t in range(ncand):
+                    used[bestb[cand[t]]] = False
+
+
     # Each kernel is compiled twice: in parallel over its outer loop, and serial for small inputs, where
     # waking threads costs more than the work (and idle pool threads would compete with torch's).
     _COMPILED = {
         name: (numba.njit(cache=True)(fn), numba.njit(parallel=True, cache=True)(fn))
-        for name, fn in (("sparsegpt_block", _sparsegpt_block), ("channel_swap_table", _channel_swap_table))
+        for name, fn in (("sparsegpt_block", _sparsegpt_block), ("channel_swap_table", _channel_swap_table),
+                         ("row_swap_search", _row_swap_search))
     }
 
 _PARALLEL_MIN_WORK = 1 << 16  # entries of the outer x inner loop below which a kernel runs serially
@@ -136,6 +280,18 @@ def channel_swap_table(U: torch.Tensor, A: torch.Tensor, rows: torch.Tensor, kep
     return out
 
 
+def row_swap_search(T, v, Bd, c, wk, P, K, pcount, kcount, H, Hinv, err, m: int, rel_tol: float, limit, batch: int,
+                    swaps, done) -> None:
+    """Run :func:`_row_swap_search` on CPU tensors in place (float64 state, int64 indices and counts;
+    ``swaps`` int64 and ``done`` bool are written).  See ``solvers.row_swap`` for the state."""
+    arrays = [t.numpy() for t in (T, v, Bd, c, wk, P, K, pcount, kcount, H, Hinv, err, limit, swaps, done)]
+    if any(not a.flags.c_contiguous for a in arrays):
+        raise ValueError("row_swap_search needs contiguous tensors")
+    work = T.shape[0] * T.shape[1] * T.shape[2]
+    fn = _kernel("row_swap_search", work)
+    fn(*arrays[:12], int(m), float(rel_tol), arrays[12], int(batch), arrays[13], arrays[14])
+
+
 def sparsegpt_block(W1: torch.Tensor, U1: torch.Tensor, keep1: torch.Tensor, nm: tuple[int, int] | None,
                     E1: torch.Tensor, loss: torch.Tensor) -> None:
     """Run :func:`_sparsegpt_block` on CPU float64 tensors in place (see its docstring for shapes)."""
@@ -161,4 +317,4 @@ def warm_up() -> None:
                        torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
 
 
-__all__ = ["KERNELS", "HAVE_NUMBA", "use_numba", "sparsegpt_block", "channel_swap_table", "warm_up"]
+__all__ = ["KERNELS", "HAVE_NUMBA", "use_numba", "sparsegpt_block", "channel_swap_table", "row_swap_search", "warm_up"]
