@@ -117,16 +117,18 @@ if HAVE_NUMBA:
         """The 1-swap search of ``solvers.row_swap`` for a batch of rows, each row to its end (rows in parallel).
 
         Per row ``r`` (slots ``a < pcount[r]`` of ``P``, ``b < kcount[r]`` of ``K``; the state's arrays are
-        updated in place): scan the table ``Δ(a, b)`` (N:M, ``m > 0``: pairs of one group of ``m``) keeping
-        each pruned slot's best kept slot, take up to ``batch`` of those below ``−rel_tol·err[r]``, best first,
-        apply each whose kept slot is still unused and whose ``Δ``, re-evaluated on the updated state, still
-        improves; repeat until a table has no improving swap (``done[r]``) or ``limit[r]`` swaps.
+        updated in place): scan the table ``Δ(a, b)`` keeping each pruned slot's best kept slot, take up to
+        ``batch`` of those below ``−rel_tol·err[r]``, best first, apply each whose kept slot is still unused
+        and whose ``Δ``, re-evaluated on the updated state, still improves; repeat until a table has no
+        improving swap (``done[r]``) or ``limit[r]`` swaps.  N:M (``m > 0``): only pairs of one group of
+        ``m``; a swap keeps each slot in its group, so each pruned slot's kept partners are listed once.
 
-        torch would store each table (``|P|×|K|`` per row, about eight temporaries of that size) and advance
+        torch stores each table (``|P|×|K|`` per row, about eight temporaries of that size) and advances
         every row of a batch in lockstep, a dozen small operations per swap; here a table is one pass that
-        stores nothing, and each row stops when it is done.
+        stores nothing (N:M: ``|P|·n`` entries, not ``|P||K|``), and each row stops when it is done.
         """
         R = T.shape[0]
+        n = H.shape[0]
         for r in numba.prange(R):
             p, k = pcount[r], kcount[r]
             swaps[r] = 0
@@ -139,28 +141,40 @@ if HAVE_NUMBA:
             bestb = np.empty(p, np.int64)
             cand = np.empty(batch, np.int64)
             used = np.zeros(k, np.bool_)
-            kgroup = np.zeros(k, np.int64)
             beta = np.empty(p)
             phi = np.empty(p)
             tau = np.empty(k)
             psi = np.empty(k)
             hk = np.empty(k)
+            y = np.empty(n)
+            # N:M: the kept slots of each group (a swap stays inside its group, so this never changes).
+            groups = n // m if m > 0 else 1
+            per = k // groups if m > 0 else 0
+            gk = np.empty((groups, per), np.int64)
+            if m > 0:
+                fill = np.zeros(groups, np.int64)
+                for b in range(k):
+                    g = Kr[b] // m
+                    gk[g, fill[g]] = b
+                    fill[g] += 1
             while swaps[r] < limit[r]:
                 thr = -rel_tol * max(err[r], 1e-300)
-                if m > 0:
-                    for b in range(k):
-                        kgroup[b] = Kr[b] // m
                 for a in range(p):
                     Ba, va = Br[a], vr[a]
-                    ga = Pr[a] // m if m > 0 else 0
                     best, bb = np.inf, -1
                     row = Tr[a]
-                    for b in range(k):
-                        if m > 0 and kgroup[b] != ga:
-                            continue
-                        d = _row_swap_delta_c(Ba, va, row[b], wr[b], cr[b])
-                        if d < best:
-                            best, bb = d, b
+                    if m > 0:
+                        g = Pr[a] // m
+                        for q in range(per):
+                            b = gk[g, q]
+                            d = _row_swap_delta_c(Ba, va, row[b], wr[b], cr[b])
+                            if d < best:
+                                best, bb = d, b
+                    else:
+                        for b in range(k):
+                            d = _row_swap_delta_c(Ba, va, row[b], wr[b], cr[b])
+                            if d < best:
+                                best, bb = d, b
                     bestv[a], bestb[a] = best, bb
                 ncand = 0
                 for _ in range(batch):  # the smallest entries below thr, best first (ties: lower slot)
@@ -188,24 +202,35 @@ if HAVE_NUMBA:
                     if not d < -rel_tol * max(err[r], 1e-300):
                         continue
                     i, j = Pr[a], Kr[b]
-                    # β = B_{P,i} = H_{P,i} + T H_{K,i}
+                    # β = B_{P,i} = H_{P,i} + T H_{K,i}  (four partial sums: the dot products pipeline)
+                    hrow = H[i]
                     for z in range(k):
-                        hk[z] = H[i, Kr[z]]
+                        hk[z] = hrow[Kr[z]]
+                    k4 = k - k % 4
                     for x in range(p):
                         row = Tr[x]
-                        acc = H[i, Pr[x]]
-                        for z in range(k):
-                            acc += row[z] * hk[z]
-                        beta[x] = acc
-                    # ψ ← Q_{K,j} = (H⁻¹)_{K,j} − (H⁻¹)_{K,P} T_{:,b}
-                    for z in range(k):
-                        psi[z] = Hinv[j, Kr[z]]
+                        s0 = s1 = s2 = s3 = 0.0
+                        for z in range(0, k4, 4):
+                            s0 += row[z] * hk[z]
+                            s1 += row[z + 1] * hk[z + 1]
+                            s2 += row[z + 2] * hk[z + 2]
+                            s3 += row[z + 3] * hk[z + 3]
+                        for z in range(k4, k):
+                            s0 += row[z] * hk[z]
+                        beta[x] = hrow[Pr[x]] + ((s0 + s1) + (s2 + s3))
+                    # ψ ← Q_{K,j} = (H⁻¹)_{K,j} − (H⁻¹)_{K,P} T_{:,b}: whole contiguous rows of H⁻¹ (n per
+                    # pruned slot, vectorized), then the kept entries.
+                    hrow = Hinv[j]
+                    for l in range(n):
+                        y[l] = hrow[l]
                     for x in range(p):
                         coef = Tr[x, b]
                         if coef != 0.0:
                             hrow = Hinv[Pr[x]]
-                            for z in range(k):
-                                psi[z] -= hrow[Kr[z]] * coef
+                            for l in range(n):
+                                y[l] -= hrow[l] * coef
+                    for z in range(k):
+                        psi[z] = y[Kr[z]]
                     g = taub / Ba
                     c1 = cr[b] + taub * g
                     w1 = wr[b] + g * va

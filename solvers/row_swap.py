@@ -91,7 +91,7 @@ class _Padded:
 
     def __init__(self, H: torch.Tensor, Hinv: torch.Tensor, kpad: int, ppad: int) -> None:
         self.n, self.kpad, self.ppad = H.shape[0], kpad, ppad
-        self.H0, self.Hinv0 = H, Hinv  # unpadded (the Numba kernel reads only real indices)
+        self.H0, self.Hinv0 = H.contiguous(), Hinv.contiguous()  # unpadded, for the Numba kernel
         extra = kpad + ppad
         eye = torch.eye(extra, dtype=H.dtype, device=H.device)
         self.H = torch.block_diag(H, eye) if extra else H
@@ -316,6 +316,8 @@ def row_swap_search(
     if not (isinstance(batch, int) and batch >= 1 and isinstance(refresh, int) and refresh >= 1
             and isinstance(max_swaps, int) and max_swaps >= 0):
         raise InvalidArgumentError("row_swap_search needs ints batch >= 1, refresh >= 1 and max_swaps >= 0.")
+    if isinstance(s, NM) and not bool((keep.reshape(d_out, -1, s.m).sum(-1) == s.n).all()):
+        raise InvalidArgumentError(f"The 'keep' argument of row_swap_search must keep {s.n} of every {s.m} weights ({s!r}).")
     use_numba = kernels.use_numba(kernel, W)
     m = s.m if isinstance(s, NM) else 0
     start_keep = keep.to(W.device)

@@ -240,3 +240,6 @@ def test_refuses_column_structures_and_bad_masks():
     q = make_problem(4, 8, structure=solvers.Unstructured(), sparsity=0.5)
     with pytest.raises(solvers.InvalidArgumentError, match="boolean tensor of shape"):
         row_swap_search(q, torch.ones(4, 7, dtype=torch.bool))
+    nm = make_problem(4, 8, structure=solvers.NM(2, 4))
+    with pytest.raises(solvers.InvalidArgumentError, match="keep 2 of every 4"):
+        row_swap_search(nm, torch.ones(4, 8, dtype=torch.bool))
