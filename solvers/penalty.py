@@ -23,7 +23,8 @@ Unstructured and N:M.  The same penalty idea with a split variable ``Z`` in the 
 
 Ŵ-step: ``Ŵ (H_d + ρD) = W H_d + ρ Z D`` (one Cholesky per ρ); Z-step: the exact projection of ``Ŵ``
 onto the structure in the ``D``-weighted norm (keep the largest ``D_j Ŵ_ij²``).  Then the exact per-row
-refit of the final support.
+refit of the final support, improved row by row by :func:`solvers.row_swap.row_swap_search` to a 1-swap
+local optimum (swaps inside a row; N:M: inside a group of ``M``).
 
 Cost for an ``m×n`` layer: ``O(n³)`` once (inverse), ``O(|P|³ + m|P|n)`` per column iteration,
 ``O(n²d + mnd)`` per swap.  Derivations and the experiments behind the defaults: ``docs/method.md``.
@@ -41,6 +42,7 @@ from .problem import LayerProblem
 from .refit import refit_rows
 from .registry import register
 from .structure import ColumnGroups, Unstructured
+from .row_swap import row_swap_search
 from .swap import swap_search
 
 _OPTIONS = {
@@ -89,7 +91,7 @@ def spap(
     guard: bool = True,
     kernel: str = "auto",
 ):
-    """Penalty method + alternating minimization (+ exact 1-swap search for column groups).
+    """Penalty method + alternating minimization, then an exact 1-swap local search.
 
     Parameters
     ----------
@@ -99,8 +101,8 @@ def spap(
     steps : int, optional
         Number of penalty parameters, geometric between ``rho0`` and ``rho_max``.  Default 5 for column
         groups, where the swap search finishes the job (on the 30 SmolLM2 down_proj layers 5 steps end
-        at the same mean error as 10, in less time), and 10 for unstructured and N:M, which have no
-        swap search (5 steps raised the error by 3-7% on real o_proj/k_proj layers, unstructured 50%).
+        at the same mean error as 10, in less time), and 10 for unstructured and N:M (without a row swap
+        search, 5 steps raised the error by 3-7% on real o_proj/k_proj layers, unstructured 50%).
         Measured by ``python benchmarks/down_proj.py --grid`` and ``--row-steps``; ``docs/method.md`` §7.3.
     gradual : bool, default True
         Raise the number of pruned units along the cubic ramp ``k(1 − (1 − t/T)³)`` (all ``k`` by the last
@@ -108,15 +110,19 @@ def spap(
     max_inner : int, default 3
         Alternating (Ŵ, s) rounds per step; a step ends early when the mask stops changing.
     swap : bool, default True
-        Column groups of equal size: finish with the exact 1-swap local search.
+        Finish with an exact 1-swap local search: over column groups of equal size
+        (:func:`solvers.swap.swap_search`), or, for unstructured and N:M, row by row, a kept and a pruned
+        weight of one row (N:M: of one group of ``M``) (:func:`solvers.row_swap.row_swap_search`).
     max_swaps : int, default 10000
-        Upper bound on swaps (the search normally stops at a local optimum long before).
+        Upper bound on swaps: in all for column groups, per row for unstructured and N:M (the search
+        normally stops at a local optimum long before).
     guard : bool, default True
         Also refit the ρ→0 limits of the method (the OBS-score and magnitude masks) and continue from the
         best of the three, so SPAP is never worse than those selections with the exact refit.
     kernel : {"auto", "numba", "torch"}, default "auto"
-        The swap search's table for single-column groups: a fused Numba kernel for CPU tensors
-        (``"auto"``) or torch (any device).  Same table up to round-off (``tests/test_kernels.py``).
+        The swap search's table for single-column groups, and the row swap search: a Numba kernel for
+        CPU tensors (``"auto"``) or torch (any device).  Same swaps up to round-off
+        (``tests/test_kernels.py``, ``tests/test_row_swap.py``).
     """
     columns = isinstance(problem.structure, ColumnGroups)
     steps = steps if steps is not None else (5 if columns else 10)
@@ -124,7 +130,7 @@ def spap(
     counts = prune_schedule(problem.n_pruned_target, steps, gradual)
     if columns:
         return _spap_columns(problem, schedule, counts, max_inner, swap, max_swaps, guard, kernel)
-    return _spap_rows(problem, schedule, counts, max_inner, guard)
+    return _spap_rows(problem, schedule, counts, max_inner, guard, swap, max_swaps, kernel)
 
 
 # --- column groups ---------------------------------------------------------------------------------
@@ -254,7 +260,8 @@ def _project_count(problem: LayerProblem, scores: torch.Tensor, n_pruned: int) -
     return project(problem, scores)
 
 
-def _spap_rows(problem: LayerProblem, schedule, counts, max_inner: int, guard: bool):
+def _spap_rows(problem: LayerProblem, schedule, counts, max_inner: int, guard: bool, swap: bool = True,
+               max_swaps: int = 10_000, kernel: str = "auto"):
     W, H = problem.W64, problem.hessian
     if problem.n_pruned_target == 0:
         return W.clone(), torch.ones_like(W, dtype=torch.bool), {"iterations": 0}
@@ -291,4 +298,9 @@ def _spap_rows(problem: LayerProblem, schedule, counts, max_inner: int, guard: b
         if e_start < e_pen:
             stats["fallback"] = "OBS-score mask refit beat the penalty mask"
             keep, W_hat = start, W_start
+    if swap:
+        # Row by row to a 1-swap local optimum; it returns the exact refit of its mask.
+        keep, W_hat, swap_stats = row_swap_search(problem, keep, max_swaps=max_swaps, kernel=kernel)
+        stats.update({"swaps": swap_stats["swaps"], "local_optimum": swap_stats["local_optimum"],
+                      "row_swap": swap_stats})
     return W_hat, keep, stats
