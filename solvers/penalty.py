@@ -52,6 +52,7 @@ _OPTIONS = {
     "gradual": Boolean(),
     "max_inner": Interval(int, 1, None),
     "swap": Boolean(),
+    "row_swap": Boolean(),
     "max_swaps": Interval(int, 0, None),
     "guard": Boolean(),
     "kernel": Options(kernels.KERNELS),
@@ -90,6 +91,7 @@ def spap(
     max_swaps: int = 10_000,
     guard: bool = True,
     kernel: str = "auto",
+    row_swap: bool = False,
 ):
     """Penalty method + alternating minimization, then an exact 1-swap local search.
 
@@ -111,8 +113,12 @@ def spap(
         Alternating (Ŵ, s) rounds per step; a step ends early when the mask stops changing.
     swap : bool, default True
         Finish with an exact 1-swap local search: over column groups of equal size
-        (:func:`solvers.swap.swap_search`), or, for unstructured and N:M, row by row, a kept and a pruned
-        weight of one row (N:M: of one group of ``M``) (:func:`solvers.row_swap.row_swap_search`).
+        (:func:`solvers.swap.swap_search`), or, for unstructured and N:M when ``row_swap`` is on, row by
+        row, a kept and a pruned weight of one row (N:M: of one group of ``M``)
+        (:func:`solvers.row_swap.row_swap_search`).
+    row_swap : bool, default False
+        Run the row swap search for unstructured and N:M (with ``swap``).  Off by default until its
+        effect on a whole model's perplexity and prune time is measured (docs/results.md).
     max_swaps : int, default 10000
         Upper bound on swaps: in all for column groups, per row for unstructured and N:M (the search
         normally stops at a local optimum long before).
@@ -130,7 +136,7 @@ def spap(
     counts = prune_schedule(problem.n_pruned_target, steps, gradual)
     if columns:
         return _spap_columns(problem, schedule, counts, max_inner, swap, max_swaps, guard, kernel)
-    return _spap_rows(problem, schedule, counts, max_inner, guard, swap, max_swaps, kernel)
+    return _spap_rows(problem, schedule, counts, max_inner, guard, swap and row_swap, max_swaps, kernel)
 
 
 # --- column groups ---------------------------------------------------------------------------------
