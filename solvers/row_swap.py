@@ -22,11 +22,11 @@ in ``i`` and an unsweep in ``j``.  The error change of swapping ``(i, j)`` (slot
     Δ(a, b) = ½ (Bd_a ŵ_b² + 2 T_ab v_a ŵ_b − c_b v_a²) / (Bd_a c_b + T_ab²)
 
 elementwise on ``T``: the table of every swap of a row costs ``O(|P||K|)``.  A swap updates ``T`` by a
-rank-2 correction and the vectors in ``O(|P||K|)``, reading two vectors that are not stored: the column
-``B_{P,i} = H_{P,i} + T H_{K,i}`` and the column ``Q_{K,j} = (H⁻¹)_{K,j} − (H⁻¹)_{K,P} T_{:,j}``, both
-``O(|P||K|)`` from the shared ``H`` and ``H⁻¹``.
+rank-2 correction and the vectors, reading two vectors that are not stored: the column
+``B_{P,i} = H_{P,i} + T H_{K,i}`` (``O(|P||K|)``) and the column ``Q_{K,j} = (H⁻¹)_{K,j} − (H⁻¹)_{K,P} T_{:,j}``
+(``O(|P| n)`` in the kernel: whole rows of ``H⁻¹``), from the shared ``H`` and ``H⁻¹``.
 
-Building the state is the expensive part, ``O(min(|K|,|P|)² max(|K|,|P|))`` per row: the kept side
+Building the state costs ``O(min(|K|,|P|)² max(|K|,|P|))`` per row: the kept side
 (Cholesky of ``H_KK``, ``T = −H_PK Q``) when ``|K| ≤ |P|``, the pruned side (Cholesky of ``(H⁻¹)_PP``,
 ``T = B (H⁻¹)_PK``) otherwise; rows are built in batches sorted by kept count, padded to the batch's
 largest count (as :func:`solvers.refit.refit_rows`).  It is rebuilt every ``refresh`` swaps of a row to
@@ -54,7 +54,7 @@ from .structure import NM, Unstructured
 from .validation import InvalidArgumentError
 
 # Swaps of one row between two rebuilds of its state from H and H⁻¹ (a rebuild costs as much as the
-# first build; searches on real layers usually end well before it).
+# first build; most rows of real layers end their search before it).
 _REFRESH_EVERY = 128
 # Upper bound on the entries of T (|P|×|K| per row) in one batch of rows; the build gathers about three
 # more arrays of this size.
