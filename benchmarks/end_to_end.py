@@ -55,6 +55,7 @@ class Job:
     sparsity: float | None
     damp: float = DEFAULT_DAMP
     target: str = "pruned"  # prune_layerwise's target: "dense" fits the dense model's outputs
+    extra: tuple[tuple[str, str], ...] = ()  # further prune_layerwise keywords (``--set KEY=VALUE``), as text
 
     def key(self, protocol: str) -> str:
         s = "nm" if self.sparsity is None else f"{self.sparsity:g}"
@@ -64,7 +65,34 @@ class Job:
     def label(self) -> str:
         """The method's name in tables; a damping or target other than the default is part of it."""
         label = self.method if self.damp == DEFAULT_DAMP else f"{self.method}@damp={self.damp:g}"
-        return label if self.target == "pruned" else f"{label}@target={self.target}"
+        label = label if self.target == "pruned" else f"{label}@target={self.target}"
+        return label + "".join(f"@{k}={v}" for k, v in self.extra)
+
+    @classmethod
+    def from_payload(cls, fields: dict) -> "Job":
+        """The job a worker receives as JSON (where tuples arrive as lists)."""
+        return cls(**dict(fields, extra=tuple(tuple(kv) for kv in fields.get("extra", ()))))
+
+    def prune_keywords(self) -> dict:
+        """``extra`` as ``prune_layerwise`` keywords: each value read as a Python literal, else as text."""
+        return {k: _literal(v) for k, v in self.extra}
+
+
+def _literal(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def setting(text: str) -> tuple[str, str]:
+    """``--set`` entries: ``KEY=VALUE``, a keyword of ``prune_layerwise`` and its value."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier() or not value:
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE with KEY a keyword of prune_layerwise; got {text!r}")
+    return key, value
 
 
 def base_method(label: str) -> str:
@@ -91,7 +119,7 @@ def row_target(text: str) -> str:
 
 def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | None, refit_scores: bool,
              row_targets: list[str] = ("0.5", "0.6", "2:4"), damp: float = DEFAULT_DAMP,
-             target: str = "pruned") -> list[Job]:
+             target: str = "pruned", extra: tuple[tuple[str, str], ...] = ()) -> list[Job]:
     jobs = []
     for suite in suites:
         if suite in ("structured", "structured-heads"):
@@ -99,16 +127,16 @@ def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | No
             names = methods or STRUCTURED_METHODS
             if refit_scores:
                 names = names + [m + "+refit" for m in names if m in ("flap", "wanda_sp", "magnitude")]
-            jobs += [Job(structure, m, s, damp, target) for s in sparsities for m in names]
+            jobs += [Job(structure, m, s, damp, target, extra) for s in sparsities for m in names]
         elif suite == "unstructured":
             names = methods or ROW_METHODS
             if refit_scores:
                 names = names + [m + "+refit" for m in names if m in ("wanda", "magnitude")]
             for row in row_targets:
                 if ":" in row:
-                    jobs += [Job(row, m, None, damp, target) for m in names]
+                    jobs += [Job(row, m, None, damp, target, extra) for m in names]
                 else:
-                    jobs += [Job("unstructured", m, float(row), damp, target) for m in names]
+                    jobs += [Job("unstructured", m, float(row), damp, target, extra) for m in names]
     return jobs
 
 
@@ -133,7 +161,7 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
     sparsity = 0.5 if job.sparsity is None else job.sparsity
     model, report = spap.prune_layerwise(model, calib, sparsity, method=name, structure=job.structure,
                                          method_options=options, damp=job.damp, target=job.target, device=device,
-                                         progress=False)
+                                         progress=False, **job.prune_keywords())
     return {
         "structure": job.structure, "method": job.label, "sparsity": job.sparsity, "damp": job.damp, "target": job.target,
         **evaluate(model, tok, protocol),
@@ -158,7 +186,7 @@ def sweep(args) -> dict:
     if dense_key not in cache:
         todo.append((dense_key, None))
     for job in jobs_for(args.suite, args.sparsities, args.methods, args.refit_scores, args.row_targets, args.damp,
-                        args.target):
+                        args.target, tuple(args.set)):
         if job.key(args.protocol) not in cache:
             todo.append((job.key(args.protocol), job))
     print(protocol_text(args.protocol), flush=True)
@@ -268,6 +296,8 @@ def main(argv=None) -> None:
     parser.add_argument("--target", choices=["pruned", "dense"], default="pruned",
                         help="what each layer fits: its own outputs on the pruned inputs (default) or the dense "
                              "model's (cached and shown as METHOD@target=dense)")
+    parser.add_argument("--set", nargs="+", type=setting, default=[], metavar="KEY=VALUE",
+                        help="further prune_layerwise keywords (e.g. output_metric=full); part of the cached label")
     parser.add_argument("--damp", type=float, default=DEFAULT_DAMP,
                         help="relative damping of every Gram matrix (default 0.01); another value is "
                              "cached and shown as METHOD@damp=VALUE")
@@ -290,7 +320,7 @@ def main(argv=None) -> None:
         if payload["job"] is None:
             row = dense_row(payload["protocol"], payload["model"], payload["device"], payload["threads"])
         else:
-            row = run_one(Job(**payload["job"]), payload["protocol"], payload["model"], payload["device"], payload["threads"])
+            row = run_one(Job.from_payload(payload["job"]), payload["protocol"], payload["model"], payload["device"], payload["threads"])
         print(json.dumps(row))
         return
     check_args(parser, args, at_least={"threads": 1})

@@ -78,3 +78,16 @@ def test_report_leaves_out_the_rows_of_the_model_level_scripts(e2e, tmp_path, ca
     out = capsys.readouterr().out
     assert "| 50% | spap | 40.00 |" in out
     assert "leap" not in out and "ddp" not in out
+
+
+def test_a_further_keyword_is_its_own_cached_run_and_reaches_the_worker(e2e):
+    job = e2e.jobs_for(["structured"], [0.3], ["spap"], False, extra=(("output_metric", "full"), ("x", "3")))[0]
+    assert job.key("quick") == "quick|mlp|spap@output_metric=full@x=3|0.3"
+    again = e2e.Job.from_payload(json.loads(json.dumps(job.__dict__)))  # as the worker receives it
+    assert again == job and again.prune_keywords() == {"output_metric": "full", "x": 3}
+
+
+def test_a_malformed_setting_is_refused_before_any_run(e2e, capsys):
+    with pytest.raises(SystemExit):
+        e2e.main(["--set", "output_metric", "--report"])
+    assert "--set" in capsys.readouterr().err
