@@ -17,6 +17,7 @@ from .structure import NM, ColumnGroups, Structure, Unstructured, channels, colu
 from .validation import InvalidArgumentError
 from .refit import refit, refit_columns, refit_rows
 from .target import corrected_weight
+from .metric import OutputMetric, solve_in_metric
 
 # Importing a solver module registers it.
 from . import scores as _scores  # noqa: F401,E402
@@ -50,5 +51,7 @@ __all__ = [
     "refit_columns",
     "refit_rows",
     "corrected_weight",
+    "OutputMetric",
+    "solve_in_metric",
     "InvalidArgumentError",
 ]

@@ -32,6 +32,7 @@ from . import units as U
 from .adapters import Adapter, LinearView, check_model, get_adapter
 from .capture import GramHooks, calibration_batches, capture_block_inputs, check_calibration, run_block
 from .checks import Boolean, Interval, InvalidArgumentError, NoneOr, Options, PathLike, check_table, device as _device_arg, finite
+from .gradients import output_gradient_grams
 from .report import LayerRecord, PruneReport, count_parameters, peak_memory
 from .units import PruneStructure
 
@@ -41,6 +42,9 @@ _CONSTRAINTS = {
     "gram_dtype": Options((torch.float32, torch.float64)),
     "propagate": Options(("pruned", "dense")),
     "target": Options(("pruned", "dense")),
+    "output_metric": Options((None, "full", "diag")),
+    "metric_windows": Interval(int, 1, None),
+    "metric_damp": Interval(float, 0, None, closed="neither"),
     "batch_size": Interval(int, 1, None),
     "checkpoint_dir": NoneOr(PathLike()),
     "resume": Boolean(),
@@ -69,6 +73,9 @@ class BlockSettings:
     offload: torch.device
     mlp_tail: bool = True
     target: str = "pruned"
+    output_metric: str | None = None
+    metric_windows: int = 16
+    metric_damp: float = 0.01
 
 
 @dataclass
@@ -100,6 +107,9 @@ def prune_layerwise(
     offload: str | torch.device = "cpu",
     propagate: str = "pruned",
     target: str = "pruned",
+    output_metric: str | None = None,
+    metric_windows: int = 16,
+    metric_damp: float = 0.01,
     checkpoint_dir: str | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -159,6 +169,17 @@ def prune_layerwise(
         once more; see ``solvers.corrected_weight``).  Needs ``propagate="pruned"``.
     propagate : {"pruned", "dense"}, default "pruned"
         Next block's inputs from the pruned block (default) or from the dense block.
+    output_metric : {None, "full", "diag"}, default None
+        Weight each layer's output error by the loss's output-gradient Gram matrix ``G = Σ g gᵀ``
+        (``½ tr(ΔW H ΔWᵀ G)``; see ``solvers.OutputMetric``) when choosing masks: ``"full"`` the whole
+        ``G`` (column structures only: MLP channels, heads), ``"diag"`` its diagonal.  ``G`` comes from
+        one forward and backward pass of the dense model per sequence on the first ``metric_windows``
+        calibration sequences, before any block changes, with the whole model on ``device``.  None:
+        the plain reconstruction error.
+    metric_windows : int >= 1, default 16
+        Calibration sequences behind ``G`` (all of them when there are fewer).
+    metric_damp : float > 0, default 0.01
+        ``G`` is normalised to a unit mean diagonal and ``metric_damp·I`` is added.
     checkpoint_dir : str, optional
         Save progress after every block (block weights and next inputs) for ``resume``.
     resume : bool, default False
@@ -185,7 +206,9 @@ def prune_layerwise(
     """
     settings = check_arguments(model, sparsity, method=method, structure=structure, method_options=method_options,
                                damp=damp, gram_dtype=gram_dtype, batch_size=batch_size, device=device, offload=offload,
-                               propagate=propagate, target=target, checkpoint_dir=checkpoint_dir, resume=resume,
+                               propagate=propagate, target=target, output_metric=output_metric,
+                               metric_windows=metric_windows, metric_damp=metric_damp,
+                               checkpoint_dir=checkpoint_dir, resume=resume,
                                progress=progress,
                                restore_on_failure=restore_on_failure)
     batches = calibration_batches(calib, tokenizer, batch_size=batch_size)
@@ -214,6 +237,9 @@ def check_arguments(
     offload: str | torch.device = "cpu",
     propagate: str = "pruned",
     target: str = "pruned",
+    output_metric: str | None = None,
+    metric_windows: int = 16,
+    metric_damp: float = 0.01,
     checkpoint_dir: str | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -241,8 +267,12 @@ def check_arguments(
     if target == "dense" and propagate != "pruned":
         raise InvalidArgumentError("The 'target' argument of prune_layerwise is 'dense', which needs propagate='pruned' "
                                    "(with dense propagation the inputs are the dense model's already).")
+    if output_metric == "full" and parsed.rows is not None:
+        raise InvalidArgumentError(f"The 'output_metric' argument of prune_layerwise is 'full', which couples the rows "
+                                   f"of a {structure!r} mask; use output_metric='diag' (or None) with row structures.")
     settings = BlockSettings(parsed, float(sparsity), n_kv_prune, method, method_options, damp, gram_dtype, propagate,
-                             device, offload, mlp_tail=_HOOKS.mlp_tail, target=target)
+                             device, offload, mlp_tail=_HOOKS.mlp_tail, target=target, output_metric=output_metric,
+                             metric_windows=int(metric_windows), metric_damp=float(metric_damp))
     if resume:  # the arguments, before calibrating; the model and the tokens are checked when loading
         arguments = {k: v for k, v in _settings(settings, model).items() if k != "model_type"}
         ckpt.check_settings(checkpoint_dir, dict(arguments, device=device.type))
@@ -253,7 +283,8 @@ def _settings(s: BlockSettings, model: nn.Module) -> dict:
     """The run's settings as the report and the checkpoint record them (before calibration)."""
     return {"sparsity": s.sparsity, "method": s.method, "structure": s.structure.text,
             "method_options": s.method_options, "damp": s.damp, "gram_dtype": str(s.gram_dtype),
-            "propagate": s.propagate, "target": s.target, "model_type": model.config.model_type}
+            "propagate": s.propagate, "target": s.target, "output_metric": s.output_metric,
+            "metric_windows": s.metric_windows, "metric_damp": s.metric_damp, "model_type": model.config.model_type}
 
 
 def _check_counts(adapter: Adapter, parsed: PruneStructure, sparsity: float) -> int:
@@ -342,6 +373,8 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     was_training = model.training
     model.eval()
     first = 0
+    # The loss-aware metric's G, from the dense model (also on resume: the checkpoint does not keep it).
+    output_grams = _output_grams(model, adapter, batches, s) if s.output_metric is not None else {}
     if checkpoint_dir is not None:  # what makes it the same run: the dense model, the tokens, every setting
         run = ckpt.describe(model, batches, dict(settings, batch_size=len(batches[0]), device=device.type))
     if resume:
@@ -359,7 +392,8 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
         block_start = time.perf_counter()
         block = blocks[i]
         block.to(device)
-        records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], s, dense_hidden)
+        grams_i = {key.split(":", 1)[1]: G for key, G in output_grams.items() if key.startswith(f"{i}:")}
+        records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], s, dense_hidden, grams_i)
         report.layers.extend(records)
         if propagate == "pruned":
             _propagate(adapter, block, i, hidden, kwargs[i], kept, mlp_inputs, tail, device, offload)
@@ -381,7 +415,8 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
 
 
 def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[torch.Tensor], block_kwargs: list[dict],
-                 settings: BlockSettings, dense_hidden: list[torch.Tensor] | None = None):
+                 settings: BlockSettings, dense_hidden: list[torch.Tensor] | None = None,
+                 output_grams: dict[str, torch.Tensor] | None = None):
     """Capture the block's Gram matrices, solve its problems and write the results into it.
 
     For an MLP-only prune with pruned propagation (and a family with :meth:`Adapter.mlp_tail`) the first
@@ -396,7 +431,11 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
     dense model's stream (its outputs replace ``dense_hidden[b]``), recording the target linears'
     inputs, then from the pruned stream; every problem is then posed on the corrected weight
     ``solvers.corrected_weight(W, Ĥ, C)``.
+
+    ``output_grams`` (``output_metric``) maps a target (``"mlp"``, ``"heads"`` or a linear's name) to its
+    output-gradient Gram matrix; those problems choose their masks in that metric.
     """
+    output_grams = output_grams or {}
     s = settings
     device = s.device
     tail = None
@@ -460,14 +499,14 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
                     {"n_prune": U.prune_count(s.sparsity, view.weight.numel())}
                 p = solvers.LayerProblem(_fitted_weight(view, acc, s), acc.H, s.structure.rows, damp=s.damp,
                                          input_mean=acc.mean, n_samples=acc.n_samples, **target)
-                sol = solvers.solve(p, s.method, **s.method_options)
+                sol = _solve(p, s, output_grams.get(name))
                 view.set_weight(sol.weight)
                 records.append(LayerRecord.from_solution(index, name, sol, p))
     for name, kind in kinds.items():
         # counts by the one rounding rule (units.prune_count), checked by check_arguments
         target = {"n_prune": U.prune_count(s.sparsity, kind.count(block)) if name == "mlp" else s.n_kv_prune}
         idx, record = _solve_groups(LinearView(kind.output_linear(block)), grams[name], kind.column_groups(block),
-                                    index, name, s, damp=s.damp, **target)
+                                    index, name, s, output_grams.get(name), damp=s.damp, **target)
         kept[name] = idx.cpu()
         kind.keep(block, idx)
         records.append(record)
@@ -497,12 +536,39 @@ def _fitted_weight(view: LinearView, acc: solvers.GramAccumulator, s: BlockSetti
     return solvers.corrected_weight(view.weight, acc.H, acc.C, s.damp).to(view.weight.dtype)
 
 
+def _solve(problem: solvers.LayerProblem, s: BlockSettings, output_gram: torch.Tensor | None) -> solvers.Solution:
+    """The run's method on one problem, in the loss-aware metric when the run has one."""
+    if output_gram is None:
+        return solvers.solve(problem, s.method, **s.method_options)
+    metric = solvers.OutputMetric.from_gram(output_gram.to(problem.weight.device), s.output_metric, s.metric_damp)
+    return solvers.solve_in_metric(problem, metric, s.method, **s.method_options)
+
+
+def _output_grams(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], s: BlockSettings) -> dict:
+    """``G`` of every target of every block, keyed ``"block:target"`` (targets named as in ``_prune_block``):
+    full for the structured kinds' output linears, the diagonal for row structures' linears."""
+    modules, diagonal = {}, set()
+    for i, block in enumerate(adapter.blocks()):
+        for name, kind in U.kinds(adapter, s.structure.units).items():
+            modules[f"{i}:{name}"] = kind.output_linear(block)
+        if s.structure.rows is not None:
+            for g in adapter.linear_groups(block):
+                for name, module in g.items():
+                    modules[f"{i}:{name}"] = module
+                    diagonal.add(f"{i}:{name}")
+    if s.output_metric == "diag":
+        diagonal = set(modules)
+    grams = output_gradient_grams(model, batches, modules, diagonal=diagonal, n_sequences=s.metric_windows,
+                                  device=s.device)
+    return {key: G.to(s.offload) for key, G in grams.items()}
+
+
 class _StopBlock(Exception):
     """Ends a first pass at the MLP's output linear once its input is recorded."""
 
 
 def _solve_groups(view: LinearView, acc, structure: solvers.Structure, index: int, name: str, settings: BlockSettings,
-                  **target) -> tuple[torch.Tensor, LayerRecord]:
+                  output_gram: torch.Tensor | None = None, **target) -> tuple[torch.Tensor, LayerRecord]:
     """Solve one output projection's column-group problem and write its weight and bias back.
 
     Returns the indices of the kept groups (on the weight's device) and the layer's record; the caller
@@ -510,7 +576,7 @@ def _solve_groups(view: LinearView, acc, structure: solvers.Structure, index: in
     """
     p = solvers.LayerProblem(_fitted_weight(view, acc, settings), acc.H, structure, bias=view.bias,
                              input_mean=acc.mean, n_samples=acc.n_samples, **target)
-    sol = solvers.solve(p, settings.method, **settings.method_options)
+    sol = _solve(p, settings, output_gram)
     view.set_weight(sol.weight)
     if sol.bias is not None and view.bias is not None:
         view.bias.copy_(sol.bias.to(view.bias.dtype))

@@ -1,0 +1,105 @@
+"""Output-gradient Gram matrices ``G = Σ g gᵀ`` of chosen linears, for the loss-aware output metric.
+
+``g`` is the gradient of the calibration loss (next-token cross-entropy, summed over tokens) with
+respect to a linear's output at one token; ``G`` weights that linear's output error by how much the
+loss cares about each output direction (:class:`solvers.OutputMetric`).  One forward and one backward
+pass of the *dense* model per calibration sequence: the weights do not need gradients (they are switched
+off for the pass), so the backward pass computes activation gradients only, about the cost of the
+forward pass again.  The whole model runs on one device for it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .adapters import LinearView
+
+
+def output_gradient_grams(model: nn.Module, batches: list[torch.Tensor], modules: dict[str, nn.Module], *,
+                          diagonal: frozenset[str] | set[str] = frozenset(), n_sequences: int,
+                          device: torch.device) -> dict[str, torch.Tensor]:
+    """``G`` for every linear of ``modules`` from the first ``n_sequences`` calibration sequences.
+
+    Parameters
+    ----------
+    model : causal LM
+        The dense model; its parameters, devices and training mode are unchanged afterwards.
+    batches : list of LongTensor (batch, seq)
+        Calibration token ids; the first ``n_sequences`` rows (in order) are used, one at a time.
+    modules : dict of name → linear
+        The linears whose output gradients are wanted (``nn.Linear`` or GPT-2's ``Conv1D``).
+    diagonal : set of names
+        Linears for which only ``diag G`` is kept (shape ``(d_out,)``; row structures use no more).
+    n_sequences : int
+        How many calibration sequences the backward passes run.
+    device : torch.device
+        Where the model runs for the pass (it is moved there and back).
+
+    Returns
+    -------
+    dict of name → float64 tensor on ``device``: ``(d_out, d_out)``, or ``(d_out,)`` for ``diagonal``.
+    """
+    grams: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        d_out = LinearView(module).d_out
+        shape = (d_out,) if name in diagonal else (d_out, d_out)
+        grams[name] = torch.zeros(shape, dtype=torch.float64, device=device)
+
+    def add(name: str, grad: torch.Tensor) -> None:
+        g = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64)
+        if name in diagonal:
+            grams[name] += (g * g).sum(0)
+        else:
+            grams[name] += g.T @ g
+
+    def on_output(name: str):
+        def hook(module, args, output):
+            if output.requires_grad:
+                output.register_hook(lambda grad: add(name, grad))
+        return hook
+
+    handles = [m.register_forward_hook(on_output(name)) for name, m in modules.items()]
+    sequences = [row for b in batches for row in b][:n_sequences]  # batches are (batch, seq)
+    embed = model.get_input_embeddings()
+    try:
+        with _on_device_without_weight_grads(model, device), torch.enable_grad():
+            for ids in sequences:
+                ids = ids.reshape(1, -1).to(device)
+                x = embed(ids).detach().requires_grad_(True)  # gradients flow through activations only
+                logits = model(inputs_embeds=x, use_cache=False).logits
+                loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+@contextmanager
+def _on_device_without_weight_grads(model: nn.Module, device: torch.device):
+    """Move every parameter and buffer to ``device``, switch off parameter gradients and put the model in
+    eval mode; put all three back afterwards."""
+    params = [(p, p.device, p.requires_grad) for p in model.parameters()]
+    buffers = [(m, name, b.device) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    training = [(m, m.training) for m in model.modules()]
+    try:
+        for p, _, _ in params:
+            p.data = p.data.to(device)
+            p.requires_grad_(False)
+        for m, name, _ in buffers:
+            m._buffers[name] = m._buffers[name].to(device)
+        model.eval()
+        yield
+    finally:
+        for p, home, requires_grad in params:
+            p.data = p.data.to(home)
+            p.requires_grad_(requires_grad)
+            p.grad = None
+        for m, name, home in buffers:
+            m._buffers[name] = m._buffers[name].to(home)
+        for m, was in training:
+            m.training = was
