@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ._linalg import cholesky, inverse_from_cholesky
-from .validation import Interval, InvalidArgumentError, NoneOr, check
+from .validation import Interval, InvalidArgumentError, NoneOr, Options, check
 from .structure import NM, ColumnGroups, Structure, Unstructured, checked_prune_count, prune_count
 
 _CALLER = "LayerProblem"
@@ -145,6 +145,10 @@ class LayerProblem:
         bias-free.
     damp : float, default 0.01
         Relative damping ``δ``: the solvers use ``H + δ·mean(diag H)·I``.
+    damp_mode : {"mean", "diag"}, default "mean"
+        ``"diag"``: a ridge per input instead, ``H + δ·diag(H)`` (each input's own energy; inputs below
+        ``1e-6·mean(diag H)`` get that floor, so dead inputs stay invertible).  The penalty
+        ``½ Σ_j δ H_jj ‖Ŵ_:,j − W_:,j‖²`` keeps the update small where an input is large.
     input_mean : Tensor of shape (d_in,), optional
         Mean calibration input (from :class:`GramAccumulator`), for methods that need it.
     n_samples : int, optional
@@ -166,6 +170,7 @@ class LayerProblem:
     n_prune: Optional[int] = None
     bias: Optional[torch.Tensor] = None
     damp: float = 0.01
+    damp_mode: str = "mean"
     input_mean: Optional[torch.Tensor] = None
     n_samples: Optional[int] = None
 
@@ -201,6 +206,7 @@ class LayerProblem:
             raise InvalidArgumentError(f"The 'gram' argument of {_CALLER} is zero: no calibration input reached it.")
         _check_psd(H64)
         check("damp", self.damp, Interval(float, 0.0, None), _CALLER)
+        check("damp_mode", self.damp_mode, Options(("mean", "diag")), _CALLER)
         check("sparsity", self.sparsity, NoneOr(Interval(float, 0.0, 1.0, closed="left")), _CALLER)
         check("n_prune", self.n_prune, NoneOr(Interval(int, 0, None)), _CALLER)
         check("n_samples", self.n_samples, NoneOr(Interval(int, 1, None)), _CALLER)
@@ -301,10 +307,19 @@ class LayerProblem:
         return 0.5 * (H + H.T)
 
     @cached_property
+    def ridge(self) -> torch.Tensor:
+        """The damping added to the diagonal of ``H``, shape ``(d_in,)``, float64 (see ``damp_mode``)."""
+        diag = self.H64.diagonal()
+        if self.damp_mode == "diag":
+            return self.damp * diag.clamp_min(1e-6 * float(diag.mean()))
+        return torch.full_like(diag, self.damp * float(diag.mean()))
+
+    @cached_property
     def hessian(self) -> torch.Tensor:
-        """The damped Gram matrix ``H + δ·mean(diag H)·I`` (float64) that every solver minimises with."""
+        """The damped Gram matrix ``H + diag(ridge)`` (float64; ``H + δ·mean(diag H)·I`` by default) that
+        every solver minimises with."""
         H = self.H64.clone()
-        H.diagonal().add_(self.damp * H.diagonal().mean())
+        H.diagonal().add_(self.ridge)
         return H
 
     @cached_property
@@ -340,13 +355,14 @@ class LayerProblem:
     def objective(self, W_hat: torch.Tensor, *, error: float | None = None) -> float:
         """The solvers' objective ``½ tr((Ŵ−W) H_d (Ŵ−W)ᵀ)`` with the damped ``H_d``.
 
-        Computed as :meth:`error` ``+ ½ δ·mean(diag H)·‖Ŵ−W‖²``: the same value as the quadratic form
-        with ``H_d``, without a second ``O(d_out·d_in²)`` product.  Pass ``error`` when it is known.
+        Computed as :meth:`error` ``+ ½ Σ_j ridge_j ‖Ŵ_:,j − W_:,j‖²``: the same value as the quadratic
+        form with ``H_d``, without a second ``O(d_out·d_in²)`` product.  Pass ``error`` when it is known.
         """
         D = W_hat.detach().to(device=self.device, dtype=torch.float64) - self.W64
-        shift = self.damp * float(self.H64.diagonal().mean())
         error = self.error(W_hat) if error is None else error
-        return error + 0.5 * shift * float(D.square().sum())
+        if self.damp_mode == "mean":  # one shift for every input
+            return error + 0.5 * float(self.ridge[0]) * float(D.square().sum())
+        return error + 0.5 * float((D.square().sum(0) * self.ridge).sum())
 
     @cached_property
     def dense_energy(self) -> float:
@@ -367,7 +383,8 @@ class LayerProblem:
         target = f"sparsity={self.sparsity}" if self.sparsity is not None else f"n_prune={self.n_prune}"
         if isinstance(self.structure, NM):
             target = f"sparsity={self.structure.sparsity:g}"
-        return f"LayerProblem(shape={self.shape}, structure={self.structure!r}, {target}, damp={self.damp})"
+        mode = "" if self.damp_mode == "mean" else f", damp_mode={self.damp_mode!r}"
+        return f"LayerProblem(shape={self.shape}, structure={self.structure!r}, {target}, damp={self.damp}{mode})"
 
 
 def _check_psd(H64: torch.Tensor) -> None:

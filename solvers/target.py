@@ -18,11 +18,15 @@ from __future__ import annotations
 import torch
 
 from ._linalg import cholesky
-from .validation import Interval, InvalidArgumentError, check
+from .validation import Interval, InvalidArgumentError, Options, check
 
 
-def corrected_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+def corrected_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01,
+                     damp_mode: str = "mean") -> torch.Tensor:
     """``W* = W (C + δ'I)(Ĥ + δ'I)⁻¹`` with ``δ' = damp · mean(diag Ĥ)``, in float64 (a Cholesky solve).
+
+    With ``damp_mode="diag"`` the ridge is per input, ``D = damp · diag(Ĥ)`` (the layer problem's
+    ``ridge``), and ``W* = W (C + D)(Ĥ + D)⁻¹``: the derivation is the same with ``δ'I`` replaced by ``D``.
 
     Parameters
     ----------
@@ -35,20 +39,26 @@ def corrected_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: fl
         (:class:`~solvers.GramAccumulator` with ``cross=True``).
     damp : float >= 0
         The relative damping the layer problem uses (``LayerProblem.damp``).
+    damp_mode : {"mean", "diag"}
+        As ``LayerProblem.damp_mode``.
 
     Returns
     -------
     Tensor of shape (d_out, d_in), float64, on ``H``'s device.
     """
     check("damp", damp, Interval(float, 0, None), "corrected_weight")
+    check("damp_mode", damp_mode, Options(("mean", "diag")), "corrected_weight")
     d_out, d_in = W.shape
     for name, M in (("H", H), ("C", C)):
         if not isinstance(M, torch.Tensor) or M.shape != (d_in, d_in):
             raise InvalidArgumentError(f"The {name!r} argument of corrected_weight must be a tensor of shape "
                                        f"({d_in}, {d_in}). Got {getattr(M, 'shape', type(M).__name__)}.")
     H64 = H.to(torch.float64)
-    shift = damp * float(H64.diagonal().mean())
-    eye = torch.eye(d_in, dtype=torch.float64, device=H64.device)
-    L = cholesky(H64 + shift * eye, what="the damped Gram matrix of the pruned inputs")
-    rhs = (W.to(device=H64.device, dtype=torch.float64) @ (C.to(torch.float64) + shift * eye)).T
+    diag = H64.diagonal()
+    if damp_mode == "diag":  # as LayerProblem.ridge
+        ridge = torch.diag(damp * diag.clamp_min(1e-6 * float(diag.mean())))
+    else:
+        ridge = damp * float(diag.mean()) * torch.eye(d_in, dtype=torch.float64, device=H64.device)
+    L = cholesky(H64 + ridge, what="the damped Gram matrix of the pruned inputs")
+    rhs = (W.to(device=H64.device, dtype=torch.float64) @ (C.to(torch.float64) + ridge)).T
     return torch.cholesky_solve(rhs, L).T  # Ĥ_d symmetric: W* = rhsᵀ Ĥ_d⁻¹

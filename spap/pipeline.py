@@ -45,6 +45,7 @@ _CONSTRAINTS = {
     "output_metric": Options((None, "full", "diag")),
     "metric_windows": Interval(int, 1, None),
     "metric_damp": Interval(float, 0, None, closed="neither"),
+    "damp_mode": Options(("mean", "diag")),
     "batch_size": Interval(int, 1, None),
     "checkpoint_dir": NoneOr(PathLike()),
     "resume": Boolean(),
@@ -76,6 +77,7 @@ class BlockSettings:
     output_metric: str | None = None
     metric_windows: int = 16
     metric_damp: float = 0.01
+    damp_mode: str = "mean"
 
 
 @dataclass
@@ -101,6 +103,7 @@ def prune_layerwise(
     tokenizer=None,
     method_options: dict | None = None,
     damp: float = 0.01,
+    damp_mode: str = "mean",
     gram_dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
     device: str | torch.device | None = None,
@@ -153,6 +156,8 @@ def prune_layerwise(
         Passed to the solver; checked against ``solvers.get_solver(method).options`` before any work.
     damp : float, default 0.01
         Relative damping of every Gram matrix (see ``solvers.LayerProblem``).
+    damp_mode : {"mean", "diag"}, default "mean"
+        ``H + damp·mean(diag H)·I``, or a ridge per input ``H + damp·diag(H)`` (``LayerProblem.damp_mode``).
     gram_dtype : torch.float32 (default) or torch.float64
         Precision of each batch's ``XᵀX``; the sum over batches is float64 either way.  float32 products
         halve the capture time on CPU; docs/pipeline.md measures the effect on the solutions.
@@ -205,7 +210,8 @@ def prune_layerwise(
         parameters before/after, wall time, solver time, peak memory.
     """
     settings = check_arguments(model, sparsity, method=method, structure=structure, method_options=method_options,
-                               damp=damp, gram_dtype=gram_dtype, batch_size=batch_size, device=device, offload=offload,
+                               damp=damp, damp_mode=damp_mode, gram_dtype=gram_dtype, batch_size=batch_size,
+                               device=device, offload=offload,
                                propagate=propagate, target=target, output_metric=output_metric,
                                metric_windows=metric_windows, metric_damp=metric_damp,
                                checkpoint_dir=checkpoint_dir, resume=resume,
@@ -231,6 +237,7 @@ def check_arguments(
     structure: str = "mlp",
     method_options: dict | None = None,
     damp: float = 0.01,
+    damp_mode: str = "mean",
     gram_dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
     device: str | torch.device | None = None,
@@ -272,7 +279,7 @@ def check_arguments(
                                    f"of a {structure!r} mask; use output_metric='diag' (or None) with row structures.")
     settings = BlockSettings(parsed, float(sparsity), n_kv_prune, method, method_options, damp, gram_dtype, propagate,
                              device, offload, mlp_tail=_HOOKS.mlp_tail, target=target, output_metric=output_metric,
-                             metric_windows=int(metric_windows), metric_damp=float(metric_damp))
+                             metric_windows=int(metric_windows), metric_damp=float(metric_damp), damp_mode=damp_mode)
     if resume:  # the arguments, before calibrating; the model and the tokens are checked when loading
         arguments = {k: v for k, v in _settings(settings, model).items() if k != "model_type"}
         ckpt.check_settings(checkpoint_dir, dict(arguments, device=device.type))
@@ -282,7 +289,7 @@ def check_arguments(
 def _settings(s: BlockSettings, model: nn.Module) -> dict:
     """The run's settings as the report and the checkpoint record them (before calibration)."""
     return {"sparsity": s.sparsity, "method": s.method, "structure": s.structure.text,
-            "method_options": s.method_options, "damp": s.damp, "gram_dtype": str(s.gram_dtype),
+            "method_options": s.method_options, "damp": s.damp, "damp_mode": s.damp_mode, "gram_dtype": str(s.gram_dtype),
             "propagate": s.propagate, "target": s.target, "output_metric": s.output_metric,
             "metric_windows": s.metric_windows, "metric_damp": s.metric_damp, "model_type": model.config.model_type}
 
@@ -498,7 +505,8 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
                 target = {} if isinstance(s.structure.rows, solvers.NM) else \
                     {"n_prune": U.prune_count(s.sparsity, view.weight.numel())}
                 p = solvers.LayerProblem(_fitted_weight(view, acc, s), acc.H, s.structure.rows, damp=s.damp,
-                                         input_mean=acc.mean, n_samples=acc.n_samples, **target)
+                                         damp_mode=s.damp_mode, input_mean=acc.mean, n_samples=acc.n_samples,
+                                         **target)
                 sol = _solve(p, s, output_grams.get(name))
                 view.set_weight(sol.weight)
                 records.append(LayerRecord.from_solution(index, name, sol, p))
@@ -533,7 +541,7 @@ def _fitted_weight(view: LinearView, acc: solvers.GramAccumulator, s: BlockSetti
     """The weight a layer problem fits: the layer's own, or with ``target="dense"`` the corrected one."""
     if acc.C is None:
         return view.weight
-    return solvers.corrected_weight(view.weight, acc.H, acc.C, s.damp).to(view.weight.dtype)
+    return solvers.corrected_weight(view.weight, acc.H, acc.C, s.damp, s.damp_mode).to(view.weight.dtype)
 
 
 def _solve(problem: solvers.LayerProblem, s: BlockSettings, output_gram: torch.Tensor | None) -> solvers.Solution:
@@ -575,6 +583,7 @@ def _solve_groups(view: LinearView, acc, structure: solvers.Structure, index: in
     shrinks the block to those groups.
     """
     p = solvers.LayerProblem(_fitted_weight(view, acc, settings), acc.H, structure, bias=view.bias,
+                             damp_mode=settings.damp_mode,
                              input_mean=acc.mean, n_samples=acc.n_samples, **target)
     sol = _solve(p, settings, output_gram)
     view.set_weight(sol.weight)

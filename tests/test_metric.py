@@ -199,7 +199,8 @@ def test_rows_take_a_diagonal_metric_and_refuse_a_full_one():
     assert all(r.kept == r.total // 2 for r in report.layers)
 
 
-@pytest.mark.parametrize("keyword, value", [("output_metric", "kfac"), ("metric_windows", 0), ("metric_damp", 0.0)])
+@pytest.mark.parametrize("keyword, value", [("output_metric", "kfac"), ("metric_windows", 0), ("metric_damp", 0.0),
+                                            ("damp_mode", "per-channel")])
 def test_bad_metric_arguments_are_refused_before_any_work(keyword, value):
     import spap
 
@@ -229,3 +230,16 @@ def test_a_metric_run_resumes_to_the_same_weights(tmp_path):
     ref = reference.state_dict()
     for k, v in resumed.state_dict().items():
         torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["pruned", "dense"])
+def test_a_ridge_per_input_reaches_every_layer_problem(target):
+    import spap
+
+    model, ids = _tiny()
+    _, plain = spap.prune_layerwise(model, ids, 0.5, damp=0.3, target=target, progress=False)
+    model, ids = _tiny()
+    model, ridge = spap.prune_layerwise(model, ids, 0.5, damp=0.3, damp_mode="diag", target=target, progress=False)
+    assert ridge.settings["damp_mode"] == "diag"
+    assert [r.relative_error for r in ridge.layers] != pytest.approx([r.relative_error for r in plain.layers])
+    assert torch.isfinite(model(ids[:2]).logits).all()

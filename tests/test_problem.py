@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -165,3 +166,53 @@ def test_factor_problem_is_a_valid_seeded_problem():
     assert float(torch.linalg.eigvalsh(a.H64).min()) > 0  # the noise term makes H positive definite
     with pytest.raises(ValueError, match="rank"):
         make_factor_problem(6, 40, rank=0)
+
+
+# --- damp_mode="diag": a ridge per input ---------------------------------------------------------
+
+def _ridge_problem(mode: str, dead: bool = False):
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(8, 40, generator=g, dtype=torch.float64) * torch.rand(8, 1, generator=g, dtype=torch.float64)
+    if dead:
+        X[3] = 0.0
+    W = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    return solvers.LayerProblem(W, X @ X.T, solvers.channels(8), n_prune=3, damp=0.2, damp_mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["mean", "diag"])
+def test_objective_is_the_quadratic_form_of_the_damped_gram(mode):
+    p = _ridge_problem(mode)
+    D = torch.randn(5, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert p.objective(p.W64 + D) == pytest.approx(0.5 * float(torch.trace(D @ p.hessian @ D.T)), rel=1e-12)
+    diag = p.H64.diagonal()
+    expected = 0.2 * diag if mode == "diag" else torch.full_like(diag, 0.2 * float(diag.mean()))
+    torch.testing.assert_close(p.ridge, expected)
+
+
+def test_diag_damping_keeps_a_dead_input_invertible_and_the_exact_solve_optimal():
+    p = _ridge_problem("diag", dead=True)
+    assert float(p.ridge[3]) == pytest.approx(0.2 * 1e-6 * float(p.H64.diagonal().mean()))
+    exact = solvers.solve(p, "exact")
+    spap_sol = solvers.solve(p, "spap")
+    assert spap_sol.objective >= exact.objective - 1e-9
+    best = min(p.objective(solvers.refit_columns(p, torch.ones(8, dtype=torch.bool).index_fill(0, torch.tensor(c), False)))
+               for c in itertools.combinations(range(8), 3))
+    assert exact.objective == pytest.approx(best, rel=1e-9)
+
+
+def test_bad_damp_mode_is_refused_naming_it():
+    with pytest.raises(solvers.InvalidArgumentError, match="'damp_mode'"):
+        _ridge_problem("per-channel")
+
+
+def test_the_corrected_weight_with_a_ridge_per_input_minimises_the_dense_fit():
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(6, 30, generator=g, dtype=torch.float64)
+    X_hat = X + 0.3 * torch.randn(6, 30, generator=g, dtype=torch.float64)
+    W = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    H_hat = X_hat @ X_hat.T
+    W_star = solvers.corrected_weight(W, H_hat, X @ X_hat.T, 0.1, "diag")
+    D = 0.1 * H_hat.diagonal()
+    # gradient of ½‖Ŵ X̂ − W X‖² + ½ Σ_j D_j ‖Ŵ_:,j − W_:,j‖² at Ŵ = W* (unconstrained): zero
+    grad = (W_star @ X_hat - W @ X) @ X_hat.T + (W_star - W) * D
+    assert float(grad.abs().max()) < 1e-8 * float((W @ X @ X_hat.T).abs().max())
