@@ -28,10 +28,12 @@ from torch import nn
 import solvers
 
 from . import checkpoint as ckpt
+from . import selection
 from . import units as U
 from .adapters import Adapter, LinearView, check_model, get_adapter
 from .capture import GramHooks, calibration_batches, capture_block_inputs, check_calibration, run_block
-from .checks import Boolean, Interval, InvalidArgumentError, NoneOr, Options, PathLike, check_table, device as _device_arg, finite
+from .checks import (Boolean, DistinctNames, Interval, InvalidArgumentError, NoneOr, Options, PathLike, check_table,
+                     device as _device_arg, finite)
 from .report import LayerRecord, PruneReport, count_parameters, peak_memory
 from .units import PruneStructure
 
@@ -46,6 +48,8 @@ _CONSTRAINTS = {
     "resume": Boolean(),
     "progress": Boolean(),
     "restore_on_failure": Boolean(),
+    "candidates": NoneOr(DistinctNames()),
+    "select_windows": Interval(int, 1, None),
 }
 
 
@@ -54,7 +58,9 @@ class BlockSettings:
     """What pruning one block needs, fixed for the whole run (built once by :func:`prune_layerwise`).
 
     ``n_kv_prune`` is the count of key-value groups each block loses (0 unless heads are pruned);
-    ``mlp_tail`` lets the pipeline skip the second pass of an MLP-only prune (see :func:`_prune_block`).
+    ``mlp_tail`` lets the pipeline skip the second pass of an MLP-only prune (see :func:`_prune_block`);
+    ``candidates`` the methods a mask is chosen from by the model's loss, ``method`` first (empty: no
+    choice, ``method`` alone), on ``select_windows`` calibration sequences (:mod:`spap.selection`).
     """
 
     structure: PruneStructure
@@ -69,6 +75,8 @@ class BlockSettings:
     offload: torch.device
     mlp_tail: bool = True
     target: str = "pruned"
+    candidates: tuple[str, ...] = ()
+    select_windows: int = 4
 
 
 @dataclass
@@ -104,6 +112,8 @@ def prune_layerwise(
     resume: bool = False,
     progress: bool = True,
     restore_on_failure: bool = True,
+    candidates: tuple[str, ...] | None = None,
+    select_windows: int = 4,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` in place, block by block, and return ``(model, report)``.
 
@@ -175,19 +185,31 @@ def prune_layerwise(
         on failure, as the command line does); a failed run then leaves the finished blocks pruned and
         the config unchanged, a model that may not run.  A checkpoint (``checkpoint_dir``) keeps the
         finished blocks on disk either way.
+    candidates : tuple of str, optional
+        Choose each block's mask by the model's own loss (:mod:`spap.selection`): ``method`` and every
+        method named here (registered solvers of column groups, distinct; ``method_options`` go to
+        ``method`` only) solve the same layer problem, and the solution kept is the one whose block,
+        followed by the rest of the network (later blocks still dense, final norm, head), gives the
+        lowest next-token cross-entropy on the first ``select_windows`` calibration sequences.  With
+        ``"mlp+heads"`` the MLP is chosen first, then the heads.  Only for MLP channels and key-value
+        groups (unstructured and N:M are refused).  None (the default) solves with ``method`` alone.
+    select_windows : int, default 4
+        Calibration sequences the choice is scored on (all of them when there are fewer); each block
+        costs ``K·(L − i)`` block passes on them for ``K`` candidates, block ``i`` of ``L``.
 
     Returns
     -------
     model : the same object, pruned in place
     report : PruneReport
-        Per solved problem: block, target, structure, kept/total, relative error, seconds; totals:
-        parameters before/after, wall time, solver time, peak memory.
+        Per solved problem: block, target, structure, kept/total, relative error, seconds (and, with
+        ``candidates``, the choice: every candidate's loss and error); totals: parameters before/after,
+        wall time, solver time, peak memory.
     """
     settings = check_arguments(model, sparsity, method=method, structure=structure, method_options=method_options,
                                damp=damp, gram_dtype=gram_dtype, batch_size=batch_size, device=device, offload=offload,
                                propagate=propagate, target=target, checkpoint_dir=checkpoint_dir, resume=resume,
-                               progress=progress,
-                               restore_on_failure=restore_on_failure)
+                               progress=progress, restore_on_failure=restore_on_failure, candidates=candidates,
+                               select_windows=select_windows)
     batches = calibration_batches(calib, tokenizer, batch_size=batch_size)
     check_calibration(batches, model, "prune_layerwise")
     _warn_few_tokens(get_adapter(model), settings.structure, batches)
@@ -218,6 +240,8 @@ def check_arguments(
     resume: bool = False,
     progress: bool = True,
     restore_on_failure: bool = True,
+    candidates: tuple[str, ...] | None = None,
+    select_windows: int = 4,
 ) -> BlockSettings:
     """Check :func:`prune_layerwise`'s arguments against ``model`` without any work (the command line
     calls it before calibrating); raise :class:`solvers.InvalidArgumentError` naming the first bad one,
@@ -228,6 +252,7 @@ def check_arguments(
     check_table("prune_layerwise", _CONSTRAINTS, locals())
     method_options = dict(method_options or {})
     solvers.check_method(method, method_options, parsed.rows if parsed.rows is not None else solvers.channels(1))
+    candidates = selection.check_candidates(candidates, method, parsed)
     if isinstance(parsed.rows, solvers.NM):
         widths = {LinearView(m).d_in for g in adapter.linear_groups(adapter.blocks()[0]) for m in g.values()}
         if any(w % parsed.rows.m for w in widths):
@@ -242,7 +267,8 @@ def check_arguments(
         raise InvalidArgumentError("The 'target' argument of prune_layerwise is 'dense', which needs propagate='pruned' "
                                    "(with dense propagation the inputs are the dense model's already).")
     settings = BlockSettings(parsed, float(sparsity), n_kv_prune, method, method_options, damp, gram_dtype, propagate,
-                             device, offload, mlp_tail=_HOOKS.mlp_tail, target=target)
+                             device, offload, mlp_tail=_HOOKS.mlp_tail, target=target, candidates=candidates,
+                             select_windows=select_windows)
     if resume:  # the arguments, before calibrating; the model and the tokens are checked when loading
         arguments = {k: v for k, v in _settings(settings, model).items() if k != "model_type"}
         ckpt.check_settings(checkpoint_dir, dict(arguments, device=device.type))
@@ -251,9 +277,12 @@ def check_arguments(
 
 def _settings(s: BlockSettings, model: nn.Module) -> dict:
     """The run's settings as the report and the checkpoint record them (before calibration)."""
-    return {"sparsity": s.sparsity, "method": s.method, "structure": s.structure.text,
-            "method_options": s.method_options, "damp": s.damp, "gram_dtype": str(s.gram_dtype),
-            "propagate": s.propagate, "target": s.target, "model_type": model.config.model_type}
+    out = {"sparsity": s.sparsity, "method": s.method, "structure": s.structure.text,
+           "method_options": s.method_options, "damp": s.damp, "gram_dtype": str(s.gram_dtype),
+           "propagate": s.propagate, "target": s.target, "model_type": model.config.model_type}
+    if s.candidates:  # only then: a run without them records (and fingerprints) what it always did
+        out.update(candidates=list(s.candidates), select_windows=s.select_windows)
+    return out
 
 
 def _check_counts(adapter: Adapter, parsed: PruneStructure, sparsity: float) -> int:
@@ -354,12 +383,18 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
         dense_hidden = [h.clone() for h in hidden] if s.target == "dense" else None
         if checkpoint_dir is not None:
             ckpt.start(checkpoint_dir, run)
+    windows = None
+    if s.candidates:  # the selection sequences' call arguments for every block (the embeddings run once more)
+        with _outside_blocks_on(model, blocks, device):
+            windows = selection.capture_windows(model, blocks, batches, s.select_windows, device, offload)
     bar = _progress(range(first, len(blocks)), progress, first, len(blocks))
     for i in bar:
         block_start = time.perf_counter()
         block = blocks[i]
         block.to(device)
-        records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], s, dense_hidden)
+        # built before the block's first pass, which may overwrite `hidden` (the MLP shortcut)
+        scorer = None if windows is None else selection.TailScorer(adapter, i, windows, hidden, device)
+        records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], s, dense_hidden, scorer)
         report.layers.extend(records)
         if propagate == "pruned":
             _propagate(adapter, block, i, hidden, kwargs[i], kept, mlp_inputs, tail, device, offload)
@@ -381,7 +416,8 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
 
 
 def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[torch.Tensor], block_kwargs: list[dict],
-                 settings: BlockSettings, dense_hidden: list[torch.Tensor] | None = None):
+                 settings: BlockSettings, dense_hidden: list[torch.Tensor] | None = None,
+                 scorer: selection.TailScorer | None = None):
     """Capture the block's Gram matrices, solve its problems and write the results into it.
 
     For an MLP-only prune with pruned propagation (and a family with :meth:`Adapter.mlp_tail`) the first
@@ -396,6 +432,9 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
     dense model's stream (its outputs replace ``dense_hidden[b]``), recording the target linears'
     inputs, then from the pruned stream; every problem is then posed on the corrected weight
     ``solvers.corrected_weight(W, Ĥ, C)``.
+
+    With ``scorer`` (``candidates``) each unit kind's mask is chosen among the candidates' solutions by
+    the model's loss (:func:`spap.selection.choose`) and its record holds the choice.
     """
     s = settings
     device = s.device
@@ -466,10 +505,15 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
     for name, kind in kinds.items():
         # counts by the one rounding rule (units.prune_count), checked by check_arguments
         target = {"n_prune": U.prune_count(s.sparsity, kind.count(block)) if name == "mlp" else s.n_kv_prune}
-        idx, record = _solve_groups(LinearView(kind.output_linear(block)), grams[name], kind.column_groups(block),
-                                    index, name, s, damp=s.damp, **target)
-        kept[name] = idx.cpu()
-        kind.keep(block, idx)
+        p = _group_problem(LinearView(kind.output_linear(block)), grams[name], kind.column_groups(block), s, **target)
+        if scorer is None:
+            sol, chosen = solvers.solve(p, s.method, **s.method_options), None
+        else:
+            sol, chosen = selection.choose(p, block, kind, s.candidates, s.method, s.method_options, scorer)
+        kept[name] = selection.write_units(kind, block, sol).cpu()
+        record = LayerRecord.from_solution(index, name, sol, p)
+        if chosen is not None:
+            record.seconds, record.selection = sum(chosen["seconds"].values()), chosen
         records.append(record)
     return records, kept, mlp_inputs, tail
 
@@ -501,20 +545,12 @@ class _StopBlock(Exception):
     """Ends a first pass at the MLP's output linear once its input is recorded."""
 
 
-def _solve_groups(view: LinearView, acc, structure: solvers.Structure, index: int, name: str, settings: BlockSettings,
-                  **target) -> tuple[torch.Tensor, LayerRecord]:
-    """Solve one output projection's column-group problem and write its weight and bias back.
-
-    Returns the indices of the kept groups (on the weight's device) and the layer's record; the caller
-    shrinks the block to those groups.
-    """
-    p = solvers.LayerProblem(_fitted_weight(view, acc, settings), acc.H, structure, bias=view.bias,
-                             input_mean=acc.mean, n_samples=acc.n_samples, **target)
-    sol = solvers.solve(p, settings.method, **settings.method_options)
-    view.set_weight(sol.weight)
-    if sol.bias is not None and view.bias is not None:
-        view.bias.copy_(sol.bias.to(view.bias.dtype))
-    return torch.nonzero(sol.keep).flatten(), LayerRecord.from_solution(index, name, sol, p)
+def _group_problem(view: LinearView, acc: solvers.GramAccumulator, structure: solvers.Structure,
+                   settings: BlockSettings, **target) -> solvers.LayerProblem:
+    """One output projection's column-group problem (``target``: ``n_prune``); solved by the caller and
+    written back with :func:`spap.selection.write_units`."""
+    return solvers.LayerProblem(_fitted_weight(view, acc, settings), acc.H, structure, bias=view.bias,
+                                input_mean=acc.mean, n_samples=acc.n_samples, damp=settings.damp, **target)
 
 
 class _outside_blocks_on:
