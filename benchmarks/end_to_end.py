@@ -162,7 +162,7 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
     model, report = spap.prune_layerwise(model, calib, sparsity, method=name, structure=job.structure,
                                          method_options=options, damp=job.damp, target=job.target, device=device,
                                          progress=False, **job.prune_keywords())
-    return {
+    row = {
         "structure": job.structure, "method": job.label, "sparsity": job.sparsity, "damp": job.damp, "target": job.target,
         **evaluate(model, tok, protocol),
         "prune_s": report.seconds, "solver_s": report.solver_seconds,
@@ -172,6 +172,12 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
         "sum_rel_err": sum(r.relative_error for r in report.layers),
         "layers": len(report.layers),
     }
+    chosen = [r for r in report.layers if r.selection is not None]
+    if chosen:  # masks chosen by loss (candidates=...): how often each candidate won, and every choice
+        winners = [r.selection["method"] for r in chosen]
+        row["winners"] = {m: winners.count(m) for m in dict.fromkeys(winners)}
+        row["selection"] = [{"block": r.block, "target": r.target, **r.selection} for r in chosen]
+    return row
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -141,6 +141,19 @@ class Adapter:
         """
         return None
 
+    def head(self) -> list[nn.Module]:
+        """The modules that turn the last block's output into logits, in the order the model applies them
+        (the final norm, any projection, the language-model head)."""
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits ``(batch, seq, vocab)`` from the last block's output ``(batch, seq, hidden)``,
+        as the causal LM's own forward computes them (:meth:`head`, then any logit soft-capping)."""
+        for module in self.head():
+            hidden = module(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2 and 3
+        return hidden if cap is None else torch.tanh(hidden / cap) * cap
+
     def linear_groups(self, block: nn.Module) -> list[dict[str, nn.Module]]:
         """The block's linears, grouped by shared input (one Gram matrix per group), in forward order."""
         a = self.attention(block)
@@ -218,6 +231,9 @@ class LlamaFamily(Adapter):
         a = block.self_attn
         return Attention(a.q_proj, a.k_proj, a.v_proj, a.o_proj)
 
+    def head(self):
+        return [self.model.model.norm, self.model.lm_head]
+
     def mlp_tail(self, block):
         if hasattr(block, "pre_feedforward_layernorm"):  # Gemma 2 and 3: norms before and after the MLP
             post = block.post_feedforward_layernorm
@@ -234,6 +250,10 @@ class OPT(Adapter):
 
     def blocks(self):
         return self.model.model.decoder.layers
+
+    def head(self):
+        decoder = self.model.model.decoder  # OPT-350m has no final norm, and projects to a narrower embedding
+        return [m for m in (decoder.final_layer_norm, decoder.project_out) if m is not None] + [self.model.lm_head]
 
     def mlp_in(self, block):
         return [block.fc1]
@@ -259,6 +279,9 @@ class GPT2(Adapter):
 
     def blocks(self):
         return self.model.transformer.h
+
+    def head(self):
+        return [self.model.transformer.ln_f, self.model.lm_head]
 
     def mlp_in(self, block):
         return [block.mlp.c_fc]

@@ -20,7 +20,7 @@ import torch
 from solvers.validation import Boolean, Interval, InvalidArgumentError, NoneOr, Options, check
 
 __all__ = ["Boolean", "Interval", "InvalidArgumentError", "NoneOr", "Options", "check", "check_table",
-           "DecreasingPair", "DistinctFloats", "PathLike", "device", "finite"]
+           "DecreasingPair", "DistinctFloats", "DistinctNames", "PathLike", "device", "finite"]
 
 
 def check_table(caller: str, constraints: Mapping[str, Any], values: Mapping[str, Any]) -> None:
@@ -58,6 +58,18 @@ class DistinctFloats:
 
     def __str__(self) -> str:
         return f"a non-empty sequence of distinct numbers, each {self.each}"
+
+
+@dataclass(frozen=True)
+class DistinctNames:
+    """A non-empty tuple or list of distinct strings (a string alone is refused: it would read as its letters)."""
+
+    def accepts(self, value: Any) -> bool:
+        return (isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, str) for v in value)
+                and len(set(value)) == len(value))
+
+    def __str__(self) -> str:
+        return "a non-empty tuple of distinct strings"
 
 
 @dataclass(frozen=True)

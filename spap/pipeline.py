@@ -28,10 +28,12 @@ from torch import nn
 import solvers
 
 from . import checkpoint as ckpt
+from . import selection
 from . import units as U
 from .adapters import Adapter, LinearView, check_model, get_adapter
 from .capture import GramHooks, calibration_batches, capture_block_inputs, check_calibration, run_block
-from .checks import Boolean, Interval, InvalidArgumentError, NoneOr, Options, PathLike, check_table, device as _device_arg, finite
+from .checks import (Boolean, DistinctNames, Interval, InvalidArgumentError, NoneOr, Options, PathLike, check_table,
+                     device as _device_arg, finite)
 from .gradients import output_gradient_grams
 from .report import LayerRecord, PruneReport, count_parameters, peak_memory
 from .units import PruneStructure
@@ -51,6 +53,8 @@ _CONSTRAINTS = {
     "resume": Boolean(),
     "progress": Boolean(),
     "restore_on_failure": Boolean(),
+    "candidates": NoneOr(DistinctNames()),
+    "select_windows": Interval(int, 1, None),
 }
 
 
@@ -59,7 +63,9 @@ class BlockSettings:
     """What pruning one block needs, fixed for the whole run (built once by :func:`prune_layerwise`).
 
     ``n_kv_prune`` is the count of key-value groups each block loses (0 unless heads are pruned);
-    ``mlp_tail`` lets the pipeline skip the second pass of an MLP-only prune (see :func:`_prune_block`).
+    ``mlp_tail`` lets the pipeline skip the second pass of an MLP-only prune (see :func:`_prune_block`);
+    ``candidates`` the methods a mask is chosen from by the model's loss, ``method`` first (empty: no
+    choice, ``method`` alone), on ``select_windows`` calibration sequences (:mod:`spap.selection`).
     """
 
     structure: PruneStructure
@@ -78,6 +84,8 @@ class BlockSettings:
     metric_windows: int = 16
     metric_damp: float = 0.01
     damp_mode: str = "mean"
+    candidates: tuple[str, ...] = ()
+    select_windows: int = 4
 
 
 @dataclass
@@ -117,6 +125,8 @@ def prune_layerwise(
     resume: bool = False,
     progress: bool = True,
     restore_on_failure: bool = True,
+    candidates: tuple[str, ...] | None = None,
+    select_windows: int = 4,
 ) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` in place, block by block, and return ``(model, report)``.
 
@@ -201,22 +211,33 @@ def prune_layerwise(
         on failure, as the command line does); a failed run then leaves the finished blocks pruned and
         the config unchanged, a model that may not run.  A checkpoint (``checkpoint_dir``) keeps the
         finished blocks on disk either way.
+    candidates : tuple of str, optional
+        Choose each block's mask by the model's own loss (:mod:`spap.selection`): ``method`` and every
+        method named here (registered solvers of column groups, distinct; ``method_options`` go to
+        ``method`` only) solve the same layer problem, and the solution kept is the one whose block,
+        followed by the rest of the network (later blocks still dense, final norm, head), gives the
+        lowest next-token cross-entropy on the first ``select_windows`` calibration sequences.  With
+        ``"mlp+heads"`` the MLP is chosen first, then the heads.  Only for MLP channels and key-value
+        groups (unstructured and N:M are refused).  None (the default) solves with ``method`` alone.
+    select_windows : int, default 4
+        Calibration sequences the choice is scored on (all of them when there are fewer); each block
+        costs ``K·(L − i)`` block passes on them for ``K`` candidates, block ``i`` of ``L``.
 
     Returns
     -------
     model : the same object, pruned in place
     report : PruneReport
-        Per solved problem: block, target, structure, kept/total, relative error, seconds; totals:
-        parameters before/after, wall time, solver time, peak memory.
+        Per solved problem: block, target, structure, kept/total, relative error, seconds (and, with
+        ``candidates``, the choice: every candidate's loss and error); totals: parameters before/after,
+        wall time, solver time, peak memory.
     """
     settings = check_arguments(model, sparsity, method=method, structure=structure, method_options=method_options,
                                damp=damp, damp_mode=damp_mode, gram_dtype=gram_dtype, batch_size=batch_size,
-                               device=device, offload=offload,
-                               propagate=propagate, target=target, output_metric=output_metric,
-                               metric_windows=metric_windows, metric_damp=metric_damp,
-                               checkpoint_dir=checkpoint_dir, resume=resume,
-                               progress=progress,
-                               restore_on_failure=restore_on_failure)
+                               device=device, offload=offload, propagate=propagate, target=target,
+                               output_metric=output_metric, metric_windows=metric_windows, metric_damp=metric_damp,
+                               checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                               restore_on_failure=restore_on_failure, candidates=candidates,
+                               select_windows=select_windows)
     batches = calibration_batches(calib, tokenizer, batch_size=batch_size)
     check_calibration(batches, model, "prune_layerwise")
     _warn_few_tokens(get_adapter(model), settings.structure, batches)
@@ -251,6 +272,8 @@ def check_arguments(
     resume: bool = False,
     progress: bool = True,
     restore_on_failure: bool = True,
+    candidates: tuple[str, ...] | None = None,
+    select_windows: int = 4,
 ) -> BlockSettings:
     """Check :func:`prune_layerwise`'s arguments against ``model`` without any work (the command line
     calls it before calibrating); raise :class:`solvers.InvalidArgumentError` naming the first bad one,
@@ -261,6 +284,7 @@ def check_arguments(
     check_table("prune_layerwise", _CONSTRAINTS, locals())
     method_options = dict(method_options or {})
     solvers.check_method(method, method_options, parsed.rows if parsed.rows is not None else solvers.channels(1))
+    candidates = selection.check_candidates(candidates, method, parsed)
     if isinstance(parsed.rows, solvers.NM):
         widths = {LinearView(m).d_in for g in adapter.linear_groups(adapter.blocks()[0]) for m in g.values()}
         if any(w % parsed.rows.m for w in widths):
@@ -279,7 +303,8 @@ def check_arguments(
                                    f"of a {structure!r} mask; use output_metric='diag' (or None) with row structures.")
     settings = BlockSettings(parsed, float(sparsity), n_kv_prune, method, method_options, damp, gram_dtype, propagate,
                              device, offload, mlp_tail=_HOOKS.mlp_tail, target=target, output_metric=output_metric,
-                             metric_windows=int(metric_windows), metric_damp=float(metric_damp), damp_mode=damp_mode)
+                             metric_windows=int(metric_windows), metric_damp=float(metric_damp), damp_mode=damp_mode,
+                             candidates=candidates, select_windows=select_windows)
     if resume:  # the arguments, before calibrating; the model and the tokens are checked when loading
         arguments = {k: v for k, v in _settings(settings, model).items() if k != "model_type"}
         ckpt.check_settings(checkpoint_dir, dict(arguments, device=device.type))
@@ -288,10 +313,17 @@ def check_arguments(
 
 def _settings(s: BlockSettings, model: nn.Module) -> dict:
     """The run's settings as the report and the checkpoint record them (before calibration)."""
-    return {"sparsity": s.sparsity, "method": s.method, "structure": s.structure.text,
-            "method_options": s.method_options, "damp": s.damp, "damp_mode": s.damp_mode, "gram_dtype": str(s.gram_dtype),
-            "propagate": s.propagate, "target": s.target, "output_metric": s.output_metric,
-            "metric_windows": s.metric_windows, "metric_damp": s.metric_damp, "model_type": model.config.model_type}
+    out = {"sparsity": s.sparsity, "method": s.method, "structure": s.structure.text,
+           "method_options": s.method_options, "damp": s.damp, "gram_dtype": str(s.gram_dtype),
+           "propagate": s.propagate, "target": s.target, "model_type": model.config.model_type}
+    # Later options only when used: a run without them records (and fingerprints) what it always did.
+    if s.damp_mode != "mean":
+        out.update(damp_mode=s.damp_mode)
+    if s.output_metric is not None:
+        out.update(output_metric=s.output_metric, metric_windows=s.metric_windows, metric_damp=s.metric_damp)
+    if s.candidates:
+        out.update(candidates=list(s.candidates), select_windows=s.select_windows)
+    return out
 
 
 def _check_counts(adapter: Adapter, parsed: PruneStructure, sparsity: float) -> int:
@@ -394,13 +426,20 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
         dense_hidden = [h.clone() for h in hidden] if s.target == "dense" else None
         if checkpoint_dir is not None:
             ckpt.start(checkpoint_dir, run)
+    windows = None
+    if s.candidates:  # the selection sequences' call arguments for every block (the embeddings run once more)
+        with _outside_blocks_on(model, blocks, device):
+            windows = selection.capture_windows(model, blocks, batches, s.select_windows, device, offload)
     bar = _progress(range(first, len(blocks)), progress, first, len(blocks))
     for i in bar:
         block_start = time.perf_counter()
         block = blocks[i]
         block.to(device)
         grams_i = {key.split(":", 1)[1]: G for key, G in output_grams.items() if key.startswith(f"{i}:")}
-        records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], s, dense_hidden, grams_i)
+        # built before the block's first pass, which may overwrite `hidden` (the MLP shortcut)
+        scorer = None if windows is None else selection.TailScorer(adapter, i, windows, hidden, device)
+        records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], s, dense_hidden, grams_i,
+                                                       scorer)
         report.layers.extend(records)
         if propagate == "pruned":
             _propagate(adapter, block, i, hidden, kwargs[i], kept, mlp_inputs, tail, device, offload)
@@ -423,7 +462,7 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
 
 def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[torch.Tensor], block_kwargs: list[dict],
                  settings: BlockSettings, dense_hidden: list[torch.Tensor] | None = None,
-                 output_grams: dict[str, torch.Tensor] | None = None):
+                 output_grams: dict[str, torch.Tensor] | None = None, scorer: selection.TailScorer | None = None):
     """Capture the block's Gram matrices, solve its problems and write the results into it.
 
     For an MLP-only prune with pruned propagation (and a family with :meth:`Adapter.mlp_tail`) the first
@@ -441,6 +480,9 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
 
     ``output_grams`` (``output_metric``) maps a target (``"mlp"``, ``"heads"`` or a linear's name) to its
     output-gradient Gram matrix; those problems choose their masks in that metric.
+
+    With ``scorer`` (``candidates``) each unit kind's mask is chosen among the candidates' solutions by
+    the model's loss (:func:`spap.selection.choose`) and its record holds the choice.
     """
     output_grams = output_grams or {}
     s = settings
@@ -507,16 +549,23 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
                 p = solvers.LayerProblem(_fitted_weight(view, acc, s), acc.H, s.structure.rows, damp=s.damp,
                                          damp_mode=s.damp_mode, input_mean=acc.mean, n_samples=acc.n_samples,
                                          **target)
-                sol = _solve(p, s, output_grams.get(name))
+                sol = _solve(p, s.method, s.method_options, _metric(p, s, output_grams.get(name)))
                 view.set_weight(sol.weight)
                 records.append(LayerRecord.from_solution(index, name, sol, p))
     for name, kind in kinds.items():
         # counts by the one rounding rule (units.prune_count), checked by check_arguments
         target = {"n_prune": U.prune_count(s.sparsity, kind.count(block)) if name == "mlp" else s.n_kv_prune}
-        idx, record = _solve_groups(LinearView(kind.output_linear(block)), grams[name], kind.column_groups(block),
-                                    index, name, s, output_grams.get(name), damp=s.damp, **target)
-        kept[name] = idx.cpu()
-        kind.keep(block, idx)
+        p = _group_problem(LinearView(kind.output_linear(block)), grams[name], kind.column_groups(block), s, **target)
+        metric = _metric(p, s, output_grams.get(name))
+        if scorer is None:
+            sol, chosen = _solve(p, s.method, s.method_options, metric), None
+        else:
+            sol, chosen = selection.choose(p, block, kind, s.candidates, s.method, s.method_options, scorer,
+                                           solve=lambda q, m, **o: _solve(q, m, o, metric))
+        kept[name] = selection.write_units(kind, block, sol).cpu()
+        record = LayerRecord.from_solution(index, name, sol, p)
+        if chosen is not None:
+            record.seconds, record.selection = sum(chosen["seconds"].values()), chosen
         records.append(record)
     return records, kept, mlp_inputs, tail
 
@@ -544,12 +593,20 @@ def _fitted_weight(view: LinearView, acc: solvers.GramAccumulator, s: BlockSetti
     return solvers.corrected_weight(view.weight, acc.H, acc.C, s.damp, s.damp_mode).to(view.weight.dtype)
 
 
-def _solve(problem: solvers.LayerProblem, s: BlockSettings, output_gram: torch.Tensor | None) -> solvers.Solution:
-    """The run's method on one problem, in the loss-aware metric when the run has one."""
+def _metric(problem: solvers.LayerProblem, s: BlockSettings,
+            output_gram: torch.Tensor | None) -> solvers.OutputMetric | None:
+    """The loss-aware metric of one problem (``output_metric``), or None."""
     if output_gram is None:
-        return solvers.solve(problem, s.method, **s.method_options)
-    metric = solvers.OutputMetric.from_gram(output_gram.to(problem.weight.device), s.output_metric, s.metric_damp)
-    return solvers.solve_in_metric(problem, metric, s.method, **s.method_options)
+        return None
+    return solvers.OutputMetric.from_gram(output_gram.to(problem.weight.device), s.output_metric, s.metric_damp)
+
+
+def _solve(problem: solvers.LayerProblem, method: str, options: dict,
+           metric: solvers.OutputMetric | None) -> solvers.Solution:
+    """``method`` on one problem, choosing the mask in ``metric`` when there is one."""
+    if metric is None:
+        return solvers.solve(problem, method, **options)
+    return solvers.solve_in_metric(problem, metric, method, **options)
 
 
 def _output_grams(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], s: BlockSettings) -> dict:
@@ -575,21 +632,13 @@ class _StopBlock(Exception):
     """Ends a first pass at the MLP's output linear once its input is recorded."""
 
 
-def _solve_groups(view: LinearView, acc, structure: solvers.Structure, index: int, name: str, settings: BlockSettings,
-                  output_gram: torch.Tensor | None = None, **target) -> tuple[torch.Tensor, LayerRecord]:
-    """Solve one output projection's column-group problem and write its weight and bias back.
-
-    Returns the indices of the kept groups (on the weight's device) and the layer's record; the caller
-    shrinks the block to those groups.
-    """
-    p = solvers.LayerProblem(_fitted_weight(view, acc, settings), acc.H, structure, bias=view.bias,
-                             damp_mode=settings.damp_mode,
-                             input_mean=acc.mean, n_samples=acc.n_samples, **target)
-    sol = _solve(p, settings, output_gram)
-    view.set_weight(sol.weight)
-    if sol.bias is not None and view.bias is not None:
-        view.bias.copy_(sol.bias.to(view.bias.dtype))
-    return torch.nonzero(sol.keep).flatten(), LayerRecord.from_solution(index, name, sol, p)
+def _group_problem(view: LinearView, acc: solvers.GramAccumulator, structure: solvers.Structure,
+                   settings: BlockSettings, **target) -> solvers.LayerProblem:
+    """One output projection's column-group problem (``target``: ``n_prune``); solved by the caller and
+    written back with :func:`spap.selection.write_units`."""
+    return solvers.LayerProblem(_fitted_weight(view, acc, settings), acc.H, structure, bias=view.bias,
+                                input_mean=acc.mean, n_samples=acc.n_samples, damp=settings.damp,
+                                damp_mode=settings.damp_mode, **target)
 
 
 class _outside_blocks_on:

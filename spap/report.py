@@ -15,7 +15,14 @@ from torch import nn
 @dataclass
 class LayerRecord:
     """One solved layer problem: ``block``, ``target`` (``"mlp"``, ``"heads"`` or a linear's name),
-    ``kept``/``total`` units, relative reconstruction error and solver seconds."""
+    ``kept``/``total`` units, relative reconstruction error and solver seconds.
+
+    ``selection`` is None unless the mask was chosen by the model's loss (``prune_layerwise(candidates=...)``,
+    :mod:`spap.selection`); it then holds ``"method"`` (the candidate kept, whose solution the other fields
+    describe, except ``seconds``, the solves of every candidate), and per candidate ``"loss"`` (next-token
+    cross-entropy on the selection windows), ``"relative_error"`` and ``"seconds"``, and ``"score_seconds"``
+    (the forward passes that scored them).
+    """
 
     block: int
     target: str
@@ -24,6 +31,7 @@ class LayerRecord:
     total: int
     relative_error: float
     seconds: float
+    selection: dict[str, Any] | None = None
 
     @classmethod
     def from_solution(cls, block: int, target: str, solution, problem) -> "LayerRecord":
@@ -68,6 +76,11 @@ class PruneReport:
                 f"{sum(r.relative_error for r in rs) / len(rs):>14.5f}{max(r.relative_error for r in rs):>13.5f}"
                 f"{sum(r.seconds for r in rs):>10.1f}"
             )
+        chosen = [r.selection["method"] for r in self.layers if r.selection is not None]
+        if chosen:
+            counts = {m: chosen.count(m) for m in dict.fromkeys(chosen)}
+            lines.append("chosen by loss: " + ", ".join(f"{m} {n}" for m, n in counts.items())
+                         + f" (of {len(chosen)} problems)")
         lines.append(
             f"parameters {self.params_before:,} -> {self.params_after:,} "
             f"({1 - self.params_after / self.params_before:.1%} fewer); "
