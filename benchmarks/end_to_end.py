@@ -165,7 +165,7 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
     row = {
         "structure": job.structure, "method": job.label, "sparsity": job.sparsity, "damp": job.damp, "target": job.target,
         **evaluate(model, tok, protocol),
-        "prune_s": report.seconds, "solver_s": report.solver_seconds,
+        "prune_s": report.seconds, "solver_s": report.solver_seconds, "metric_s": report.metric_seconds,
         "peak_rss_gib": report.peak_memory["rss"] / 2**30,
         "peak_cuda_gib": report.peak_memory.get("cuda", 0) / 2**30,
         "params": report.params_after, "params_dense": report.params_before,

@@ -413,7 +413,9 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     model.eval()
     first = 0
     # The loss-aware metric's G, from the dense model (also on resume: the checkpoint does not keep it).
+    metric_start = time.perf_counter()
     output_grams = _output_grams(model, adapter, batches, s) if s.output_metric is not None else {}
+    report.metric_seconds = time.perf_counter() - metric_start if output_grams else 0.0
     if checkpoint_dir is not None:  # what makes it the same run: the dense model, the tokens, every setting
         run = ckpt.describe(model, batches, dict(settings, batch_size=len(batches[0]), device=device.type))
     if resume:

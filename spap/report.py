@@ -41,9 +41,9 @@ class LayerRecord:
 
 @dataclass
 class PruneReport:
-    """Returned by :func:`spap.prune_layerwise`.  ``seconds`` is wall time of the whole run and
-    ``block_seconds`` of each block pruned by this call (capture, solves, shrinking and propagation);
-    memory in bytes."""
+    """Returned by :func:`spap.prune_layerwise`.  ``seconds`` is wall time of the whole run,
+    ``block_seconds`` of each block pruned by this call (capture, solves, shrinking and propagation) and
+    ``metric_seconds`` of the backward passes behind the output metric (0 without one); memory in bytes."""
 
     settings: dict[str, Any]
     params_before: int
@@ -52,6 +52,7 @@ class PruneReport:
     peak_memory: dict[str, int] = field(default_factory=dict)
     layers: list[LayerRecord] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
+    metric_seconds: float = 0.0
 
     @property
     def solver_seconds(self) -> float:
@@ -84,7 +85,8 @@ class PruneReport:
         lines.append(
             f"parameters {self.params_before:,} -> {self.params_after:,} "
             f"({1 - self.params_after / self.params_before:.1%} fewer); "
-            f"time {self.seconds:.1f} s (solver {self.solver_seconds:.1f} s); "
+            f"time {self.seconds:.1f} s (solver {self.solver_seconds:.1f} s"
+            + (f", output metric {self.metric_seconds:.1f} s" if self.metric_seconds else "") + "); "
             + peak_memory_text(self.peak_memory)
         )
         return "\n".join(lines)

@@ -243,3 +243,14 @@ def test_a_ridge_per_input_reaches_every_layer_problem(target):
     assert ridge.settings["damp_mode"] == "diag"
     assert [r.relative_error for r in ridge.layers] != pytest.approx([r.relative_error for r in plain.layers])
     assert torch.isfinite(model(ids[:2]).logits).all()
+
+
+def test_the_report_times_the_metric_and_says_so():
+    import spap
+
+    model, ids = _tiny()
+    _, report = spap.prune_layerwise(model, ids, 0.5, output_metric="full", progress=False)
+    assert 0 < report.metric_seconds < report.seconds and "output metric" in report.summary()
+    model, ids = _tiny()
+    _, plain = spap.prune_layerwise(model, ids, 0.5, progress=False)
+    assert plain.metric_seconds == 0 and "output metric" not in plain.summary()
