@@ -173,7 +173,7 @@ def test_a_flat_metric_gives_the_plain_run_and_a_sharp_one_other_masks(structure
     import spap
 
     model, ids = _tiny()
-    _, plain = spap.prune_layerwise(model, ids, 0.5, structure=structure, progress=False)
+    _, plain = spap.prune_layerwise(model, ids, 0.5, structure=structure, output_metric=None, progress=False)
     model, ids = _tiny()
     _, flat = spap.prune_layerwise(model, ids, 0.5, structure=structure, output_metric="full", metric_damp=1e8,
                                    progress=False)
@@ -252,5 +252,15 @@ def test_the_report_times_the_metric_and_says_so():
     _, report = spap.prune_layerwise(model, ids, 0.5, output_metric="full", progress=False)
     assert 0 < report.metric_seconds < report.seconds and "output metric" in report.summary()
     model, ids = _tiny()
-    _, plain = spap.prune_layerwise(model, ids, 0.5, progress=False)
+    _, plain = spap.prune_layerwise(model, ids, 0.5, output_metric=None, progress=False)
     assert plain.metric_seconds == 0 and "output metric" not in plain.summary()
+
+
+@pytest.mark.parametrize("method, structure, resolved", [("spap", "mlp", "full"), ("spap", "heads", "full"),
+                                                          ("spap", "unstructured", None), ("spap", "2:4", None),
+                                                          ("obs", "mlp", None), ("admm", "mlp", None)])
+def test_auto_is_the_full_metric_for_spap_on_column_structures_only(method, structure, resolved):
+    import spap
+
+    model, _ = _tiny()
+    assert spap.pipeline.check_arguments(model, 0.5, method=method, structure=structure).output_metric == resolved
