@@ -235,15 +235,17 @@ def table(cache: dict, protocol: str, structure: str) -> str:
         return ""
     dense = cache.get(f"{protocol}|dense")
     lines = [f"### {structure}", "", protocol_text(protocol), ""]
-    head = "| sparsity | method | WikiText-2 ppl | C4 ppl | prune s | solver s | threads | peak RSS GiB | params | Σ rel.err |"
+    head = ("| sparsity | method | WikiText-2 ppl | C4 ppl | val ppl | prune s | solver s | threads | peak RSS GiB | params "
+            "| Σ rel.err |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     if dense:
-        lines.append(f"| 0 | dense | {dense['wikitext_ppl']:.2f} | {dense['c4_ppl']:.2f} | | | | | {dense['params']:,} | |")
+        lines.append(f"| 0 | dense | {dense['wikitext_ppl']:.2f} | {dense['c4_ppl']:.2f} | {_val(dense)} | | | | | "
+                     f"{dense['params']:,} | |")
     order = {m: i for i, m in enumerate(dict.fromkeys(STRUCTURED_METHODS + ROW_METHODS))}
     rows.sort(key=lambda r: (r["sparsity"] if r["sparsity"] is not None else 9, order.get(base_method(r["method"]), 99), r["method"]))
     for r in rows:
         s = structure if r["sparsity"] is None else f"{r['sparsity']:.0%}"
-        lines.append(f"| {s} | {r['method']} | {r['wikitext_ppl']:.2f} | {r['c4_ppl']:.2f} | {r['prune_s']:.0f} | "
+        lines.append(f"| {s} | {r['method']} | {r['wikitext_ppl']:.2f} | {r['c4_ppl']:.2f} | {_val(r)} | {r['prune_s']:.0f} | "
                      f"{r['solver_s']:.0f} | {r.get('threads', '?')} | {r['peak_rss_gib']:.2f} | {r['params']:,} | {r['sum_rel_err']:.3f} |")
     best = {}
     for r in rows:
@@ -254,6 +256,11 @@ def table(cache: dict, protocol: str, structure: str) -> str:
     lines += ["", "lowest WikiText-2 perplexity (methods at their defaults): " + "; ".join(
         f"{structure if s is None else f'{s:.0%}'}: {m} ({p:.2f})" for s, (p, m) in best.items())]
     return "\n".join(lines)
+
+
+def _val(row: dict) -> str:
+    """The validation perplexity, blank for runs cached before it was measured."""
+    return "" if row.get("val_ppl") is None else f"{row['val_ppl']:.2f}"
 
 
 def plot(cache: dict, protocol: str, prefix: str) -> list[str]:

@@ -41,6 +41,9 @@ def _add_pruning(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a solver option (repeatable; VALUE read as JSON when it parses, e.g. refit=true)")
     p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--output-metric", default="auto", choices=["auto", "full", "diag", "none"],
+                   help="weight layer errors by the loss's output gradients (default auto: full for spap on "
+                        "MLP channels and heads, none otherwise)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dense-propagation", action="store_true", help="next block's inputs from the dense block")
@@ -260,7 +263,12 @@ def _check_loaded(args, model, tokenizer, checkpoint_dir: str | None = None) -> 
         check_arguments(model, args.sparsity, method=args.method, structure=args.structure,
                         method_options=_options(args.option), damp=args.damp, batch_size=args.batch_size,
                         device=args.device, propagate="dense" if args.dense_propagation else "pruned",
-                        checkpoint_dir=checkpoint_dir, resume=getattr(args, "resume", False))
+                        output_metric=_output_metric(args), checkpoint_dir=checkpoint_dir,
+                        resume=getattr(args, "resume", False))
+
+
+def _output_metric(args) -> str | None:
+    return None if args.output_metric == "none" else args.output_metric
 
 
 def _partial(out: Path) -> Path:
@@ -296,7 +304,7 @@ def _prune(args, model, tokenizer, checkpoint_dir=None, resume=False):
         model, calib, args.sparsity, method=args.method, structure=args.structure, damp=args.damp,
         method_options=_options(args.option),
         batch_size=args.batch_size, device=args.device, propagate="dense" if args.dense_propagation else "pruned",
-        checkpoint_dir=checkpoint_dir, resume=resume,
+        output_metric=_output_metric(args), checkpoint_dir=checkpoint_dir, resume=resume,
         restore_on_failure=False,  # the command line drops the model on failure: no CPU copy to undo it
     )
 

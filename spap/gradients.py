@@ -21,7 +21,7 @@ from .adapters import LinearView
 
 def output_gradient_grams(model: nn.Module, batches: list[torch.Tensor], modules: dict[str, nn.Module], *,
                           diagonal: frozenset[str] | set[str] = frozenset(), n_sequences: int,
-                          device: torch.device) -> dict[str, torch.Tensor]:
+                          device: torch.device, blocks: nn.ModuleList | None = None) -> dict[str, torch.Tensor]:
     """``G`` for every linear of ``modules`` from the first ``n_sequences`` calibration sequences.
 
     Parameters
@@ -38,6 +38,10 @@ def output_gradient_grams(model: nn.Module, batches: list[torch.Tensor], modules
         How many calibration sequences the backward passes run.
     device : torch.device
         Where the model runs for the pass (it is moved there and back).
+    blocks : nn.ModuleList, optional
+        The decoder blocks, to name the first one whose output is NaN or Inf when the loss is.
+
+    Raises ``FloatingPointError`` when the loss of a sequence is NaN or Inf (naming the first such block).
 
     Returns
     -------
@@ -63,6 +67,11 @@ def output_gradient_grams(model: nn.Module, batches: list[torch.Tensor], modules
         return hook
 
     handles = [m.register_forward_hook(on_output(name)) for name, m in modules.items()]
+    bad_blocks: list[int] = []
+    for i, block in enumerate(blocks if blocks is not None else []):
+        handles.append(block.register_forward_hook(
+            lambda m, args, out, i=i: bad_blocks.append(i) if not torch.isfinite(
+                out[0] if isinstance(out, (tuple, list)) else out).all() else None))
     sequences = [row for b in batches for row in b][:n_sequences]  # batches are (batch, seq)
     embed = model.get_input_embeddings()
     try:
@@ -72,6 +81,10 @@ def output_gradient_grams(model: nn.Module, batches: list[torch.Tensor], modules
                 x = embed(ids).detach().requires_grad_(True)  # gradients flow through activations only
                 logits = model(inputs_embeds=x, use_cache=False).logits
                 loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+                if not torch.isfinite(loss):
+                    where = f"the output of block {bad_blocks[0]}" if bad_blocks else "the model's logits"
+                    raise FloatingPointError(f"NaN or Inf in {where} of the dense model (the output metric's "
+                                             "forward pass on the calibration tokens).")
                 loss.backward()
     finally:
         for h in handles:

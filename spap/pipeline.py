@@ -631,7 +631,7 @@ def _output_grams(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor
     if s.output_metric == "diag":
         diagonal = set(modules)
     grams = output_gradient_grams(model, batches, modules, diagonal=diagonal, n_sequences=s.metric_windows,
-                                  device=s.device)
+                                  device=s.device, blocks=adapter.blocks())
     return {key: G.to(s.offload) for key, G in grams.items()}
 
 

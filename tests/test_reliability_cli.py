@@ -148,6 +148,8 @@ CLI_CASES = [
     ("prune-heads-every-kv-group", PRUNE + ["--structure", "heads", "--sparsity", "0.9"],
      ["sparsity", "all 2 key-value groups"], "loaded"),
     ("prune-nm-not-dividing-widths", PRUNE + ["--structure", "3:7"], ["structure", "'3:7'", "multiple of 7"], "loaded"),
+    ("prune-full-metric-on-rows", PRUNE + ["--structure", "unstructured", "--output-metric", "full"],
+     ["'output_metric'", "'diag'"], "loaded"),
     ("eval-max-windows-zero", ["eval", "{model}", "--text", "{calib}", "--max-windows", "0"], ["--max-windows"],
      "args"),
     ("eval-seqlen-one", ["eval", "{model}", "--text", "{calib}", "--seqlen", "1"], ["--seqlen", "at least 2"], "args"),
