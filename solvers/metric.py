@@ -49,7 +49,7 @@ class OutputMetric:
     kind: str
 
     @classmethod
-    def from_gram(cls, G: torch.Tensor, kind: str = "full", damp: float = 0.01) -> "OutputMetric":
+    def from_gram(cls, G: torch.Tensor, kind: str = "full", damp: float = 1.0) -> "OutputMetric":
         """The metric of the output-gradient Gram matrix ``G`` (d_out × d_out, or its diagonal (d_out,)).
 
         ``G`` is scaled to a unit mean diagonal (its scale does not change which mask is best) and damped

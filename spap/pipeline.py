@@ -82,7 +82,7 @@ class BlockSettings:
     target: str = "pruned"
     output_metric: str | None = None  # resolved: never "auto"
     metric_windows: int = 16
-    metric_damp: float = 0.1
+    metric_damp: float = 1.0
     damp_mode: str = "mean"
     candidates: tuple[str, ...] = ()
     select_windows: int = 4
@@ -120,7 +120,7 @@ def prune_layerwise(
     target: str = "pruned",
     output_metric: str | None = "auto",
     metric_windows: int = 16,
-    metric_damp: float = 0.1,
+    metric_damp: float = 1.0,
     checkpoint_dir: str | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -195,7 +195,7 @@ def prune_layerwise(
         the whole model on ``device``.
     metric_windows : int >= 1, default 16
         Calibration sequences behind ``G`` (all of them when there are fewer).
-    metric_damp : float > 0, default 0.1
+    metric_damp : float > 0, default 1.0
         ``G`` is normalised to a unit mean diagonal and ``metric_damp·I`` is added (larger: closer to
         the plain error).
     checkpoint_dir : str, optional
@@ -270,7 +270,7 @@ def check_arguments(
     target: str = "pruned",
     output_metric: str | None = "auto",
     metric_windows: int = 16,
-    metric_damp: float = 0.1,
+    metric_damp: float = 1.0,
     checkpoint_dir: str | None = None,
     resume: bool = False,
     progress: bool = True,

@@ -300,6 +300,7 @@ def _fail_in_block_2(monkeypatch, structure, error):
         return solve(*args, **kwargs)
 
     monkeypatch.setattr(solvers, "solve", failing)
+    monkeypatch.setattr(solvers.metric, "solve", failing)  # SPAP's default solves in the output metric
 
 
 @pytest.mark.parametrize("structure", ["mlp", "heads", "unstructured"])

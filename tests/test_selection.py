@@ -30,11 +30,12 @@ def _loss(model, ids):
 
 
 def _first_block_pruned(name, structure, method):
-    """The model with only block 0 pruned, by ``method`` alone (the run stopped after it, not undone)."""
+    """The model with only block 0 pruned, by ``method`` alone (the run stopped after it, not undone), in the
+    output metric that SPAP's default gives every candidate."""
     model = _model(name)
     with pytest.raises(spap.checkpoint.Interrupted), _stop_after(1):
         spap.prune_layerwise(model, _ids(), 0.5, structure=structure, method=method, batch_size=2,
-                             restore_on_failure=False, progress=False)
+                             output_metric="full", restore_on_failure=False, progress=False)
     return model
 
 
