@@ -28,7 +28,7 @@ import dataclasses
 import torch
 
 from .problem import LayerProblem
-from .registry import solve
+from .registry import solution_of, solve
 from .solution import Solution
 from .structure import ColumnGroups
 from .validation import Interval, InvalidArgumentError, Options, check
@@ -133,18 +133,8 @@ def solve_in_metric(problem: LayerProblem, metric: OutputMetric, method: str = "
     bias = None if problem.bias is None else metric.apply(problem.bias[:, None])[:, 0]
     weighted = dataclasses.replace(problem, weight=metric.apply(problem.weight), bias=bias)
     sol = solve(weighted, method, **options)
+    # Zero columns (or, with a diagonal R, zero weights of a row) stay exactly zero under R⁻¹.
     weight64 = metric.undo(sol.weight)
-    if not isinstance(problem.structure, ColumnGroups):
-        weight64 = weight64 * sol.keep  # R⁻¹ is diagonal here: exact zeros stay zeros, but say so explicitly
-    error = problem.error(weight64)
     out_bias = None if sol.bias is None else metric.undo(sol.bias[:, None])[:, 0].to(sol.bias.dtype)
-    return Solution(
-        weight=weight64.to(problem.weight.dtype),
-        keep=sol.keep,
-        error=error,
-        relative_error=error / max(problem.dense_energy, 1e-300),
-        objective=problem.objective(weight64, error=error),
-        method=sol.method,
-        bias=out_bias,
-        stats={**sol.stats, "metric": metric.kind, "metric_error": sol.error},
-    )
+    return solution_of(problem, weight64, sol.keep, sol.method, out_bias,
+                       {**sol.stats, "metric": metric.kind, "metric_error": sol.error})

@@ -309,10 +309,7 @@ class LayerProblem:
     @cached_property
     def ridge(self) -> torch.Tensor:
         """The damping added to the diagonal of ``H``, shape ``(d_in,)``, float64 (see ``damp_mode``)."""
-        diag = self.H64.diagonal()
-        if self.damp_mode == "diag":
-            return self.damp * diag.clamp_min(1e-6 * float(diag.mean()))
-        return torch.full_like(diag, self.damp * float(diag.mean()))
+        return damping_ridge(self.H64, self.damp, self.damp_mode)
 
     @cached_property
     def hessian(self) -> torch.Tensor:
@@ -385,6 +382,16 @@ class LayerProblem:
             target = f"sparsity={self.structure.sparsity:g}"
         mode = "" if self.damp_mode == "mean" else f", damp_mode={self.damp_mode!r}"
         return f"LayerProblem(shape={self.shape}, structure={self.structure!r}, {target}, damp={self.damp}{mode})"
+
+
+def damping_ridge(H: torch.Tensor, damp: float, damp_mode: str = "mean") -> torch.Tensor:
+    """What damping adds to the diagonal of a Gram matrix ``H``, shape ``(d_in,)``, float64:
+    ``damp·mean(diag H)`` for every input (``"mean"``), or ``damp·diag(H)`` with the floor
+    ``damp·1e-6·mean(diag H)`` so that dead inputs stay invertible (``"diag"``)."""
+    diag = H.diagonal().to(torch.float64)
+    if damp_mode == "diag":
+        return damp * diag.clamp_min(1e-6 * float(diag.mean()))
+    return torch.full_like(diag, damp * float(diag.mean()))
 
 
 def _check_psd(H64: torch.Tensor) -> None:

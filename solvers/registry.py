@@ -118,7 +118,13 @@ def solve(problem: LayerProblem, method: str = "spap", **options: Any) -> Soluti
         torch.cuda.synchronize(problem.device)
     seconds = time.perf_counter() - start
     bias = stats.pop("bias", None)
-    stats = {"seconds": seconds, **stats}
+    return solution_of(problem, weight64, keep, method, bias, {"seconds": seconds, **stats})
+
+
+def solution_of(problem: LayerProblem, weight64: torch.Tensor, keep: torch.Tensor, method: str,
+                bias: torch.Tensor | None = None, stats: dict | None = None) -> Solution:
+    """The :class:`Solution` of ``problem`` with the float64 weight ``weight64``: its undamped error,
+    relative error and damped objective, the weight in the problem's dtype."""
     error = problem.error(weight64)
     return Solution(
         weight=weight64.to(problem.weight.dtype),
@@ -128,5 +134,5 @@ def solve(problem: LayerProblem, method: str = "spap", **options: Any) -> Soluti
         objective=problem.objective(weight64, error=error),
         method=method,
         bias=bias,
-        stats=stats,
+        stats=dict(stats or {}),
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._linalg import cholesky
+from .problem import damping_ridge
 from .validation import Interval, InvalidArgumentError, Options, check
 
 
@@ -54,11 +55,7 @@ def corrected_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: fl
             raise InvalidArgumentError(f"The {name!r} argument of corrected_weight must be a tensor of shape "
                                        f"({d_in}, {d_in}). Got {getattr(M, 'shape', type(M).__name__)}.")
     H64 = H.to(torch.float64)
-    diag = H64.diagonal()
-    if damp_mode == "diag":  # as LayerProblem.ridge
-        ridge = torch.diag(damp * diag.clamp_min(1e-6 * float(diag.mean())))
-    else:
-        ridge = damp * float(diag.mean()) * torch.eye(d_in, dtype=torch.float64, device=H64.device)
+    ridge = torch.diag(damping_ridge(H64, damp, damp_mode))  # as LayerProblem.ridge
     L = cholesky(H64 + ridge, what="the damped Gram matrix of the pruned inputs")
     rhs = (W.to(device=H64.device, dtype=torch.float64) @ (C.to(torch.float64) + ridge)).T
     return torch.cholesky_solve(rhs, L).T  # Ĥ_d symmetric: W* = rhsᵀ Ĥ_d⁻¹
