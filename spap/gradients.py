@@ -10,6 +10,7 @@ forward pass again.  The whole model runs on one device for it.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Hashable
 from contextlib import contextmanager
 
 import torch
@@ -19,9 +20,9 @@ from torch.nn import functional as F
 from .adapters import LinearView
 
 
-def output_gradient_grams(model: nn.Module, batches: list[torch.Tensor], modules: dict[str, nn.Module], *,
-                          diagonal: frozenset[str] | set[str] = frozenset(), n_sequences: int,
-                          device: torch.device, blocks: nn.ModuleList | None = None) -> dict[str, torch.Tensor]:
+def output_gradient_grams(model: nn.Module, batches: list[torch.Tensor], modules: dict[Hashable, nn.Module], *,
+                          diagonal: Collection[Hashable] = frozenset(), n_sequences: int,
+                          device: torch.device, blocks: nn.ModuleList | None = None) -> dict[Hashable, torch.Tensor]:
     """``G`` for every linear of ``modules`` from the first ``n_sequences`` calibration sequences.
 
     Parameters
@@ -30,9 +31,9 @@ def output_gradient_grams(model: nn.Module, batches: list[torch.Tensor], modules
         The dense model; its parameters, devices and training mode are unchanged afterwards.
     batches : list of LongTensor (batch, seq)
         Calibration token ids; the first ``n_sequences`` rows (in order) are used, one at a time.
-    modules : dict of name → linear
+    modules : dict of key → linear (any hashable key)
         The linears whose output gradients are wanted (``nn.Linear`` or GPT-2's ``Conv1D``).
-    diagonal : set of names
+    diagonal : collection of keys
         Linears for which only ``diag G`` is kept (shape ``(d_out,)``; row structures use no more).
     n_sequences : int
         How many calibration sequences the backward passes run.
@@ -45,7 +46,7 @@ def output_gradient_grams(model: nn.Module, batches: list[torch.Tensor], modules
 
     Returns
     -------
-    dict of name → float64 tensor on ``device``: ``(d_out, d_out)``, or ``(d_out,)`` for ``diagonal``.
+    dict of key → float64 tensor on ``device``: ``(d_out, d_out)``, or ``(d_out,)`` for ``diagonal``.
     """
     grams: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
@@ -53,14 +54,14 @@ def output_gradient_grams(model: nn.Module, batches: list[torch.Tensor], modules
         shape = (d_out,) if name in diagonal else (d_out, d_out)
         grams[name] = torch.zeros(shape, dtype=torch.float64, device=device)
 
-    def add(name: str, grad: torch.Tensor) -> None:
+    def add(name: Hashable, grad: torch.Tensor) -> None:
         g = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64)
         if name in diagonal:
             grams[name] += (g * g).sum(0)
         else:
             grams[name] += g.T @ g
 
-    def on_output(name: str):
+    def on_output(name: Hashable):
         def hook(module, args, output):
             if output.requires_grad:
                 output.register_hook(lambda grad: add(name, grad))

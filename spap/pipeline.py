@@ -442,11 +442,10 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
         block_start = time.perf_counter()
         block = blocks[i]
         block.to(device)
-        grams_i = {key.split(":", 1)[1]: G for key, G in output_grams.items() if key.startswith(f"{i}:")}
         # built before the block's first pass, which may overwrite `hidden` (the MLP shortcut)
         scorer = None if windows is None else selection.TailScorer(adapter, i, windows, hidden, device)
-        records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], s, dense_hidden, grams_i,
-                                                       scorer)
+        records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], s, dense_hidden,
+                                                       output_grams.get(i), scorer)
         report.layers.extend(records)
         if propagate == "pruned":
             _propagate(adapter, block, i, hidden, kwargs[i], kept, mlp_inputs, tail, device, offload)
@@ -617,22 +616,26 @@ def _solve(problem: solvers.LayerProblem, method: str, options: dict,
 
 
 def _output_grams(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], s: BlockSettings) -> dict:
-    """``G`` of every target of every block, keyed ``"block:target"`` (targets named as in ``_prune_block``):
-    full for the structured kinds' output linears, the diagonal for row structures' linears."""
+    """``G`` of every target of every block: ``grams[block][target]`` (targets named as in
+    ``_prune_block``), full for the structured kinds' output linears, the diagonal for row structures'
+    linears."""
     modules, diagonal = {}, set()
     for i, block in enumerate(adapter.blocks()):
         for name, kind in U.kinds(adapter, s.structure.units).items():
-            modules[f"{i}:{name}"] = kind.output_linear(block)
+            modules[i, name] = kind.output_linear(block)
         if s.structure.rows is not None:
             for g in adapter.linear_groups(block):
                 for name, module in g.items():
-                    modules[f"{i}:{name}"] = module
-                    diagonal.add(f"{i}:{name}")
+                    modules[i, name] = module
+                    diagonal.add((i, name))
     if s.output_metric == "diag":
         diagonal = set(modules)
     grams = output_gradient_grams(model, batches, modules, diagonal=diagonal, n_sequences=s.metric_windows,
                                   device=s.device, blocks=adapter.blocks())
-    return {key: G.to(s.offload) for key, G in grams.items()}
+    per_block: dict[int, dict[str, torch.Tensor]] = {}
+    for (i, name), G in grams.items():
+        per_block.setdefault(i, {})[name] = G.to(s.offload)
+    return per_block
 
 
 class _StopBlock(Exception):
