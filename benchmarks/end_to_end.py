@@ -172,6 +172,9 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
         "sum_rel_err": sum(r.relative_error for r in report.layers),
         "layers": len(report.layers),
     }
+    if report.allocation is not None:  # allocation=...: every block's pruned units and the rule's time
+        row["allocation"] = report.allocation
+        row["allocation_s"] = report.allocation_seconds
     chosen = [r for r in report.layers if r.selection is not None]
     if chosen:  # masks chosen by loss (candidates=...): how often each candidate won, and every choice
         winners = [r.selection["method"] for r in chosen]

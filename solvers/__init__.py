@@ -18,6 +18,7 @@ from .validation import InvalidArgumentError
 from .refit import refit, refit_columns, refit_rows
 from .target import corrected_weight
 from .metric import OutputMetric, solve_in_metric
+from .allocation import choose_counts, outlier_sparsities, removal_costs, round_to_budget
 
 # Importing a solver module registers it.
 from . import scores as _scores  # noqa: F401,E402
@@ -53,5 +54,9 @@ __all__ = [
     "corrected_weight",
     "OutputMetric",
     "solve_in_metric",
+    "removal_costs",
+    "choose_counts",
+    "outlier_sparsities",
+    "round_to_budget",
     "InvalidArgumentError",
 ]

@@ -230,3 +230,34 @@ class GramHooks:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class outside_blocks_on:
+    """Temporarily move every parameter and buffer outside the decoder blocks to ``device``."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+        self.model, self.device = model, device
+        inside = {id(m) for m in blocks.modules()}
+        self.modules = [m for m in model.modules() if id(m) not in inside]
+        self.home: list[tuple[nn.Module, torch.device]] = []
+
+    def __enter__(self):
+        for m in self.modules:
+            for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+                self.home.append((m, t.device))
+                break
+            move_direct(m, self.device)
+        return self
+
+    def __exit__(self, *exc):
+        for m, dev in self.home:
+            move_direct(m, dev)
+        return False
+
+
+def move_direct(module: nn.Module, device: torch.device) -> None:
+    """Move ``module``'s own parameters (in place, so references stay valid) and buffers to ``device``."""
+    for name, p in list(module.named_parameters(recurse=False)):
+        p.data = p.data.to(device)
+    for name, b in list(module.named_buffers(recurse=False)):
+        module._buffers[name] = b.to(device)

@@ -35,7 +35,10 @@ def _add_calibration(p: argparse.ArgumentParser, n: int, seqlen: int) -> None:
 def _add_pruning(p: argparse.ArgumentParser) -> None:
     import solvers
 
-    p.add_argument("--sparsity", type=float, default=0.3, help="fraction pruned per block (default 0.3)")
+    p.add_argument("--sparsity", type=float, default=0.3, help="fraction pruned (default 0.3)")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "knapsack"],
+                   help="how the sparsity is spread over blocks, same total (default uniform: every block alike; "
+                        "non-uniform widths save with spap_widths.json, loaded by spap.load_pruned)")
     p.add_argument("--method", default="spap", choices=solvers.available_methods())
     p.add_argument("--structure", default="mlp", help=STRUCTURE_HELP + " (default mlp)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -261,7 +264,7 @@ def _check_loaded(args, model, tokenizer, checkpoint_dir: str | None = None) -> 
         from .pipeline import check_arguments
 
         check_arguments(model, args.sparsity, method=args.method, structure=args.structure,
-                        method_options=_options(args.option), damp=args.damp, batch_size=args.batch_size,
+                        allocation=args.allocation, method_options=_options(args.option), damp=args.damp, batch_size=args.batch_size,
                         device=args.device, propagate="dense" if args.dense_propagation else "pruned",
                         output_metric=_output_metric(args), checkpoint_dir=checkpoint_dir,
                         resume=getattr(args, "resume", False))
@@ -301,7 +304,8 @@ def _prune(args, model, tokenizer, checkpoint_dir=None, resume=False):
 
     calib = _calibration(args, tokenizer)
     return prune_layerwise(
-        model, calib, args.sparsity, method=args.method, structure=args.structure, damp=args.damp,
+        model, calib, args.sparsity, method=args.method, structure=args.structure, allocation=args.allocation,
+        damp=args.damp,
         method_options=_options(args.option),
         batch_size=args.batch_size, device=args.device, propagate="dense" if args.dense_propagation else "pruned",
         output_metric=_output_metric(args), checkpoint_dir=checkpoint_dir, resume=resume,
@@ -319,7 +323,7 @@ def _wikitext_ppl(model, tokenizer, windows: int, data_dir=None, seqlen: int = E
 
 
 def cmd_prune(args) -> None:
-    from .models import load_model, save_model
+    from .models import layer_widths, load_model, save_model, save_pruned
 
     model, tokenizer = load_model(args.model)
     partial = _partial(Path(args.out))
@@ -333,8 +337,13 @@ def cmd_prune(args) -> None:
     model, report = _prune(args, model, tokenizer, checkpoint_dir=str(partial), resume=args.resume)
     if args.eval_windows:
         report.settings["wikitext_ppl"] = _wikitext_ppl(model, tokenizer, args.eval_windows, args.data_dir)
-    save_model(model, tokenizer, args.out, report=report)
+    widths = layer_widths(model)
+    uniform = all(len(set(w)) == 1 for w in widths.values() if w is not None)
+    (save_model if uniform else save_pruned)(model, tokenizer, args.out, report=report)
     shutil.rmtree(partial, ignore_errors=True)
+    if not uniform:
+        print(f"spap: blocks have different widths; {args.out} holds spap_widths.json (load with spap.load_pruned "
+              "or spap.load_model)", file=sys.stderr)
     print(report.summary())
     if args.eval_windows:
         print(f"WikiText-2 perplexity ({args.eval_windows} windows of {EVAL_SEQLEN}): "

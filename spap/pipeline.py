@@ -17,9 +17,12 @@ plus, unless ``restore_on_failure=False``, a CPU copy of the blocks' weights to 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import numbers
 import time
 import warnings
 from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,11 +30,13 @@ from torch import nn
 
 import solvers
 
+from . import allocation as A
 from . import checkpoint as ckpt
 from . import selection
 from . import units as U
 from .adapters import Adapter, LinearView, check_model, get_adapter
-from .capture import GramHooks, calibration_batches, capture_block_inputs, check_calibration, run_block
+from .capture import (GramHooks, calibration_batches, capture_block_inputs, check_calibration, outside_blocks_on,
+                      run_block)
 from .checks import (Boolean, DistinctNames, Interval, InvalidArgumentError, NoneOr, Options, PathLike, check_table,
                      device as _device_arg, finite)
 from .gradients import output_gradient_grams
@@ -39,7 +44,6 @@ from .report import LayerRecord, PruneReport, count_parameters, peak_memory
 from .units import PruneStructure
 
 _CONSTRAINTS = {
-    "sparsity": Interval(float, 0, 1, closed="left"),
     "damp": Interval(float, 0, None, closed="left"),
     "gram_dtype": Options((torch.float32, torch.float64)),
     "propagate": Options(("pruned", "dense")),
@@ -62,15 +66,17 @@ _CONSTRAINTS = {
 class BlockSettings:
     """What pruning one block needs, fixed for the whole run (built once by :func:`prune_layerwise`).
 
-    ``n_kv_prune`` is the count of key-value groups each block loses (0 unless heads are pruned);
+    ``sparsity`` is the argument as given (a float or one target per block) and ``allocation`` the rule
+    that spreads a float budget; ``block_sparsity`` is each block's fraction (what row structures prune of
+    every linear) and ``counts`` each block's pruned units per kind (``{"mlp": p, "heads": q}``), both
+    filled in before the first block (:mod:`spap.allocation`);
     ``mlp_tail`` lets the pipeline skip the second pass of an MLP-only prune (see :func:`_prune_block`);
     ``candidates`` the methods a mask is chosen from by the model's loss, ``method`` first (empty: no
     choice, ``method`` alone), on ``select_windows`` calibration sequences (:mod:`spap.selection`).
     """
 
     structure: PruneStructure
-    sparsity: float
-    n_kv_prune: int
+    sparsity: float | tuple[float, ...]
     method: str
     method_options: dict
     damp: float
@@ -86,6 +92,9 @@ class BlockSettings:
     damp_mode: str = "mean"
     candidates: tuple[str, ...] = ()
     select_windows: int = 4
+    allocation: A.Allocation = A.Uniform()
+    block_sparsity: tuple[float, ...] = ()
+    counts: tuple[dict[str, int], ...] = ()
 
 
 @dataclass
@@ -104,10 +113,11 @@ _HOOKS = _TestHooks()
 def prune_layerwise(
     model: nn.Module,
     calib: Any,
-    sparsity: float = 0.3,
+    sparsity: float | Sequence[float] | Mapping[int | str, float] = 0.3,
     *,
     method: str = "spap",
     structure: str = "mlp",
+    allocation: str | A.Allocation = "uniform",
     tokenizer=None,
     method_options: dict | None = None,
     damp: float = 0.01,
@@ -150,9 +160,20 @@ def prune_layerwise(
         A supported family (see :data:`spap.adapters.ADAPTERS`); modified in place.
     calib : list of str, LongTensor (n, seq), or iterable of LongTensor batches
         Calibration text or token ids (see :func:`spap.capture.calibration_batches`).
-    sparsity : float in [0, 1), default 0.3
-        Fraction of MLP channels / attention KV groups / weights pruned in every block (ignored for N:M,
-        whose pattern fixes it).  Every block prunes the same count, so all blocks keep one width.
+    sparsity : float in [0, 1), sequence of floats, or mapping; default 0.3
+        Fraction of MLP channels / attention KV groups / weights pruned (ignored for N:M, whose pattern
+        fixes it).  A float prunes every block alike (with ``allocation="uniform"``) or is the model budget
+        an allocation rule spreads; a sequence gives one target per block; a mapping maps a block index or
+        a glob pattern on the block's module name (e.g. ``{"model.layers.2?": 0.5, "*": 0.2}``) to a target,
+        the first matching key winning, every block matched.  A block may not lose all its units.
+    allocation : {"uniform", "owl", "knapsack"} or a :mod:`spap.allocation` rule, default "uniform"
+        How a float ``sparsity`` is spread over the blocks, removing exactly as many units (per kind) as the
+        uniform prune: ``"uniform"`` every block alike; ``"owl"`` (Yin et al. 2024) less where the dense
+        block has more outlier weights; ``"knapsack"`` (MLP channels and heads only) one count per block
+        minimising the summed loss-aware cost of each block's removal path, measured on the dense model
+        (``spap.allocation.Knapsack``).  Pass ``spap.allocation.OWL(threshold=..., spread=...)`` or
+        ``Knapsack(levels=..., max_sparsity=...)`` for other settings.  Non-uniform widths save with
+        :func:`spap.save_pruned`.
     method : str, default "spap"
         A registered solver (``solvers.available_methods()``).
     structure : {"mlp", "heads", "mlp+heads", "unstructured", "N:M"}, default "mlp"
@@ -234,7 +255,8 @@ def prune_layerwise(
         ``candidates``, the choice: every candidate's loss and error); totals: parameters before/after,
         wall time, solver time, peak memory.
     """
-    settings = check_arguments(model, sparsity, method=method, structure=structure, method_options=method_options,
+    settings = check_arguments(model, sparsity, method=method, structure=structure, allocation=allocation,
+                               method_options=method_options,
                                damp=damp, damp_mode=damp_mode, gram_dtype=gram_dtype, batch_size=batch_size,
                                device=device, offload=offload, propagate=propagate, target=target,
                                output_metric=output_metric, metric_windows=metric_windows, metric_damp=metric_damp,
@@ -255,10 +277,11 @@ def prune_layerwise(
 
 def check_arguments(
     model: nn.Module,
-    sparsity: float = 0.3,
+    sparsity: float | Sequence[float] | Mapping[int | str, float] = 0.3,
     *,
     method: str = "spap",
     structure: str = "mlp",
+    allocation: str | A.Allocation = "uniform",
     method_options: dict | None = None,
     damp: float = 0.01,
     damp_mode: str = "mean",
@@ -297,7 +320,19 @@ def check_arguments(
         raise InvalidArgumentError("resume=True needs the 'checkpoint_dir' argument.")
     device = _device_arg("device", device or ("cuda" if torch.cuda.is_available() else "cpu"), "prune_layerwise")
     offload = _device_arg("offload", offload, "prune_layerwise")
-    n_kv_prune = _check_counts(adapter, parsed, float(sparsity))
+    sparsities = A.block_sparsities(sparsity, A.block_names(model, adapter))
+    allocation = A.parse_allocation(allocation)
+    if not isinstance(allocation, A.Uniform):
+        if not isinstance(sparsity, numbers.Real):
+            raise InvalidArgumentError(f"The 'allocation' argument of prune_layerwise is {allocation.name!r}, which "
+                                       "spreads one model budget: 'sparsity' must then be a float, not per-block targets.")
+        if isinstance(allocation, A.Knapsack) and parsed.rows is not None:
+            raise InvalidArgumentError(f"The 'allocation' argument of prune_layerwise is 'knapsack', which allocates MLP "
+                                       f"channels and key-value groups; structure {structure!r} needs 'uniform', 'owl' "
+                                       "or per-block sparsities.")
+    _check_counts(adapter, parsed, sparsities)
+    counts = A.uniform_counts(sparsities, adapter, parsed.units)
+    A.check_counts(counts, adapter)
     if target == "dense" and propagate != "pruned":
         raise InvalidArgumentError("The 'target' argument of prune_layerwise is 'dense', which needs propagate='pruned' "
                                    "(with dense propagation the inputs are the dense model's already).")
@@ -306,10 +341,12 @@ def check_arguments(
     if output_metric == "full" and parsed.rows is not None:
         raise InvalidArgumentError(f"The 'output_metric' argument of prune_layerwise is 'full', which couples the rows "
                                    f"of a {structure!r} mask; use output_metric='diag' (or None) with row structures.")
-    settings = BlockSettings(parsed, float(sparsity), n_kv_prune, method, method_options, damp, gram_dtype, propagate,
+    recorded = float(sparsity) if isinstance(sparsity, numbers.Real) else sparsities
+    settings = BlockSettings(parsed, recorded, method, method_options, damp, gram_dtype, propagate,
                              device, offload, mlp_tail=_HOOKS.mlp_tail, target=target, output_metric=output_metric,
                              metric_windows=int(metric_windows), metric_damp=float(metric_damp), damp_mode=damp_mode,
-                             candidates=candidates, select_windows=select_windows)
+                             candidates=candidates, select_windows=select_windows, allocation=allocation,
+                             block_sparsity=sparsities, counts=tuple(counts))
     if resume:  # the arguments, before calibrating; the model and the tokens are checked when loading
         arguments = {k: v for k, v in _settings(settings, model).items() if k != "model_type"}
         ckpt.check_settings(checkpoint_dir, dict(arguments, device=device.type))
@@ -318,7 +355,7 @@ def check_arguments(
 
 def _settings(s: BlockSettings, model: nn.Module) -> dict:
     """The run's settings as the report and the checkpoint record them (before calibration)."""
-    out = {"sparsity": s.sparsity, "method": s.method, "structure": s.structure.text,
+    out = {"sparsity": s.sparsity if isinstance(s.sparsity, float) else list(s.sparsity), "method": s.method, "structure": s.structure.text,
            "method_options": s.method_options, "damp": s.damp, "gram_dtype": str(s.gram_dtype),
            "propagate": s.propagate, "target": s.target, "model_type": model.config.model_type}
     # Later options only when used: a run without them records (and fingerprints) what it always did.
@@ -328,25 +365,27 @@ def _settings(s: BlockSettings, model: nn.Module) -> dict:
         out.update(output_metric=s.output_metric, metric_windows=s.metric_windows, metric_damp=s.metric_damp)
     if s.candidates:
         out.update(candidates=list(s.candidates), select_windows=s.select_windows)
+    if not isinstance(s.allocation, A.Uniform):
+        out.update(allocation=A.describe(s.allocation))
     return out
 
 
-def _check_counts(adapter: Adapter, parsed: PruneStructure, sparsity: float) -> int:
-    """Refuse a sparsity that rounds to every unit of a block (MLP channels, key-value groups) or every
-    weight of a linear, and warn when it rounds to none; return the key-value groups each block loses."""
+def _check_counts(adapter: Adapter, parsed: PruneStructure, sparsities: Sequence[float]) -> None:
+    """Refuse a target that rounds to every unit of a block (MLP channels, key-value groups) or every
+    weight of a linear, and warn when it rounds to none (once per distinct target)."""
     # The fewest units round to all first, and to none first: checking the smallest count covers all.
     blocks = adapter.blocks()
-    if "mlp" in parsed.units:
-        width = min(U.kinds(adapter, ["mlp"])["mlp"].count(b) for b in blocks)
-        U.checked_prune_count(sparsity, width, units="MLP channels of a block", caller="prune_layerwise")
-    if isinstance(parsed.rows, solvers.Unstructured):
-        d_out, d_in = U.smallest_linear(adapter)
-        U.checked_prune_count(sparsity, d_out * d_in, units=f"weights of a {d_out}×{d_in} linear",
-                              caller="prune_layerwise")
-    if "heads" not in parsed.units:
-        return 0
-    return U.checked_prune_count(sparsity, adapter.n_kv_heads, units="key-value groups of a block",
-                                 caller="prune_layerwise")
+    for sparsity in dict.fromkeys(sparsities):
+        if "mlp" in parsed.units:
+            width = min(U.kinds(adapter, ["mlp"])["mlp"].count(b) for b in blocks)
+            U.checked_prune_count(sparsity, width, units="MLP channels of a block", caller="prune_layerwise")
+        if isinstance(parsed.rows, solvers.Unstructured):
+            d_out, d_in = U.smallest_linear(adapter)
+            U.checked_prune_count(sparsity, d_out * d_in, units=f"weights of a {d_out}×{d_in} linear",
+                                  caller="prune_layerwise")
+        if "heads" in parsed.units:
+            U.checked_prune_count(sparsity, adapter.n_kv_heads, units="key-value groups of a block",
+                                  caller="prune_layerwise")
 
 
 def _warn_few_tokens(adapter: Adapter, structure: PruneStructure, batches: list[torch.Tensor]) -> None:
@@ -421,13 +460,15 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     metric_start = time.perf_counter()
     output_grams = _output_grams(model, adapter, batches, s) if s.output_metric is not None else {}
     report.metric_seconds = time.perf_counter() - metric_start if output_grams else 0.0
+    if not isinstance(s.allocation, A.Uniform):  # per-block counts from the dense model (again on resume)
+        s = _allocate(model, adapter, batches, s, output_grams, progress, report)
     if checkpoint_dir is not None:  # what makes it the same run: the dense model, the tokens, every setting
         run = ckpt.describe(model, batches, dict(settings, batch_size=len(batches[0]), device=device.type))
     if resume:
         first, hidden, kwargs, records, dense_hidden = ckpt.load(checkpoint_dir, run, adapter, device)
         report.layers.extend(records)
     else:
-        with _outside_blocks_on(model, blocks, device):
+        with outside_blocks_on(model, blocks, device):
             hidden, kwargs = capture_block_inputs(model, blocks, batches, device, offload)
         # The dense model's stream, for the error-correcting target (identical until a block is pruned).
         dense_hidden = [h.clone() for h in hidden] if s.target == "dense" else None
@@ -435,7 +476,7 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
             ckpt.start(checkpoint_dir, run)
     windows = None
     if s.candidates:  # the selection sequences' call arguments for every block (the embeddings run once more)
-        with _outside_blocks_on(model, blocks, device):
+        with outside_blocks_on(model, blocks, device):
             windows = selection.capture_windows(model, blocks, batches, s.select_windows, device, offload)
     bar = _progress(range(first, len(blocks)), progress, first, len(blocks))
     for i in bar:
@@ -464,6 +505,25 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     report.seconds = time.perf_counter() - start
     report.peak_memory = peak_memory(device)
     return model, report
+
+
+def _allocate(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], s: BlockSettings, output_grams: dict,
+              progress: bool, report: PruneReport) -> BlockSettings:
+    """Spread the budget ``s.sparsity`` over the blocks by ``s.allocation``; record the result and its time
+    in ``report`` and return the settings with the per-block targets."""
+    start = time.perf_counter()
+    grams = output_grams
+    if isinstance(s.allocation, A.Knapsack) and not grams:  # the costs need G even when the masks do not
+        grams = _output_grams(model, adapter, batches, dataclasses.replace(s, output_metric="full"))
+    fractions, counts = A.allocate(model, adapter, batches, s.allocation, s.sparsity, s.structure.units,
+                                   rows=s.structure.rows is not None, device=s.device, offload=s.offload,
+                                   output_grams=grams, metric_kind=s.output_metric or "full",
+                                   metric_damp=s.metric_damp, damp=s.damp, damp_mode=s.damp_mode,
+                                   gram_dtype=s.gram_dtype, progress=progress)
+    A.check_counts(counts, adapter)
+    report.allocation = {"sparsity": list(fractions), **{k: [c[k] for c in counts] for k in s.structure.units}}
+    report.allocation_seconds = time.perf_counter() - start
+    return dataclasses.replace(s, block_sparsity=tuple(fractions), counts=tuple(counts))
 
 
 def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[torch.Tensor], block_kwargs: list[dict],
@@ -551,7 +611,7 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
                 view = LinearView(module)
                 # counts, not the fraction: check_arguments already refused or warned about the rounding
                 target = {} if isinstance(s.structure.rows, solvers.NM) else \
-                    {"n_prune": U.prune_count(s.sparsity, view.weight.numel())}
+                    {"n_prune": U.prune_count(s.block_sparsity[index], view.weight.numel())}
                 p = solvers.LayerProblem(_fitted_weight(view, acc, s), acc.H, s.structure.rows, damp=s.damp,
                                          damp_mode=s.damp_mode, input_mean=acc.mean, n_samples=acc.n_samples,
                                          **target)
@@ -560,7 +620,7 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
                 records.append(LayerRecord.from_solution(index, name, sol, p))
     for name, kind in kinds.items():
         # counts by the one rounding rule (units.prune_count), checked by check_arguments
-        target = {"n_prune": U.prune_count(s.sparsity, kind.count(block)) if name == "mlp" else s.n_kv_prune}
+        target = {"n_prune": s.counts[index][name]}
         p = _group_problem(LinearView(kind.output_linear(block)), grams[name], kind.column_groups(block), s, **target)
         metric = _metric(p, s, output_grams.get(name))
         if scorer is None:
@@ -649,36 +709,6 @@ def _group_problem(view: LinearView, acc: solvers.GramAccumulator, structure: so
     return solvers.LayerProblem(_fitted_weight(view, acc, settings), acc.H, structure, bias=view.bias,
                                 input_mean=acc.mean, n_samples=acc.n_samples, damp=settings.damp,
                                 damp_mode=settings.damp_mode, **target)
-
-
-class _outside_blocks_on:
-    """Temporarily move every parameter and buffer outside the decoder blocks to ``device``."""
-
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-        self.model, self.device = model, device
-        inside = {id(m) for m in blocks.modules()}
-        self.modules = [m for m in model.modules() if id(m) not in inside]
-        self.home: list[tuple[nn.Module, torch.device]] = []
-
-    def __enter__(self):
-        for m in self.modules:
-            for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
-                self.home.append((m, t.device))
-                break
-            _move_direct(m, self.device)
-        return self
-
-    def __exit__(self, *exc):
-        for m, dev in self.home:
-            _move_direct(m, dev)
-        return False
-
-
-def _move_direct(module: nn.Module, device: torch.device) -> None:
-    for name, p in list(module.named_parameters(recurse=False)):
-        p.data = p.data.to(device)
-    for name, b in list(module.named_buffers(recurse=False)):
-        module._buffers[name] = b.to(device)
 
 
 def _progress(iterable, enabled: bool, done: int, total: int):

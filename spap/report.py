@@ -43,7 +43,10 @@ class LayerRecord:
 class PruneReport:
     """Returned by :func:`spap.prune_layerwise`.  ``seconds`` is wall time of the whole run,
     ``block_seconds`` of each block pruned by this call (capture, solves, shrinking and propagation) and
-    ``metric_seconds`` of the backward passes behind the output metric (0 without one); memory in bytes."""
+    ``metric_seconds`` of the backward passes behind the output metric (0 without one); memory in bytes.
+    ``allocation`` is None for a uniform prune; with an allocation rule (``prune_layerwise(allocation=...)``)
+    it holds each block's fraction (``"sparsity"``) and pruned units per kind (``"mlp"``, ``"heads"``), and
+    ``allocation_seconds`` the time the rule took (its pass over the dense model and its costs)."""
 
     settings: dict[str, Any]
     params_before: int
@@ -53,6 +56,8 @@ class PruneReport:
     layers: list[LayerRecord] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
     metric_seconds: float = 0.0
+    allocation: dict[str, list] | None = None
+    allocation_seconds: float = 0.0
 
     @property
     def solver_seconds(self) -> float:
@@ -72,8 +77,10 @@ class PruneReport:
         lines = [f"{'target':<12}{'layers':>7}{'kept/total':>14}{'mean rel.err':>14}{'max rel.err':>13}{'solver s':>10}"]
         for target in dict.fromkeys(r.target for r in self.layers):
             rs = [r for r in self.layers if r.target == target]
+            kept = sorted({r.kept for r in rs})
+            kept_text = f"{kept[0]}/{rs[0].total}" if len(kept) == 1 else f"{kept[0]}-{kept[-1]}/{rs[0].total}"
             lines.append(
-                f"{target:<12}{len(rs):>7}{f'{rs[0].kept}/{rs[0].total}':>14}"
+                f"{target:<12}{len(rs):>7}{kept_text:>14}"
                 f"{sum(r.relative_error for r in rs) / len(rs):>14.5f}{max(r.relative_error for r in rs):>13.5f}"
                 f"{sum(r.seconds for r in rs):>10.1f}"
             )
@@ -86,7 +93,8 @@ class PruneReport:
             f"parameters {self.params_before:,} -> {self.params_after:,} "
             f"({1 - self.params_after / self.params_before:.1%} fewer); "
             f"time {self.seconds:.1f} s (solver {self.solver_seconds:.1f} s"
-            + (f", output metric {self.metric_seconds:.1f} s" if self.metric_seconds else "") + "); "
+            + (f", output metric {self.metric_seconds:.1f} s" if self.metric_seconds else "")
+            + (f", allocation {self.allocation_seconds:.1f} s" if self.allocation is not None else "") + "); "
             + peak_memory_text(self.peak_memory)
         )
         return "\n".join(lines)

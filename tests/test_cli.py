@@ -81,3 +81,25 @@ def test_prune_resumes_from_the_partial_checkpoint(tiny_model_dir, tmp_path, mon
     a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "reference").state_dict()
     b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resumed").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prune_with_an_allocation_saves_per_block_widths(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    import torch
+
+    from spap.cli import main
+    from spap.models import load_model
+
+    out = tmp_path / "pruned"
+    main(["prune", str(tiny_model_dir / "model"), "--out", str(out), "--sparsity", "0.5", "--allocation", "owl",
+          "--calib", str(tiny_model_dir / "calib.txt"), "--n", "4", "--seqlen", "32"])
+    assert "allocation" in capsys.readouterr().out
+    report = json.loads((out / "spap_report.json").read_text())
+    widths = json.loads((out / "spap_widths.json").read_text())["intermediate_size"]
+    assert report["settings"]["allocation"]["name"] == "owl"
+    assert [128 - w for w in widths] == report["allocation"]["mlp"] and sum(widths) == 3 * 64
+    model, _ = load_model(out)
+    assert [b.mlp.down_proj.in_features for b in model.model.layers] == widths
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(10)[None]).logits).all()

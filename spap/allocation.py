@@ -1,0 +1,324 @@
+"""How much to prune in each block: per-block targets and allocation rules (``prune_layerwise``).
+
+``sparsity`` is a float (one target for every block), a sequence (one per block) or a mapping from a
+block index or a glob pattern on the block's module name (``"model.layers.1?"``) to a target; the first
+key that matches a block gives its target.  A float may instead be a *model budget* that an allocation
+rule spreads over the blocks (``allocation=``), keeping the total count of removed units exactly that
+of the uniform prune (``Σ_i ⌊s·n_i + ½⌋`` per unit kind):
+
+- :class:`Uniform` (``"uniform"``, the default): every block prunes ``⌊s·n + ½⌋`` units;
+- :class:`OWL` (``"owl"``, Yin et al. 2024): blocks with more outlier weights (Wanda scores above
+  ``threshold`` times the block's mean) prune less, sparsities spread over ``[s − spread, s + spread]``;
+- :class:`Knapsack` (``"knapsack"``): each block's cost of removing ``p`` units is measured as the
+  loss-aware error ``½ tr(ΔW H ΔWᵀ G)`` of its greedy OBS path (``solvers.removal_costs``; ``G`` the
+  output-gradient Gram matrix, scaled so blocks compare in loss units), and one count per block is chosen
+  on a grid to minimise the summed cost under the exact budget (``solvers.choose_counts``).
+
+OWL and Knapsack read the dense model once, block by block over the calibration batches, before the
+prune (:func:`allocate`).  Derivation and measurements: docs/method.md, "How much to prune where".
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Union
+
+import torch
+from torch import nn
+
+import solvers
+
+from . import units as U
+from .adapters import Adapter, LinearView
+from .capture import GramHooks, capture_block_inputs, outside_blocks_on, run_block
+from .checks import InvalidArgumentError, finite
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """Every block prunes the same fraction (``⌊s·n + ½⌋`` units)."""
+
+    name: ClassVar[str] = "uniform"
+
+
+@dataclass(frozen=True)
+class OWL:
+    """Outlier-weighted layerwise sparsity (Yin et al. 2024).
+
+    Parameters
+    ----------
+    threshold : float > 0, default 5.0
+        A weight is an outlier when its Wanda score ``|W_ij|·‖x_j‖`` exceeds ``threshold`` times the mean
+        score of its block (all linears of the block together); the paper's ``M``.
+    spread : float >= 0, default 0.08
+        Block sparsities lie in ``[s − spread, s + spread]`` (the paper's ``λ``), the most outliers pruned least.
+    """
+
+    threshold: float = 5.0
+    spread: float = 0.08
+    name: ClassVar[str] = "owl"
+
+
+@dataclass(frozen=True)
+class Knapsack:
+    """Counts per block from measured costs under the exact budget (a multiple-choice knapsack).
+
+    Parameters
+    ----------
+    levels : int >= 1, default 64
+        Grid steps per block: block ``i`` may remove ``u_i + j·⌈n_i / levels⌉`` units (``u_i`` its uniform
+        count, ``j`` any integer), so the uniform choice is always on the grid.
+    max_sparsity : float in (0, 1), default 0.9
+        No block removes more than this fraction of its units (and every block keeps one).
+    """
+
+    levels: int = 64
+    max_sparsity: float = 0.9
+    name: ClassVar[str] = "knapsack"
+
+
+Allocation = Union[Uniform, OWL, Knapsack]
+ALLOCATIONS: dict[str, type] = {c.name: c for c in (Uniform, OWL, Knapsack)}
+
+
+def parse_allocation(allocation: object, caller: str = "prune_layerwise") -> Allocation:
+    """A name from :data:`ALLOCATIONS` or an instance, checked; :class:`InvalidArgumentError` names
+    'allocation' otherwise."""
+    if isinstance(allocation, str) and allocation in ALLOCATIONS:
+        return ALLOCATIONS[allocation]()
+    if isinstance(allocation, OWL):
+        _check_number("allocation", "threshold", allocation.threshold, lower=0, closed=False, caller=caller)
+        _check_number("allocation", "spread", allocation.spread, lower=0, closed=True, caller=caller)
+        return allocation
+    if isinstance(allocation, Knapsack):
+        if not isinstance(allocation.levels, numbers.Integral) or isinstance(allocation.levels, bool) \
+                or allocation.levels < 1:
+            raise InvalidArgumentError(f"The 'allocation' argument of {caller}: Knapsack.levels must be an int >= 1; "
+                                       f"got {allocation.levels!r}.")
+        _check_number("allocation", "max_sparsity", allocation.max_sparsity, lower=0, closed=False, caller=caller)
+        if not allocation.max_sparsity < 1:
+            raise InvalidArgumentError(f"The 'allocation' argument of {caller}: Knapsack.max_sparsity must be in (0, 1); "
+                                       f"got {allocation.max_sparsity!r}.")
+        return allocation
+    if isinstance(allocation, Uniform):
+        return allocation
+    raise InvalidArgumentError(f"The 'allocation' argument of {caller} must be one of "
+                               f"{', '.join(map(repr, ALLOCATIONS))} or an instance of spap.allocation.Uniform, OWL or "
+                               f"Knapsack. Got {allocation!r} instead.")
+
+
+def _check_number(argument: str, field: str, value: object, *, lower: float, closed: bool, caller: str) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value >= lower if closed else value > lower)
+    if not ok:
+        bound = f">= {lower}" if closed else f"> {lower}"
+        raise InvalidArgumentError(f"The {argument!r} argument of {caller}: {field} must be a finite number {bound}; "
+                                   f"got {value!r}.")
+
+
+def describe(allocation: Allocation) -> dict:
+    """What a report and a checkpoint record of the rule: its name and fields."""
+    fields = {k: v for k, v in vars(allocation).items()}
+    return {"name": allocation.name, **fields}
+
+
+def block_sparsities(sparsity: object, names: Sequence[str], caller: str = "prune_layerwise") -> tuple[float, ...]:
+    """One target per block from a float, a sequence or a mapping; ``names`` are the blocks' module
+    names (for patterns).  Raises :class:`InvalidArgumentError` naming 'sparsity': a wrong length, a
+    value outside ``[0, 1)``, a key that is neither an index in range nor a string, a block no key matches."""
+    n = len(names)
+    allowed = ("a float in [0, 1), a sequence of one per block, or a mapping from block index or module-name "
+               "pattern to a float")
+
+    def value(v: object, where: str) -> float:
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v < 1:
+            raise InvalidArgumentError(f"The 'sparsity' argument of {caller} must be {allowed}; {where} is {v!r}, "
+                                       "not a number in [0, 1).")
+        return float(v)
+
+    if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool):
+        return (value(sparsity, "it"),) * n
+    if isinstance(sparsity, Mapping):
+        for key in sparsity:
+            if isinstance(key, bool) or not isinstance(key, (numbers.Integral, str)) \
+                    or (isinstance(key, numbers.Integral) and not 0 <= key < n):
+                raise InvalidArgumentError(f"The 'sparsity' argument of {caller} has the key {key!r}; keys must be block "
+                                           f"indices in [0, {n}) or module-name patterns (e.g. {names[0] + '*'!r}).")
+        out = []
+        for i, name in enumerate(names):
+            match = next((k for k in sparsity if (k == i if not isinstance(k, str) else fnmatch.fnmatchcase(name, k))),
+                         None)
+            if match is None:
+                raise InvalidArgumentError(f"The 'sparsity' argument of {caller} gives no target for block {i} "
+                                           f"({name!r}); add its index or a pattern that matches it (e.g. '*').")
+            out.append(value(sparsity[match], f"the target of block {i}"))
+        return tuple(out)
+    if isinstance(sparsity, Sequence) and not isinstance(sparsity, (str, bytes)) or isinstance(sparsity, torch.Tensor):
+        values = list(sparsity.tolist() if isinstance(sparsity, torch.Tensor) else sparsity)
+        if len(values) != n:
+            raise InvalidArgumentError(f"The 'sparsity' argument of {caller} has {len(values)} targets; the model has "
+                                       f"{n} blocks (one target per block).")
+        return tuple(value(v, f"the target of block {i}") for i, v in enumerate(values))
+    raise InvalidArgumentError(f"The 'sparsity' argument of {caller} must be {allowed}. Got {sparsity!r} instead.")
+
+
+def block_names(model: nn.Module, adapter: Adapter) -> list[str]:
+    """The decoder blocks' module names in ``model`` (``"model.layers.0"``, ...)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(b)] for b in adapter.blocks()]
+
+
+def uniform_counts(sparsities: Sequence[float], adapter: Adapter, kinds: Sequence[str]) -> list[dict[str, int]]:
+    """Units each block prunes of every kind at its own target (the package's rounding rule)."""
+    found = U.kinds(adapter, kinds)
+    return [{name: U.prune_count(s, kind.count(block)) for name, kind in found.items()}
+            for s, block in zip(sparsities, adapter.blocks())]
+
+
+def check_counts(counts: Sequence[Mapping[str, int]], adapter: Adapter, caller: str = "prune_layerwise") -> None:
+    """Refuse, naming 'sparsity', a block left with no unit of a kind."""
+    found = U.kinds(adapter, sorted({k for c in counts for k in c}))
+    for i, (c, block) in enumerate(zip(counts, adapter.blocks())):
+        for name, n_prune in c.items():
+            n = found[name].count(block)
+            if n_prune >= n:
+                what = "MLP channels" if name == "mlp" else "key-value groups"
+                raise InvalidArgumentError(f"The 'sparsity' argument of {caller} prunes all {n} {what} of block {i}; "
+                                           "every block must keep at least one.")
+
+
+# --- the dense statistics behind OWL and Knapsack ----------------------------------------------------
+
+def allocate(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], allocation: Allocation,
+             sparsity: float, kinds: Sequence[str], *, rows: bool, device: torch.device, offload: torch.device,
+             output_grams: Mapping[int, Mapping[str, torch.Tensor]] | None = None, metric_kind: str = "full",
+             metric_damp: float = 1.0, damp: float = 0.01, damp_mode: str = "mean",
+             gram_dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[tuple[float, ...], list[dict[str, int]]]:
+    """Per-block targets for a model budget ``sparsity``: ``(sparsities, counts)``, one fraction per block
+    (what row structures prune of every linear) and, per block, the units of every kind in ``kinds`` it
+    prunes.  Unit counts add up exactly to the uniform prune's, per kind.
+
+    OWL and Knapsack run the dense model block by block over ``batches`` first (one forward pass of the
+    calibration set); Knapsack also needs ``output_grams[block][kind]`` (``G``) and refuses row structures.
+    """
+    blocks = adapter.blocks()
+    uniform = uniform_counts([sparsity] * len(blocks), adapter, kinds)
+    if isinstance(allocation, Uniform):
+        return (sparsity,) * len(blocks), uniform
+    found = U.kinds(adapter, kinds)
+    if isinstance(allocation, OWL):
+        ratios = _block_statistics(model, adapter, batches, device, offload, gram_dtype, progress,
+                                   modules=lambda block: _group_heads(adapter, block),
+                                   statistic=lambda i, block, grams: _outlier_ratio(adapter, block, grams,
+                                                                                     allocation.threshold))
+        fractions = solvers.outlier_sparsities(ratios, sparsity, allocation.spread)
+        counts: list[dict[str, int]] = [{} for _ in blocks]
+        for name, kind in found.items():
+            sizes = [kind.count(b) for b in blocks]
+            chosen = solvers.round_to_budget(fractions, sizes, sum(c[name] for c in uniform))
+            for c, p in zip(counts, chosen):
+                c[name] = p
+        return tuple(min(max(f, 0.0), 1 - 1e-9) for f in fractions), counts
+    # Knapsack
+    if rows:
+        raise InvalidArgumentError("The 'allocation' argument of prune_layerwise is 'knapsack', which allocates MLP "
+                                   "channels and key-value groups; for unstructured and N:M use 'owl' or per-block "
+                                   "sparsities.")
+
+    def menus(i: int, block: nn.Module, grams: Mapping[str, solvers.GramAccumulator]):
+        out = {}
+        for name, kind in found.items():
+            n, u = kind.count(block), uniform[i][name]
+            top = max(min(n - 1, int(allocation.max_sparsity * n)), u)
+            step = max(1, math.ceil(n / allocation.levels))
+            levels = list(range(u % step, top + 1, step))
+            curve = solvers.removal_costs(_loss_problem(kind, block, grams[name], output_grams[i][name], metric_kind,
+                                                        metric_damp, damp, damp_mode), top)
+            out[name] = (levels, [float(curve[p]) for p in levels])
+        return out
+
+    menu = _block_statistics(model, adapter, batches, device, offload, gram_dtype, progress,
+                             modules=lambda block: {name: kind.output_linear(block) for name, kind in found.items()},
+                             statistic=menus)
+    counts = [{} for _ in blocks]
+    for name in found:
+        chosen = solvers.choose_counts([m[name][1] for m in menu], [m[name][0] for m in menu],
+                                       sum(c[name] for c in uniform))
+        for c, p in zip(counts, chosen):
+            c[name] = p
+    mlp = "mlp" if "mlp" in found else next(iter(found))
+    fractions = tuple(c[mlp] / found[mlp].count(b) for c, b in zip(counts, blocks))
+    return fractions, counts
+
+
+def _loss_problem(kind: U.UnitKind, block: nn.Module, acc: solvers.GramAccumulator, G: torch.Tensor, metric_kind: str,
+                  metric_damp: float, damp: float, damp_mode: str) -> solvers.LayerProblem:
+    """The layer problem of ``√scale · R W``: its error is ``½ tr(ΔW H ΔWᵀ G_d)·scale`` with ``G_d`` the
+    damped, normalised metric of the masks and ``scale = mean(diag G)``, so that blocks compare in units
+    of the loss."""
+    W = LinearView(kind.output_linear(block)).weight.to(acc.H.device, torch.float64)
+    G = G.to(W.device)
+    metric = solvers.OutputMetric.from_gram(G, metric_kind, metric_damp)
+    scale = float((G if G.ndim == 1 else G.diagonal()).mean())
+    R = metric.factor if metric.kind == "full" else torch.diag(metric.factor)
+    return solvers.LayerProblem(math.sqrt(scale) * (R @ W), acc.H, kind.column_groups(block), n_prune=0, damp=damp,
+                                damp_mode=damp_mode)
+
+
+def _group_heads(adapter: Adapter, block: nn.Module) -> dict[str, nn.Module]:
+    """The first linear of every group that shares an input (its Gram matrix serves the group)."""
+    return {next(iter(g)): next(iter(g.values())) for g in adapter.linear_groups(block)}
+
+
+def _outlier_ratio(adapter: Adapter, block: nn.Module, grams: Mapping[str, solvers.GramAccumulator],
+                   threshold: float) -> float:
+    """OWL's layerwise outlier distribution: the fraction of the block's Wanda scores ``|W_ij|·‖x_j‖``
+    above ``threshold`` times their mean (all linears of the block together)."""
+    scores = []
+    for g in adapter.linear_groups(block):
+        norms = grams[next(iter(g))].H.diagonal().clamp_min(0).sqrt()
+        for module in g.values():
+            W = LinearView(module).weight.detach().to(norms.device, torch.float64)
+            scores.append((W.abs() * norms).flatten())
+    s = torch.cat(scores)
+    return float((s > threshold * s.mean()).double().mean())
+
+
+def _block_statistics(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], device: torch.device,
+                      offload: torch.device, gram_dtype: torch.dtype, progress: bool,
+                      modules: Callable[[nn.Module], dict[str, nn.Module]],
+                      statistic: Callable[[int, nn.Module, dict[str, solvers.GramAccumulator]], object]) -> list:
+    """``statistic(i, block, grams)`` of every block of the *dense* model, ``grams`` the Gram accumulators
+    of ``modules(block)``'s inputs over every calibration batch; the batches run block by block (one
+    block on ``device`` at a time, activations on ``offload``), as the prune does."""
+    blocks = adapter.blocks()
+    with outside_blocks_on(model, blocks, device):
+        hidden, kwargs = capture_block_inputs(model, blocks, batches, device, offload)
+    out = []
+    bar = range(len(blocks))
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(bar, desc="allocation: reading blocks", unit="block")
+    for i in bar:
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(device)
+        hooks = GramHooks(modules(block), device, gram_dtype)
+        try:
+            with torch.no_grad():
+                for b, h in enumerate(hidden):
+                    hidden[b] = finite(run_block(block, h, kwargs[i][b], device),
+                                       f"output of block {i} (allocation pass)").to(h.device)
+        finally:
+            hooks.remove()
+        for key, acc in hooks.accumulators.items():
+            if not torch.isfinite(acc.H).all():
+                raise FloatingPointError(f"NaN or Inf in the calibration inputs of block {i} ({key}).")
+        out.append(statistic(i, block, hooks.accumulators))
+        block.to(home)
+    return out
