@@ -4,7 +4,14 @@ Speed depends on shapes, not on weight values, so each "pruned" model is the den
 the MLP width that ``spap.prune_layerwise(..., structure="mlp")`` produces at that sparsity
 (``width − round(sparsity · width)``, the same in every block), built with random weights: it has
 exactly the layout of the checkpoint that ``spap.save_model`` writes.  ``--checkpoint DIR`` times a
-saved checkpoint as well.
+saved checkpoint as well (one from ``spap.save_pruned`` too).
+
+``--mlp-widths`` adds models whose blocks have different MLP widths (GISP's and DDP's non-uniform
+layouts): the dense random-weight model with block ``i`` cut to its first ``w_i`` channels through
+``spap.units`` (what ``spap.load_pruned`` does), so the layout is the one spap produces.  Each value
+is a comma list with one width per block, ``ramp:LO:HI`` (widths rising linearly from LO in the first
+block to HI in the last) or ``alt:LO:HI`` (LO, HI, LO, ...).  ``ramp:398:1138`` has the same total as
+a uniform 768 over 30 blocks (SmolLM2 at 50%), hence the same parameter count.
 
 Measured per model, ``--repeats`` times after one warm-up: prefill of 1 × ``--prompt`` tokens, and
 decode of ``--new-tokens`` greedy tokens at each batch size in ``--batches``.  The table gives the
@@ -14,6 +21,7 @@ memory.  Timings are printed, never asserted.
     python benchmarks/inference.py                                     # SmolLM2-135M shapes, CPU
     python benchmarks/inference.py --model llama3-8b --device cuda     # Llama-3-8B shapes (GPU)
     python benchmarks/inference.py --plot docs/speedup.png --json speed.json
+    python benchmarks/inference.py --sparsities 0.5 --mlp-widths ramp:398:1138  # uniform vs non-uniform
 """
 
 from __future__ import annotations
@@ -52,18 +60,69 @@ def build(shape: str, sparsity: float, dtype: torch.dtype, device: str):
     return model.eval()
 
 
-def measure(model, args) -> dict:
+def parse_widths(text: str, n_blocks: int, dense: int) -> list[int]:
+    """Per-block MLP widths from ``W,W,...``, ``ramp:LO:HI`` or ``alt:LO:HI``; ``ValueError`` unless there is
+    one width per block, each in ``1..dense``."""
+    kind, _, rest = text.partition(":")
+    if kind in ("ramp", "alt"):
+        lo, hi = (int(v) for v in rest.split(":"))
+        if kind == "ramp":
+            widths = [round(lo + (hi - lo) * i / max(n_blocks - 1, 1)) for i in range(n_blocks)]
+        else:
+            widths = [lo if i % 2 == 0 else hi for i in range(n_blocks)]
+    else:
+        widths = [int(v) for v in text.split(",")]
+    if len(widths) != n_blocks or not all(1 <= w <= dense for w in widths):
+        raise ValueError(f"{text!r} must give {n_blocks} widths, each in 1..{dense}; it gives {widths}.")
+    return widths
+
+
+def build_widths(shape: str, widths: list[int], dtype: torch.dtype, device: str):
+    """The dense random-weight model with block ``i`` cut to its first ``widths[i]`` MLP channels, by
+    ``spap.units`` (the config keeps the dense size where widths differ, as for GISP's models)."""
+    from spap import units
+    from spap.adapters import get_adapter
+
+    model = build(shape, 0.0, dtype, device)
+    adapter = get_adapter(model)
+    for block, w in zip(adapter.blocks(), widths):
+        units.keep(adapter, block, {"mlp": torch.arange(w)})
+    units.set_widths(adapter, {"mlp": widths})
+    return model
+
+
+def width_label(widths: list[int]) -> str:
+    return str(widths[0]) if len(set(widths)) == 1 else f"{min(widths)}–{max(widths)}"
+
+
+def measure(model, args, repeats: int | None = None, warmup: int = 1) -> dict:
+    repeats = args.repeats if repeats is None else repeats
     row = {"params": sum(p.numel() for p in model.parameters()),
            "param_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30}
-    prefill = throughput(model, prompt_len=args.prompt, new_tokens=1, batch=1, repeats=args.repeats, warmup=1)["prefill"]
-    row["prefill"] = prefill
+    row["prefill"] = throughput(model, prompt_len=args.prompt, new_tokens=1, batch=1, repeats=repeats,
+                                warmup=warmup)["prefill"]
     for b in args.batches:
         row[f"decode_b{b}"] = throughput(model, prompt_len=args.decode_prompt, new_tokens=args.new_tokens, batch=b,
-                                         repeats=args.repeats, warmup=1)["decode"]
+                                         repeats=repeats, warmup=warmup)["decode"]
     if torch.device(args.device).type == "cuda":
         row["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
     return row
+
+
+def measure_interleaved(models: list, args) -> list[dict]:
+    """:func:`measure` of every model, one repeat of each in turn (``args.repeats`` rounds, the first one
+    after a warm-up): a load change on a shared machine then slows every model alike."""
+    rows: list[dict] = [{} for _ in models]
+    for i in range(args.repeats):
+        for row, model in zip(rows, models):
+            for key, value in measure(model, args, repeats=1, warmup=int(i == 0)).items():
+                if isinstance(value, list):
+                    row.setdefault(key, []).extend(value)
+                else:
+                    row[key] = value
+        print(f"  round {i + 1}/{args.repeats}", flush=True)
+    return rows
 
 
 def spread(values: list[float]) -> str:
@@ -75,6 +134,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="smollm2", choices=list(SHAPES))
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--checkpoint", nargs="*", default=[], help="saved checkpoints to time as well")
+    parser.add_argument("--mlp-widths", nargs="*", default=[], metavar="WIDTHS",
+                        help="per-block MLP widths to time as well: W,W,... (one per block), ramp:LO:HI or alt:LO:HI")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--prompt", type=int, default=2048, help="prefill length (batch 1)")
@@ -83,6 +144,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--interleave", action="store_true",
+                        help="build every model first, then time one repeat of each in turn (fair on a shared machine)")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
@@ -90,29 +153,56 @@ def main(argv=None) -> None:
         parser.error(f"--sparsities must be in [0, 1); got {args.sparsities}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but torch sees no CUDA device")
+    shape = SHAPES[args.model]
+    try:
+        width_sets = [parse_widths(w, shape["num_hidden_layers"], shape["intermediate_size"]) for w in args.mlp_widths]
+    except ValueError as e:
+        parser.error(f"--mlp-widths: {e}")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     machine = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
                else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     print(f"{args.model} shapes, {args.dtype}, {machine}, torch {torch.__version__}; prefill 1x{args.prompt}, "
           f"decode {args.new_tokens} tokens after a {args.decode_prompt}-token prompt at batch {args.batches}; "
-          f"median (min–max) of {args.repeats} runs", flush=True)
-    rows = []
+          f"median (min–max) of {args.repeats} runs" + (", models in turn" if args.interleave else ""), flush=True)
+    # (row, model builder): dense, uniform widths per sparsity, --mlp-widths, --checkpoint
+    todo = []
     for s in [0.0] + [s for s in args.sparsities if s > 0]:
-        t = time.perf_counter()
-        model = build(args.model, s, dtype, args.device)
-        row = {"name": "dense" if s == 0 else f"mlp {s:.0%}", "sparsity": s,
-               "mlp_width": model.config.intermediate_size, **measure(model, args)}
-        rows.append(row)
-        del model
-        print(f"  {row['name']}: {time.perf_counter() - t:.0f} s", flush=True)
+        width = shape["intermediate_size"] - round(s * shape["intermediate_size"])
+        todo.append(({"name": "dense" if s == 0 else f"mlp {s:.0%}", "sparsity": s, "mlp_width": width},
+                     lambda s=s: build(args.model, s, dtype, args.device)))
+    for text, widths in zip(args.mlp_widths, width_sets):
+        row = {"name": text.split(":")[0] if ":" in text else "widths", "sparsity": None, "widths": widths,
+               "mlp_width": width_label(widths)}
+        todo.append((row, lambda w=widths: build_widths(args.model, w, dtype, args.device)))
     for path in args.checkpoint:
-        from transformers import AutoModelForCausalLM
+        def load(path=path):
+            from spap import load_model
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
-        rows.append({"name": Path(path).name, "sparsity": None, "mlp_width": model.config.intermediate_size,
-                     **measure(model, args)})
-        del model
+            return load_model(path, dtype=dtype, device=args.device)[0]
+
+        todo.append(({"name": Path(path).name, "sparsity": None}, load))
+    def described(row: dict, model) -> dict:
+        if "mlp_width" not in row:  # a checkpoint: widths read from its weights
+            from spap import layer_widths
+
+            row = {**row, "widths": layer_widths(model)["intermediate_size"]}
+            row["mlp_width"] = width_label(row["widths"])
+        return row
+
+    rows = []
+    if args.interleave:
+        models = [make() for _, make in todo]
+        for (row, _), model, timed in zip(todo, models, measure_interleaved(models, args)):
+            rows.append({**described(row, model), **timed})
+        del models
+    else:
+        for row, make in todo:
+            t = time.perf_counter()
+            model = make()
+            rows.append({**described(row, model), **measure(model, args)})
+            del model
+            print(f"  {row['name']}: {time.perf_counter() - t:.0f} s", flush=True)
 
     dense = rows[0]
     cols = ["prefill"] + [f"decode_b{b}" for b in args.batches]
