@@ -111,6 +111,10 @@ def obs(problem: LayerProblem, *, per_step: int = 1):
         ``per_step`` cheapest groups (by their individual costs) jointly, with one exact block update;
         fewer steps, a slightly worse mask.
 
+    ``stats["step_costs"]`` holds each step's exact cost (the rise of the damped objective when its
+    groups go jointly, given the earlier steps); their running sum is the objective of the mask after
+    each step, for any ``per_step``.
+
     Cost
     ----
     ``O(d_in³ + d_out·d_in²)`` once (``H⁻¹`` and ``WᵀW``), then per step ``O(g·s³)`` for the criterion
@@ -142,13 +146,13 @@ def obs(problem: LayerProblem, *, per_step: int = 1):
         cost = torch.where(keep, cost, torch.full_like(cost, float("inf")))
         take = min(per_step, k - removed)
         chosen = torch.argsort(cost, stable=True)[:take]
-        step_costs.append(float(cost[chosen].sum()))
         P = idx[chosen][valid[chosen]]  # the columns removed in this step
         m = P.numel()
         C, A, B = Ct[:r], At[:r], Bt[:r]
         CP = C[:, P]  # (r, m)
         Li = _inverse_cholesky(Hinv[P][:, P] - CP.T @ CP)  # L⁻¹ of H⁻¹'_PP = L Lᵀ, (m, m)
         An = Li @ (W[:, P] - thin_product(A.T, CP)).T  # (m, d_out) = L⁻¹ W'_Pᵀ: new rows of A
+        step_costs.append(0.5 * float((An * An).sum()))  # ½ tr(W'_P (H⁻¹'_PP)⁻¹ W'_Pᵀ): the step's exact joint cost
         # One pass over C and one over B give H⁻¹'_{:,P} and (W'ᵀW')_{:,P}, from
         # W'ᵀW' = WᵀW − CᵀB − BᵀC + Cᵀ(AAᵀ)C.
         T = thin_product(C.T, torch.cat([CP, M[:r, :r] @ CP - B[:, P]], dim=1))  # (d_in, 2m)

@@ -14,8 +14,8 @@ of the uniform prune (``Σ_i ⌊s·n_i + ½⌋`` per unit kind):
   output-gradient Gram matrix, scaled so blocks compare in loss units), and one count per block is chosen
   on a grid to minimise the summed cost under the exact budget (``solvers.choose_counts``).
 
-OWL and Knapsack read the dense model once, block by block over the calibration batches, before the
-prune (:func:`allocate`).  Derivation and measurements: docs/method.md, "How much to prune where".
+OWL and Knapsack read the dense model once, block by block over the first ``windows`` (16) calibration
+sequences, before the prune (:func:`allocate`).  Derivation and measurements: docs/method.md, "How much to prune where".
 """
 
 from __future__ import annotations
@@ -56,10 +56,13 @@ class OWL:
         score of its block (all linears of the block together); the paper's ``M``.
     spread : float >= 0, default 0.08
         Block sparsities lie in ``[s − spread, s + spread]`` (the paper's ``λ``), the most outliers pruned least.
+    windows : int >= 1 or None, default 16
+        Calibration sequences the input norms are read from (None: all).
     """
 
     threshold: float = 5.0
     spread: float = 0.08
+    windows: int | None = 16
     name: ClassVar[str] = "owl"
 
 
@@ -74,10 +77,13 @@ class Knapsack:
         count, ``j`` any integer), so the uniform choice is always on the grid.
     max_sparsity : float in (0, 1), default 0.9
         No block removes more than this fraction of its units (and every block keeps one).
+    windows : int >= 1 or None, default 16
+        Calibration sequences the dense Gram matrices behind the costs are read from (None: all).
     """
 
     levels: int = 64
     max_sparsity: float = 0.9
+    windows: int | None = 16
     name: ClassVar[str] = "knapsack"
 
 
@@ -90,6 +96,11 @@ def parse_allocation(allocation: object, caller: str = "prune_layerwise") -> All
     'allocation' otherwise."""
     if isinstance(allocation, str) and allocation in ALLOCATIONS:
         return ALLOCATIONS[allocation]()
+    if isinstance(allocation, (OWL, Knapsack)):
+        w = allocation.windows
+        if w is not None and (not isinstance(w, numbers.Integral) or isinstance(w, bool) or w < 1):
+            raise InvalidArgumentError(f"The 'allocation' argument of {caller}: windows must be an int >= 1 or None; "
+                                       f"got {w!r}.")
     if isinstance(allocation, OWL):
         _check_number("allocation", "threshold", allocation.threshold, lower=0, closed=False, caller=caller)
         _check_number("allocation", "spread", allocation.spread, lower=0, closed=True, caller=caller)
@@ -202,18 +213,19 @@ def allocate(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], al
     (what row structures prune of every linear) and, per block, the units of every kind in ``kinds`` it
     prunes.  Unit counts add up exactly to the uniform prune's, per kind.
 
-    OWL and Knapsack run the dense model block by block over ``batches`` first (one forward pass of the
-    calibration set); Knapsack also needs ``output_grams[block][kind]`` (``G``) and refuses row structures.
+    OWL and Knapsack run the dense model block by block over the rule's first ``windows`` calibration
+    sequences first; Knapsack also needs ``output_grams[block][kind]`` (``G``) and refuses row structures.
     """
     blocks = adapter.blocks()
     uniform = uniform_counts([sparsity] * len(blocks), adapter, kinds)
     if isinstance(allocation, Uniform):
         return (sparsity,) * len(blocks), uniform
     found = U.kinds(adapter, kinds)
+    batches = _first_sequences(batches, allocation.windows)
     if isinstance(allocation, OWL):
-        ratios = _block_statistics(model, adapter, batches, device, offload, gram_dtype, progress,
-                                   modules=lambda block: _group_heads(adapter, block),
-                                   statistic=lambda i, block, grams: _outlier_ratio(adapter, block, grams,
+        ratios = _block_statistics(model, adapter, batches, device, offload, progress,
+                                   hooks=lambda block: _SquaredNorms(_group_heads(adapter, block), device),
+                                   statistic=lambda i, block, norms: _outlier_ratio(adapter, block, norms,
                                                                                      allocation.threshold))
         fractions = solvers.outlier_sparsities(ratios, sparsity, allocation.spread)
         counts: list[dict[str, int]] = [{} for _ in blocks]
@@ -236,13 +248,14 @@ def allocate(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], al
             top = max(min(n - 1, int(allocation.max_sparsity * n)), u)
             step = max(1, math.ceil(n / allocation.levels))
             levels = list(range(u % step, top + 1, step))
-            curve = solvers.removal_costs(_loss_problem(kind, block, grams[name], output_grams[i][name], metric_kind,
+            curve = solvers.removal_costs(cost_problem(kind, block, grams[name], output_grams[i][name], metric_kind,
                                                         metric_damp, damp, damp_mode), top)
             out[name] = (levels, [float(curve[p]) for p in levels])
         return out
 
-    menu = _block_statistics(model, adapter, batches, device, offload, gram_dtype, progress,
-                             modules=lambda block: {name: kind.output_linear(block) for name, kind in found.items()},
+    menu = _block_statistics(model, adapter, batches, device, offload, progress,
+                             hooks=lambda block: GramHooks({name: kind.output_linear(block)
+                                                            for name, kind in found.items()}, device, gram_dtype),
                              statistic=menus)
     counts = [{} for _ in blocks]
     for name in found:
@@ -255,9 +268,11 @@ def allocate(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], al
     return fractions, counts
 
 
-def _loss_problem(kind: U.UnitKind, block: nn.Module, acc: solvers.GramAccumulator, G: torch.Tensor, metric_kind: str,
-                  metric_damp: float, damp: float, damp_mode: str) -> solvers.LayerProblem:
-    """The layer problem of ``√scale · R W``: its error is ``½ tr(ΔW H ΔWᵀ G_d)·scale`` with ``G_d`` the
+def cost_problem(kind: U.UnitKind, block: nn.Module, acc: solvers.GramAccumulator, G: torch.Tensor,
+                 metric_kind: str = "full", metric_damp: float = 1.0, damp: float = 0.01,
+                 damp_mode: str = "mean") -> solvers.LayerProblem:
+    """The knapsack's cost problem of one block's unit kind (``acc``: its output linear's input Gram
+    matrix, ``G`` its output-gradient Gram matrix): the layer problem of ``√scale · R W``: its error is ``½ tr(ΔW H ΔWᵀ G_d)·scale`` with ``G_d`` the
     damped, normalised metric of the masks and ``scale = mean(diag G)``, so that blocks compare in units
     of the loss."""
     W = LinearView(kind.output_linear(block)).weight.to(acc.H.device, torch.float64)
@@ -274,13 +289,13 @@ def _group_heads(adapter: Adapter, block: nn.Module) -> dict[str, nn.Module]:
     return {next(iter(g)): next(iter(g.values())) for g in adapter.linear_groups(block)}
 
 
-def _outlier_ratio(adapter: Adapter, block: nn.Module, grams: Mapping[str, solvers.GramAccumulator],
+def _outlier_ratio(adapter: Adapter, block: nn.Module, squared_norms: Mapping[str, torch.Tensor],
                    threshold: float) -> float:
     """OWL's layerwise outlier distribution: the fraction of the block's Wanda scores ``|W_ij|·‖x_j‖``
     above ``threshold`` times their mean (all linears of the block together)."""
     scores = []
     for g in adapter.linear_groups(block):
-        norms = grams[next(iter(g))].H.diagonal().clamp_min(0).sqrt()
+        norms = squared_norms[next(iter(g))].sqrt()
         for module in g.values():
             W = LinearView(module).weight.detach().to(norms.device, torch.float64)
             scores.append((W.abs() * norms).flatten())
@@ -288,13 +303,41 @@ def _outlier_ratio(adapter: Adapter, block: nn.Module, grams: Mapping[str, solve
     return float((s > threshold * s.mean()).double().mean())
 
 
+class _SquaredNorms:
+    """Forward pre-hooks summing each input feature's square over every token: ``accumulators[name]``,
+    float64 ``(d_in,)`` (the squared norms ``‖x_j‖²`` of Wanda's score)."""
+
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device) -> None:
+        self.accumulators = {name: torch.zeros(LinearView(m).d_in, dtype=torch.float64, device=device)
+                             for name, m in modules.items()}
+        self._handles = [m.register_forward_pre_hook(lambda m, args, name=name: self._add(name, args[0]))
+                         for name, m in modules.items()]
+
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        self.accumulators[name] += x.double().pow(2).sum(0).to(self.accumulators[name].device)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _first_sequences(batches: list[torch.Tensor], n: int | None) -> list[torch.Tensor]:
+    """The first ``n`` calibration sequences (all when None), in batches of the original size."""
+    if n is None:
+        return batches
+    rows = [row for b in batches for row in b][:n]
+    size = len(batches[0])
+    return [torch.stack(rows[k : k + size]) for k in range(0, len(rows), size)]
+
+
 def _block_statistics(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], device: torch.device,
-                      offload: torch.device, gram_dtype: torch.dtype, progress: bool,
-                      modules: Callable[[nn.Module], dict[str, nn.Module]],
-                      statistic: Callable[[int, nn.Module, dict[str, solvers.GramAccumulator]], object]) -> list:
-    """``statistic(i, block, grams)`` of every block of the *dense* model, ``grams`` the Gram accumulators
-    of ``modules(block)``'s inputs over every calibration batch; the batches run block by block (one
-    block on ``device`` at a time, activations on ``offload``), as the prune does."""
+                      offload: torch.device, progress: bool, hooks: Callable[[nn.Module], object],
+                      statistic: Callable[[int, nn.Module, dict], object]) -> list:
+    """``statistic(i, block, accumulators)`` of every block of the *dense* model, ``accumulators`` those of
+    ``hooks(block)`` (``GramHooks`` or ``_SquaredNorms``) after every batch ran through the block; the
+    batches run block by block (one block on ``device`` at a time, activations on ``offload``), as the
+    prune does."""
     blocks = adapter.blocks()
     with outside_blocks_on(model, blocks, device):
         hidden, kwargs = capture_block_inputs(model, blocks, batches, device, offload)
@@ -308,17 +351,17 @@ def _block_statistics(model: nn.Module, adapter: Adapter, batches: list[torch.Te
         block = blocks[i]
         home = next(block.parameters()).device
         block.to(device)
-        hooks = GramHooks(modules(block), device, gram_dtype)
+        recorder = hooks(block)
         try:
             with torch.no_grad():
                 for b, h in enumerate(hidden):
                     hidden[b] = finite(run_block(block, h, kwargs[i][b], device),
                                        f"output of block {i} (allocation pass)").to(h.device)
         finally:
-            hooks.remove()
-        for key, acc in hooks.accumulators.items():
-            if not torch.isfinite(acc.H).all():
+            recorder.remove()
+        for key, acc in recorder.accumulators.items():
+            if not torch.isfinite(acc.H if isinstance(acc, solvers.GramAccumulator) else acc).all():
                 raise FloatingPointError(f"NaN or Inf in the calibration inputs of block {i} ({key}).")
-        out.append(statistic(i, block, hooks.accumulators))
+        out.append(statistic(i, block, recorder.accumulators))
         block.to(home)
     return out

@@ -326,6 +326,9 @@ def check_arguments(
         if not isinstance(sparsity, numbers.Real):
             raise InvalidArgumentError(f"The 'allocation' argument of prune_layerwise is {allocation.name!r}, which "
                                        "spreads one model budget: 'sparsity' must then be a float, not per-block targets.")
+        if isinstance(parsed.rows, solvers.NM):
+            raise InvalidArgumentError(f"The 'allocation' argument of prune_layerwise is {allocation.name!r}; structure "
+                                       f"{structure!r} fixes every block's pattern, so only 'uniform' applies.")
         if isinstance(allocation, A.Knapsack) and parsed.rows is not None:
             raise InvalidArgumentError(f"The 'allocation' argument of prune_layerwise is 'knapsack', which allocates MLP "
                                        f"channels and key-value groups; structure {structure!r} needs 'uniform', 'owl' "

@@ -137,10 +137,13 @@ BAD = [
     (dict(allocation="best"), "'allocation' argument"),
     (dict(sparsity=[0.3] * 4, allocation="owl"), "must then be a float"),
     (dict(structure="unstructured", allocation="knapsack"), "'knapsack'"),
+    (dict(structure="2:4", allocation="owl"), "only 'uniform' applies"),
     (dict(allocation=OWL(threshold=0.0)), "threshold"),
     (dict(allocation=OWL(spread=-0.1)), "spread"),
     (dict(allocation=Knapsack(levels=0)), "levels"),
     (dict(allocation=Knapsack(max_sparsity=1.0)), "max_sparsity"),
+    (dict(allocation=Knapsack(windows=0)), "windows"),
+    (dict(allocation=OWL(windows=2.5)), "windows"),
 ]
 
 
@@ -160,7 +163,7 @@ def _uniform_params(structure="mlp", sparsity=0.5):
     return spap.prune_layerwise(_model(), _ids(), sparsity, structure=structure, progress=False)[1].params_after
 
 
-@pytest.mark.parametrize("allocation", ["owl", "knapsack", OWL(spread=0.2), Knapsack(levels=8)])
+@pytest.mark.parametrize("allocation", ["owl", "knapsack", OWL(spread=0.2), Knapsack(levels=8, windows=3)])
 def test_allocations_keep_the_uniform_budget_exactly(allocation):
     model, report = spap.prune_layerwise(_model(), _ids(), 0.5, allocation=allocation, progress=False)
     assert report.params_after == _uniform_params()

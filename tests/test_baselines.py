@@ -7,6 +7,7 @@ wrong update, mask rule or schedule fails it.
 from __future__ import annotations
 
 import itertools
+import dataclasses
 import math
 
 import pytest
@@ -154,6 +155,17 @@ def test_obs_greedy_order_by_brute_force():
     assert sorted(removed) == torch.nonzero(~sol.keep).flatten().tolist()
     steps = sol.stats["step_costs"]
     assert len(steps) == 4 and math.isclose(sum(steps), sol.objective, rel_tol=1e-8)
+
+
+@pytest.mark.parametrize("per_step", [2, 3])
+def test_obs_step_costs_are_exact_for_joint_steps(per_step):
+    """With several groups per step, each step's cost is their joint removal cost: the running sum is the
+    objective of every intermediate mask."""
+    p = make_problem(6, 12, kind="correlated", structure=solvers.heads(12, 2), n_prune=4, seed=11)
+    sol = solvers.solve(p, "obs", per_step=per_step)
+    assert math.isclose(sum(sol.stats["step_costs"]), sol.objective, rel_tol=1e-8)
+    first = solvers.solve(dataclasses.replace(p, n_prune=per_step), "obs", per_step=per_step)
+    assert math.isclose(sol.stats["step_costs"][0], first.objective, rel_tol=1e-8)
 
 
 # --- SparseGPT ------------------------------------------------------------------------------------------
