@@ -379,12 +379,15 @@ def cmd_info(args) -> None:
     from .adapters import get_adapter
     from .models import load_model
     from .report import count_parameters
+    from .units import widths
 
     model, tokenizer = load_model(args.model)
     _check_loaded(args, model, tokenizer)
     a = get_adapter(model)
     print(f"model: {type(model).__name__} (model_type={model.config.model_type!r}, adapter {type(a).__name__})")
-    print(f"blocks: {len(a.blocks())}; hidden {model.config.hidden_size}; MLP width {a.intermediate_size}; "
+    mlp = widths(a)["mlp"]
+    mlp_text = f"MLP width {mlp[0]}" if len(set(mlp)) == 1 else f"MLP widths {min(mlp)}-{max(mlp)} (per block: {mlp})"
+    print(f"blocks: {len(a.blocks())}; hidden {model.config.hidden_size}; {mlp_text}; "
           f"heads {a.n_heads} ({a.n_kv_heads} key-value, head_dim {a.head_dim})")
     print(f"parameters: {count_parameters(model):,}")
     print(f"structures: mlp, heads{'' if a.shrink_heads else ' (zeros stored: head_dim is derived)'}, mlp+heads, unstructured, N:M")

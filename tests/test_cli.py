@@ -101,5 +101,8 @@ def test_prune_with_an_allocation_saves_per_block_widths(tiny_model_dir, tmp_pat
     assert [128 - w for w in widths] == report["allocation"]["mlp"] and sum(widths) == 3 * 64
     model, _ = load_model(out)
     assert [b.mlp.down_proj.in_features for b in model.model.layers] == widths
+    main(["info", str(out)])
+    assert (f"MLP widths {min(widths)}-{max(widths)}" if len(set(widths)) > 1 else f"MLP width {widths[0]}") \
+        in capsys.readouterr().out
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(10)[None]).logits).all()
