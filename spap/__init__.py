@@ -4,6 +4,7 @@
 >>> model, tokenizer = spap.load_model("smollm2")                                  # doctest: +SKIP
 >>> calib = spap.data.random_windows(spap.data.c4_documents(0, 500), tokenizer, n=64, seqlen=1024)  # doctest: +SKIP
 >>> model, report = spap.prune_layerwise(model, calib, sparsity=0.3)               # doctest: +SKIP
+>>> model, report = spap.prune_layerwise(model, calib, 0.5, allocation="knapsack")  # doctest: +SKIP
 
 Global, iterative (GISP), non-uniform widths; differentiable gates (DDP):
 
@@ -13,7 +14,7 @@ Global, iterative (GISP), non-uniform widths; differentiable gates (DDP):
 >>> model, report = spap.ddp_prune(model, calib[:16, :128], sparsity=0.3)         # doctest: +SKIP
 """
 
-from . import checkpoint, data, eval, units
+from . import allocation, checkpoint, data, eval, units
 from .adapters import ADAPTERS, get_adapter
 from .global_methods import DDPReport, GispResult, GispStep, LeapReport, ddp_prune, gisp, leap_prune
 from .models import layer_widths, load_model, load_pruned, save_model, save_pruned
@@ -21,4 +22,5 @@ from .pipeline import prune_layerwise
 from .report import PruneReport
 
 __all__ = ["prune_layerwise", "gisp", "GispResult", "GispStep", "ddp_prune", "DDPReport", "leap_prune", "LeapReport",
-           "load_model", "save_model", "save_pruned", "load_pruned", "layer_widths", "data", "eval", "get_adapter", "ADAPTERS", "PruneReport", "units"]
+           "load_model", "save_model", "save_pruned", "load_pruned", "layer_widths", "data", "eval", "get_adapter", "ADAPTERS", "PruneReport", "units",
+           "allocation"]
