@@ -20,6 +20,7 @@ sequences, before the prune (:func:`allocate`).  Derivation and measurements: do
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import numbers
@@ -35,7 +36,7 @@ import solvers
 from . import units as U
 from .adapters import Adapter, LinearView
 from .capture import GramHooks, capture_block_inputs, outside_blocks_on, run_block
-from .checks import InvalidArgumentError, finite
+from .checks import Interval, InvalidArgumentError, NoneOr, check_table, finite
 
 
 @dataclass(frozen=True)
@@ -91,50 +92,34 @@ Allocation = Union[Uniform, OWL, Knapsack]
 ALLOCATIONS: dict[str, type] = {c.name: c for c in (Uniform, OWL, Knapsack)}
 
 
+# Each rule's fields, checked by parse_allocation with the package's constraint table.
+_FIELDS: dict[type, dict] = {
+    Uniform: {},
+    OWL: {"threshold": Interval(float, 0, None, closed="neither"), "spread": Interval(float, 0, None),
+          "windows": NoneOr(Interval(int, 1, None))},
+    Knapsack: {"levels": Interval(int, 1, None), "max_sparsity": Interval(float, 0, 1, closed="neither"),
+               "windows": NoneOr(Interval(int, 1, None))},
+}
+
+
 def parse_allocation(allocation: object, caller: str = "prune_layerwise") -> Allocation:
-    """A name from :data:`ALLOCATIONS` or an instance, checked; :class:`InvalidArgumentError` names
-    'allocation' otherwise."""
+    """A name from :data:`ALLOCATIONS` or an instance with valid fields; :class:`InvalidArgumentError`
+    names 'allocation' (or the bad field) otherwise."""
     if isinstance(allocation, str) and allocation in ALLOCATIONS:
         return ALLOCATIONS[allocation]()
-    if isinstance(allocation, (OWL, Knapsack)):
-        w = allocation.windows
-        if w is not None and (not isinstance(w, numbers.Integral) or isinstance(w, bool) or w < 1):
-            raise InvalidArgumentError(f"The 'allocation' argument of {caller}: windows must be an int >= 1 or None; "
-                                       f"got {w!r}.")
-    if isinstance(allocation, OWL):
-        _check_number("allocation", "threshold", allocation.threshold, lower=0, closed=False, caller=caller)
-        _check_number("allocation", "spread", allocation.spread, lower=0, closed=True, caller=caller)
-        return allocation
-    if isinstance(allocation, Knapsack):
-        if not isinstance(allocation.levels, numbers.Integral) or isinstance(allocation.levels, bool) \
-                or allocation.levels < 1:
-            raise InvalidArgumentError(f"The 'allocation' argument of {caller}: Knapsack.levels must be an int >= 1; "
-                                       f"got {allocation.levels!r}.")
-        _check_number("allocation", "max_sparsity", allocation.max_sparsity, lower=0, closed=False, caller=caller)
-        if not allocation.max_sparsity < 1:
-            raise InvalidArgumentError(f"The 'allocation' argument of {caller}: Knapsack.max_sparsity must be in (0, 1); "
-                                       f"got {allocation.max_sparsity!r}.")
-        return allocation
-    if isinstance(allocation, Uniform):
+    if type(allocation) in _FIELDS:
+        check_table(f"{caller} (in its 'allocation' argument)",
+                    {f"{type(allocation).__name__}.{k}": c for k, c in _FIELDS[type(allocation)].items()},
+                    {f"{type(allocation).__name__}.{k}": v for k, v in dataclasses.asdict(allocation).items()})
         return allocation
     raise InvalidArgumentError(f"The 'allocation' argument of {caller} must be one of "
                                f"{', '.join(map(repr, ALLOCATIONS))} or an instance of spap.allocation.Uniform, OWL or "
                                f"Knapsack. Got {allocation!r} instead.")
 
 
-def _check_number(argument: str, field: str, value: object, *, lower: float, closed: bool, caller: str) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
-        and (value >= lower if closed else value > lower)
-    if not ok:
-        bound = f">= {lower}" if closed else f"> {lower}"
-        raise InvalidArgumentError(f"The {argument!r} argument of {caller}: {field} must be a finite number {bound}; "
-                                   f"got {value!r}.")
-
-
 def describe(allocation: Allocation) -> dict:
     """What a report and a checkpoint record of the rule: its name and fields."""
-    fields = {k: v for k, v in vars(allocation).items()}
-    return {"name": allocation.name, **fields}
+    return {"name": allocation.name, **dataclasses.asdict(allocation)}
 
 
 def block_sparsities(sparsity: object, names: Sequence[str], caller: str = "prune_layerwise") -> tuple[float, ...]:
@@ -190,31 +175,21 @@ def uniform_counts(sparsities: Sequence[float], adapter: Adapter, kinds: Sequenc
             for s, block in zip(sparsities, adapter.blocks())]
 
 
-def check_counts(counts: Sequence[Mapping[str, int]], adapter: Adapter, caller: str = "prune_layerwise") -> None:
-    """Refuse, naming 'sparsity', a block left with no unit of a kind."""
-    found = U.kinds(adapter, sorted({k for c in counts for k in c}))
-    for i, (c, block) in enumerate(zip(counts, adapter.blocks())):
-        for name, n_prune in c.items():
-            n = found[name].count(block)
-            if n_prune >= n:
-                what = "MLP channels" if name == "mlp" else "key-value groups"
-                raise InvalidArgumentError(f"The 'sparsity' argument of {caller} prunes all {n} {what} of block {i}; "
-                                           "every block must keep at least one.")
-
-
 # --- the dense statistics behind OWL and Knapsack ----------------------------------------------------
 
 def allocate(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], allocation: Allocation,
-             sparsity: float, kinds: Sequence[str], *, rows: bool, device: torch.device, offload: torch.device,
+             sparsity: float, kinds: Sequence[str], *, device: torch.device, offload: torch.device,
              output_grams: Mapping[int, Mapping[str, torch.Tensor]] | None = None, metric_kind: str = "full",
              metric_damp: float = 1.0, damp: float = 0.01, damp_mode: str = "mean",
              gram_dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[tuple[float, ...], list[dict[str, int]]]:
     """Per-block targets for a model budget ``sparsity``: ``(sparsities, counts)``, one fraction per block
     (what row structures prune of every linear) and, per block, the units of every kind in ``kinds`` it
-    prunes.  Unit counts add up exactly to the uniform prune's, per kind.
+    prunes.  Unit counts add up exactly to the uniform prune's, per kind, and every block keeps at least
+    one unit of each kind (OWL's rounding and the knapsack's grid stop at ``n − 1``).
 
     OWL and Knapsack run the dense model block by block over the rule's first ``windows`` calibration
-    sequences first; Knapsack also needs ``output_grams[block][kind]`` (``G``) and refuses row structures.
+    sequences first; Knapsack also needs ``output_grams[block][kind]`` (``G``) and is for unit kinds only
+    (``prune_layerwise`` refuses it for row structures before any work).
     """
     blocks = adapter.blocks()
     uniform = uniform_counts([sparsity] * len(blocks), adapter, kinds)
@@ -235,12 +210,7 @@ def allocate(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], al
             for c, p in zip(counts, chosen):
                 c[name] = p
         return tuple(min(max(f, 0.0), 1 - 1e-9) for f in fractions), counts
-    # Knapsack
-    if rows:
-        raise InvalidArgumentError("The 'allocation' argument of prune_layerwise is 'knapsack', which allocates MLP "
-                                   "channels and key-value groups; for unstructured and N:M use 'owl' or per-block "
-                                   "sparsities.")
-
+    # Knapsack (column structures only: prune_layerwise's check_arguments refuses row structures)
     def menus(i: int, block: nn.Module, grams: Mapping[str, solvers.GramAccumulator]):
         out = {}
         for name, kind in found.items():

@@ -335,7 +335,6 @@ def check_arguments(
                                        "or per-block sparsities.")
     _check_counts(adapter, parsed, sparsities)
     counts = A.uniform_counts(sparsities, adapter, parsed.units)
-    A.check_counts(counts, adapter)
     if target == "dense" and propagate != "pruned":
         raise InvalidArgumentError("The 'target' argument of prune_layerwise is 'dense', which needs propagate='pruned' "
                                    "(with dense propagation the inputs are the dense model's already).")
@@ -519,11 +518,10 @@ def _allocate(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], s
     if isinstance(s.allocation, A.Knapsack) and not grams:  # the costs need G even when the masks do not
         grams = _output_grams(model, adapter, batches, dataclasses.replace(s, output_metric="full"))
     fractions, counts = A.allocate(model, adapter, batches, s.allocation, s.sparsity, s.structure.units,
-                                   rows=s.structure.rows is not None, device=s.device, offload=s.offload,
+                                   device=s.device, offload=s.offload,
                                    output_grams=grams, metric_kind=s.output_metric or "full",
                                    metric_damp=s.metric_damp, damp=s.damp, damp_mode=s.damp_mode,
                                    gram_dtype=s.gram_dtype, progress=progress)
-    A.check_counts(counts, adapter)
     report.allocation = {"sparsity": list(fractions), **{k: [c[k] for c in counts] for k in s.structure.units}}
     report.allocation_seconds = time.perf_counter() - start
     return dataclasses.replace(s, block_sparsity=tuple(fractions), counts=tuple(counts))
