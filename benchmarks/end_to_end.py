@@ -144,7 +144,7 @@ def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | No
 # One run, in its own process (``harness.run_and_cache`` starts it)
 
 
-def run_one(job: Job, protocol: str, model_source: str, device: str | None, threads: int) -> dict:
+def run_one(job: Job, protocol: str, model_source: str, device: str | None, threads: int, floor: bool = True) -> dict:
     import torch
 
     import spap
@@ -159,6 +159,8 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
     if extra == "refit":  # ADMM's own weights are its last iterate; "+refit" swaps them for the exact refit
         options = {"final": "refit"} if name == "admm" else {"refit": True}
     sparsity = 0.5 if job.sparsity is None else job.sparsity
+    # The floor, in the same process: one plain pass of the calibration set through the dense blocks.
+    floor_s = spap.forward_seconds(model, calib, device=device) if floor else None
     model, report = spap.prune_layerwise(model, calib, sparsity, method=name, structure=job.structure,
                                          method_options=options, damp=job.damp, target=job.target, device=device,
                                          progress=False, **job.prune_keywords())
@@ -166,6 +168,7 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
         "structure": job.structure, "method": job.label, "sparsity": job.sparsity, "damp": job.damp, "target": job.target,
         **evaluate(model, tok, protocol),
         "prune_s": report.seconds, "solver_s": report.solver_seconds, "metric_s": report.metric_seconds,
+        "floor_s": floor_s, "stage_s": report.stage_seconds,
         "peak_rss_gib": report.peak_memory["rss"] / 2**30,
         "peak_cuda_gib": report.peak_memory.get("cuda", 0) / 2**30,
         "params": report.params_after, "params_dense": report.params_before,
@@ -205,7 +208,7 @@ def sweep(args) -> dict:
             print(f"[{i}/{len(todo)}] {key}: cached by another sweep, skipped", flush=True)
             continue
         payload = {"protocol": args.protocol, "model": args.model, "device": args.device, "threads": args.threads,
-                   "job": None if job is None else job.__dict__}
+                   "floor": args.floor, "job": None if job is None else job.__dict__}
         done = run_and_cache(cache_path, key, payload, script=__file__, timeout=args.timeout,
                              threads=args.threads, device=args.device, label=f"[{i}/{len(todo)}] {key}")
         if done is None:
@@ -238,18 +241,18 @@ def table(cache: dict, protocol: str, structure: str) -> str:
         return ""
     dense = cache.get(f"{protocol}|dense")
     lines = [f"### {structure}", "", protocol_text(protocol), ""]
-    head = ("| sparsity | method | WikiText-2 ppl | C4 ppl | val ppl | prune s | solver s | threads | peak RSS GiB | params "
-            "| Σ rel.err |")
+    head = ("| sparsity | method | WikiText-2 ppl | C4 ppl | val ppl | prune s | x fwd | solver s | threads | peak RSS GiB "
+            "| params | Σ rel.err |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     if dense:
-        lines.append(f"| 0 | dense | {dense['wikitext_ppl']:.2f} | {dense['c4_ppl']:.2f} | {_val(dense)} | | | | | "
+        lines.append(f"| 0 | dense | {dense['wikitext_ppl']:.2f} | {dense['c4_ppl']:.2f} | {_val(dense)} | | | | | | "
                      f"{dense['params']:,} | |")
     order = {m: i for i, m in enumerate(dict.fromkeys(STRUCTURED_METHODS + ROW_METHODS))}
     rows.sort(key=lambda r: (r["sparsity"] if r["sparsity"] is not None else 9, order.get(base_method(r["method"]), 99), r["method"]))
     for r in rows:
         s = structure if r["sparsity"] is None else f"{r['sparsity']:.0%}"
         lines.append(f"| {s} | {r['method']} | {r['wikitext_ppl']:.2f} | {r['c4_ppl']:.2f} | {_val(r)} | {r['prune_s']:.0f} | "
-                     f"{r['solver_s']:.0f} | {r.get('threads', '?')} | {r['peak_rss_gib']:.2f} | {r['params']:,} | {r['sum_rel_err']:.3f} |")
+                     f"{_floors(r)} | {r['solver_s']:.0f} | {r.get('threads', '?')} | {r['peak_rss_gib']:.2f} | {r['params']:,} | {r['sum_rel_err']:.3f} |")
     best = {}
     for r in rows:
         if is_variant(r["method"]):
@@ -258,6 +261,29 @@ def table(cache: dict, protocol: str, structure: str) -> str:
             best[r["sparsity"]] = (r["wikitext_ppl"], r["method"])
     lines += ["", "lowest WikiText-2 perplexity (methods at their defaults): " + "; ".join(
         f"{structure if s is None else f'{s:.0%}'}: {m} ({p:.2f})" for s, (p, m) in best.items())]
+    return "\n".join(lines)
+
+
+def _floors(row: dict) -> str:
+    """Prune time in forward passes of the calibration set (same run), blank for runs cached before it was measured."""
+    return f"{row['prune_s'] / row['floor_s']:.2f}" if row.get("floor_s") else ""
+
+
+def stage_table(cache: dict, protocol: str) -> str:
+    """Where each measured run's prune time went, in forward passes of the calibration set (same run)."""
+    rows = [r for k, r in cache.items() if k.startswith(f"{protocol}|") and r.get("floor_s") and r.get("stage_s")]
+    if not rows:
+        return ""
+    stages = list(dict.fromkeys(k for r in rows for k in r["stage_s"]))
+    head = "| structure | sparsity | method | fwd s | prune s | x fwd | " + " | ".join(stages) + " | other |"
+    lines = ["### time by stage (seconds / one forward pass)", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        f = r["floor_s"]
+        other = r["prune_s"] - sum(r["stage_s"].values())
+        cells = " | ".join(f"{r['stage_s'].get(k, 0.0) / f:.2f}" for k in stages)
+        s = "nm" if r["sparsity"] is None else f"{r['sparsity']:.0%}"
+        lines.append(f"| {r['structure']} | {s} | {r['method']} | {f:.0f} | {r['prune_s']:.0f} | {r['prune_s'] / f:.2f} | "
+                     f"{cells} | {other / f:.2f} |")
     return "\n".join(lines)
 
 
@@ -324,6 +350,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, or a Hugging Face directory")
     parser.add_argument("--device", default=None, help="default: CUDA when available, else CPU")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the timed forward pass of the calibration set (the 'x fwd' column) before each prune")
     parser.add_argument("--cache", default="end_to_end.json", help="JSON file of finished runs (resumable)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per run before it is abandoned")
     parser.add_argument("--report", action="store_true", help="print the tables from the cache, run nothing")
@@ -336,7 +364,8 @@ def main(argv=None) -> None:
         if payload["job"] is None:
             row = dense_row(payload["protocol"], payload["model"], payload["device"], payload["threads"])
         else:
-            row = run_one(Job.from_payload(payload["job"]), payload["protocol"], payload["model"], payload["device"], payload["threads"])
+            row = run_one(Job.from_payload(payload["job"]), payload["protocol"], payload["model"], payload["device"],
+                          payload["threads"], payload.get("floor", True))
         print(json.dumps(row))
         return
     check_args(parser, args, at_least={"threads": 1})
@@ -357,6 +386,9 @@ def main(argv=None) -> None:
         text = table(cache, args.protocol, structure)
         if text:
             print(text, end="\n\n")
+    text = stage_table(cache, args.protocol)
+    if text:
+        print(text, end="\n\n")
     if args.plot:
         for path in plot(cache, args.protocol, args.plot):
             print(f"plot: {path}")

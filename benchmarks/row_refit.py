@@ -1,23 +1,23 @@
-"""Seconds of the exact per-row refit (unstructured and N:M) on real SmolLM2 layers, three batchings.
+"""Seconds of the exact per-row refit (unstructured and N:M) on real SmolLM2 layers, direct and by CG.
 
-``solvers.refit.refit_rows`` solves one ``|K_r|×|K_r|`` system per output row, in batches padded to a
-common size.  This script times the same refit (same mask, same result) three ways:
+``solvers.refit_rows`` solves ``H_KK ŵ_K = (H w)_K`` for every output row ``r`` with its own kept set
+``K_r``.  This script times both of its methods on the same mask:
 
-- ``pad to layer max``: rows in their own order, every system padded to the largest kept count of the
-  layer, 64M-element batches (how the refit worked before the batching was changed);
-- ``sorted, 64M``: rows sorted by kept count, each batch padded to its own largest count;
-- ``sorted, 2M``: the same with small batches that stay in cache (the CPU default).
+- ``cholesky``: one Cholesky solve per row, rows sorted by kept count, batches of 2M elements;
+- ``cg``: conjugate gradients on all rows at once preconditioned by ``(H⁻¹)_KK``, started from
+  ``W ⊙ keep``, until the bound on the objective's excess is below 1e-12 of the objective.
 
-The masks are magnitude masks at 50% (chosen over the whole layer, so rows keep unequal counts) and
-2:4 (every row keeps half).  Timings are printed, never asserted; the header prints the load average.
+``H⁻¹`` is computed before the clock starts (every second-order solver has it already).  The masks are
+magnitude masks at 50% (chosen over the whole layer, so rows keep unequal counts) and at 2:4; the last
+columns compare the two results (relative objective difference, largest weight difference relative to
+the largest weight).  Timings are printed, never asserted; the header prints the load average.
 
-    python benchmarks/row_refit.py --layers 5 --threads 1
+    python benchmarks/row_refit.py --layers 5 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -27,38 +27,13 @@ import torch
 import real_layers
 import solvers
 
-refit_module = importlib.import_module("solvers.refit")
-_sorted_chunks = refit_module._chunks_by_count
+METHODS = ("cholesky", "cg")
 
 
-def _layer_max_chunks(rows: torch.Tensor, counts: torch.Tensor, budget: int):
-    """Rows in their own order, every batch padded to the layer's largest kept count."""
-    if rows.numel() == 0:
-        return
-    kmax = int(counts[rows].max())
-    step = max(1, budget // (kmax * kmax))
-    for start in range(0, rows.numel(), step):
-        yield rows[start : start + step], kmax
-
-
-VARIANTS = {
-    "pad to layer max": (_layer_max_chunks, 64_000_000),
-    "sorted, 64M": (_sorted_chunks, 64_000_000),
-    "sorted, 2M": (_sorted_chunks, 2_000_000),
-}
-
-
-def time_refit(problem: solvers.LayerProblem, keep: torch.Tensor, variant: str) -> tuple[float, torch.Tensor]:
-    chunks, budget = VARIANTS[variant]
-    saved = refit_module._chunks_by_count, refit_module._ROW_CHUNK_ELEMENTS
-    refit_module._chunks_by_count = chunks
-    refit_module._ROW_CHUNK_ELEMENTS = budget
-    try:
-        start = time.perf_counter()
-        W = refit_module.refit_rows(problem, keep)
-        return time.perf_counter() - start, W
-    finally:
-        refit_module._chunks_by_count, refit_module._ROW_CHUNK_ELEMENTS = saved
+def time_refit(problem: solvers.LayerProblem, keep: torch.Tensor, method: str) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    W = solvers.refit_rows(problem, keep, method=method)
+    return time.perf_counter() - start, W
 
 
 def main(argv=None) -> None:
@@ -73,18 +48,23 @@ def main(argv=None) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# benchmarks/row_refit.py {' '.join(sys.argv[1:])}\n# torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {load:.2f}\n")
-    print("| layer | linear | mask | kept per row (min-max) | " + " | ".join(VARIANTS) + " | max diff |")
-    print("|---|---|---|---|" + "---|" * len(VARIANTS) + "---|")
+    print("| layer | linear | mask | kept per row (min-max) | " + " s | ".join(METHODS) + " s | speed-up "
+          "| objective rel. diff | max weight diff |")
+    print("|---|---|---|---|" + "---|" * len(METHODS) + "---|---|---|")
     for layer in args.layers:
         for linear in args.linears:
             for name, structure, target in (("50%", solvers.Unstructured(), {"sparsity": 0.5}), ("2:4", solvers.NM(2, 4), {})):
                 p = real_layers.problem(data, layer, linear, structure, **target)
                 keep = solvers.solve(p, "magnitude").keep
+                p.hessian_inverse  # noqa: B018 (cached on the problem; not part of either time)
                 counts = keep.sum(1)
-                seconds, weights = zip(*(time_refit(p, keep, v) for v in VARIANTS))
-                diff = max(float((w - weights[0]).abs().max()) for w in weights)
+                seconds, weights = zip(*(time_refit(p, keep, m) for m in METHODS))
+                objectives = [p.objective(w) for w in weights]
+                rel = (objectives[1] - objectives[0]) / objectives[0]
+                diff = float((weights[1] - weights[0]).abs().max() / weights[0].abs().max())
                 print(f"| {layer} | {linear} {tuple(p.shape)} | {name} | {int(counts.min())}-{int(counts.max())} | "
-                      + " | ".join(f"{s:.2f} s" for s in seconds) + f" | {diff:.1e} |", flush=True)
+                      + " | ".join(f"{s:.2f}" for s in seconds) + f" | {seconds[0] / seconds[1]:.1f}x | {rel:.1e} | "
+                      f"{diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from .registry import SolverSpec, available_methods, check_method, get_solver, r
 from .solution import Solution
 from .structure import NM, ColumnGroups, Structure, Unstructured, channels, column_groups, heads, parse_structure, prune_count, checked_prune_count
 from .validation import InvalidArgumentError
-from .refit import refit, refit_columns, refit_rows
+from .refit import refit, refit_columns, refit_rows, refit_rows_below
 from .target import corrected_weight
 from .metric import OutputMetric, solve_in_metric
 from .allocation import choose_counts, outlier_sparsities, removal_costs, round_to_budget
@@ -51,6 +51,7 @@ __all__ = [
     "refit",
     "refit_columns",
     "refit_rows",
+    "refit_rows_below",
     "corrected_weight",
     "OutputMetric",
     "solve_in_metric",

@@ -17,10 +17,26 @@ from .structure import NM, ColumnGroups, Unstructured
 
 
 def keep_largest(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Boolean mask of the ``n_keep`` largest entries of a 1-D tensor (ties: lower index wins)."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep[order[:n_keep]] = True
+    """Boolean mask of the ``n_keep`` largest entries of a 1-D tensor (ties: lower index wins).
+
+    By selection, not sorting: the ``n_keep``-th largest value (``kthvalue``, linear time) splits the
+    entries above it, kept, from those equal to it, kept in index order until the count is reached.
+    A full stable sort of a 576×1536 layer took six times as long, and SPAP projects every iteration.
+    """
+    n = scores.numel()
+    if n_keep >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if n_keep <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if bool(torch.isnan(scores).any()):  # NaN compares false: rank by a stable sort instead (NaN first)
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        keep[torch.argsort(scores, descending=True, stable=True)[:n_keep]] = True
+        return keep
+    threshold = torch.kthvalue(scores, n - n_keep + 1).values
+    keep = scores > threshold
+    short = n_keep - int(keep.sum())
+    if short:
+        keep[torch.nonzero(scores == threshold).flatten()[:short]] = True
     return keep
 
 

@@ -131,7 +131,7 @@ def solve_in_metric(problem: LayerProblem, metric: OutputMetric, method: str = "
     device = problem.weight.device
     metric = OutputMetric(metric.factor.to(device), metric.inverse.to(device), metric.kind)
     bias = None if problem.bias is None else metric.apply(problem.bias[:, None])[:, 0]
-    weighted = dataclasses.replace(problem, weight=metric.apply(problem.weight), bias=bias)
+    weighted = problem.with_weight(metric.apply(problem.weight), bias)
     sol = solve(weighted, method, **options)
     # Zero columns (or, with a diagonal R, zero weights of a row) stay exactly zero under R⁻¹.
     weight64 = metric.undo(sol.weight)

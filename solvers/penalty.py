@@ -39,7 +39,7 @@ from ._linalg import cholesky
 from .validation import Boolean, Interval, NoneOr, Options
 from .masks import group_scores, keep_largest, project
 from .problem import LayerProblem
-from .refit import refit_rows
+from .refit import refit_rows, refit_rows_below
 from .registry import register
 from .structure import ColumnGroups, Unstructured
 from .row_swap import row_swap_search
@@ -290,18 +290,22 @@ def _spap_rows(problem: LayerProblem, schedule, counts, max_inner: int, guard: b
             # W-step: Ŵ (H + ρC) = W H + ρ Z C, one Cholesky per ρ shared by every row.
             W_hat = torch.cholesky_solve((WH + rho * Z * c).T, L).T
             iterations += 1
-            R = W_hat - W
-            values.append(0.5 * float(((R @ H) * R).sum()) + 0.5 * rho * float((((W_hat - Z) ** 2) * c).sum()))
+            # (Ŵ − W) H = ρ (Z − Ŵ) C by the W-step's equation: the penalized objective without a product
+            gap = (Z - W_hat) * c
+            values.append(0.5 * rho * float(((W_hat - W) * gap).sum()) + 0.5 * rho * float(((Z - W_hat) * gap).sum()))
         penalized.append(values)
     keep = _project_count(problem, W_hat * W_hat * c, problem.n_pruned_target)
     stats = {"iterations": iterations, "rho": list(schedule), "pruned_per_step": list(counts), "penalized_objective": penalized}
-    W_hat = refit_rows(problem, keep)
+    W_hat = refit_rows(problem, keep, start=W_hat)  # the last iterate is close: CG starts there
     if guard:
+        # The OBS-score mask's refit only matters if it beats the penalty mask's: its refit stops as soon
+        # as its objective provably cannot (refit_rows_below), which is usually after a few iterations.
         start = project(problem, W * W * c)
-        W_start = refit_rows(problem, start)
-        e_pen, e_start = problem.objective(W_hat), problem.objective(W_start)
+        e_pen = problem.objective(W_hat)
+        W_start = refit_rows_below(problem, start, e_pen)
+        e_start = None if W_start is None else problem.objective(W_start)
         stats["start_errors"] = {"penalty": e_pen, "obs_score": e_start}
-        if e_start < e_pen:
+        if e_start is not None and e_start < e_pen:
             stats["fallback"] = "OBS-score mask refit beat the penalty mask"
             keep, W_hat = start, W_start
     if swap:

@@ -19,6 +19,7 @@ With ``damp=0`` the two coincide.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -267,6 +268,29 @@ class LayerProblem:
         if self.sparsity is not None:
             units = "column groups" if isinstance(s, ColumnGroups) else "weights"
             checked_prune_count(self.sparsity, total, units=units, caller=_CALLER)
+
+    def with_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "LayerProblem":
+        """The same problem (Gram matrix, structure, count, damping) for another float ``weight`` of the
+        same shape and device, and ``bias``.  The Gram matrix is not checked again and what derives from
+        it (``H64``, ``ridge`` and, when already computed, the damped matrix, its factor and inverse) is
+        shared, not recomputed: :func:`solvers.solve_in_metric` poses every problem twice."""
+        if not isinstance(weight, torch.Tensor) or weight.shape != self.weight.shape or not weight.is_floating_point() \
+                or weight.device != self.weight.device:
+            raise InvalidArgumentError(f"The 'weight' argument of LayerProblem.with_weight must be a float tensor of the "
+                                       f"problem's shape {tuple(self.weight.shape)} on {self.weight.device}. "
+                                       f"Got {_describe(weight)}.")
+        if not torch.isfinite(weight).all():
+            raise InvalidArgumentError("The 'weight' argument of LayerProblem.with_weight contains NaN or Inf.")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (self.shape[0],)):
+            raise InvalidArgumentError(f"The 'bias' argument of LayerProblem.with_weight must be a tensor of shape "
+                                       f"({self.shape[0]},). Got {_describe(bias)}.")
+        self.H64, self.ridge  # noqa: B018 (computed here once, for both problems)
+        new = copy.copy(self)  # a frozen dataclass: its fields and cached values are in __dict__
+        shared = ("n_units", "n_pruned_target", "H64", "ridge", "hessian", "hessian_cholesky", "hessian_inverse")
+        vars(new).clear()
+        vars(new).update({k: v for k, v in vars(self).items() if k in shared or k in self.__dataclass_fields__})
+        vars(new).update(weight=weight, bias=bias)
+        return new
 
     # --- sizes -----------------------------------------------------------------------------------
 

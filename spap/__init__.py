@@ -18,9 +18,9 @@ from . import allocation, checkpoint, data, eval, units
 from .adapters import ADAPTERS, get_adapter
 from .global_methods import DDPReport, GispResult, GispStep, LeapReport, ddp_prune, gisp, leap_prune
 from .models import layer_widths, load_model, load_pruned, save_model, save_pruned
-from .pipeline import prune_layerwise
+from .pipeline import forward_seconds, prune_layerwise
 from .report import PruneReport
 
-__all__ = ["prune_layerwise", "gisp", "GispResult", "GispStep", "ddp_prune", "DDPReport", "leap_prune", "LeapReport",
+__all__ = ["prune_layerwise", "forward_seconds", "gisp", "GispResult", "GispStep", "ddp_prune", "DDPReport", "leap_prune", "LeapReport",
            "load_model", "save_model", "save_pruned", "load_pruned", "layer_widths", "data", "eval", "get_adapter", "ADAPTERS", "PruneReport", "units",
            "allocation"]

@@ -8,6 +8,7 @@ does not depend on the signature of any one version.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -202,13 +203,16 @@ class GramHooks:
     the group), since the pipeline shares the Gram matrix.  With ``cross`` every forward pass alternates:
     a *reference* pass (``recording = True``: the dense model's inputs, only kept) and then a pass over the
     same tokens whose inputs are accumulated together with the reference (``C = Σ x_ref xᵀ``, see
-    :func:`solvers.corrected_weight`).
+    :func:`solvers.corrected_weight`).  ``seconds`` is the wall time spent accumulating (on CUDA the
+    device is synchronised around each product so that the forward pass is not counted in it).
     """
 
     def __init__(self, modules: dict[str, nn.Module], device: torch.device, product_dtype: torch.dtype = torch.float64,
                  *, cross: bool = False) -> None:
         self.accumulators: dict[str, solvers.GramAccumulator] = {}
         self.recording = False
+        self.seconds = 0.0
+        self._sync = device.type == "cuda"
         self._references: dict[str, torch.Tensor] = {}
         self._handles = []
         for name, module in modules.items():
@@ -221,15 +225,42 @@ class GramHooks:
     def _add(self, name: str, acc: solvers.GramAccumulator, x: torch.Tensor) -> None:
         if self.recording:
             self._references[name] = x.detach()
-        elif acc.C is not None:
+            return
+        if self._sync:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        if acc.C is not None:
             acc.add_batch(x, reference=self._references.pop(name))
         else:
             acc.add_batch(x)
+        if self._sync:
+            torch.cuda.synchronize(x.device)
+        self.seconds += time.perf_counter() - start
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def forward_pass(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device: torch.device,
+                 offload: torch.device) -> list[torch.Tensor]:
+    """One forward pass of ``batches`` through the decoder blocks, run as the prune runs it: the
+    embeddings, then each block moved to ``device`` in turn over every batch, its outputs kept on
+    ``offload``, and moved back.  Nothing is recorded: this is the pass no layer-wise prune avoids.
+    Returns the last block's output for every batch (on ``offload``)."""
+    with outside_blocks_on(model, blocks, device):
+        hidden, kwargs = capture_block_inputs(model, blocks, batches, device, offload)
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            home = next(block.parameters()).device
+            block.to(device)
+            for b, h in enumerate(hidden):
+                hidden[b] = run_block(block, h, kwargs[i][b], device).to(offload)
+            block.to(home)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return hidden
 
 
 class outside_blocks_on:

@@ -16,6 +16,7 @@ plus, unless ``restore_on_failure=False``, a CPU copy of the blocks' weights to 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import numbers
@@ -35,8 +36,8 @@ from . import checkpoint as ckpt
 from . import selection
 from . import units as U
 from .adapters import Adapter, LinearView, check_model, get_adapter
-from .capture import (GramHooks, calibration_batches, capture_block_inputs, check_calibration, outside_blocks_on,
-                      run_block)
+from .capture import (GramHooks, calibration_batches, capture_block_inputs, check_calibration, forward_pass,
+                      outside_blocks_on, run_block)
 from .checks import (Boolean, DistinctNames, Interval, InvalidArgumentError, NoneOr, Options, PathLike, check_table,
                      device as _device_arg, finite)
 from .gradients import output_gradient_grams
@@ -275,6 +276,32 @@ def prune_layerwise(
         raise
 
 
+def forward_seconds(model: nn.Module, calib: Any, *, tokenizer=None, batch_size: int = 8,
+                    device: str | torch.device | None = None, offload: str | torch.device = "cpu") -> float:
+    """Wall seconds of one forward pass of ``calib`` through ``model``'s decoder blocks, run as
+    :func:`prune_layerwise` runs its blocks (embeddings once, then each block on ``device`` over every
+    batch, activations kept on ``offload``).
+
+    This is the floor of a layer-wise prune: every block must see the calibration set at least once.
+    Divide :attr:`PruneReport.seconds` by it for the prune's cost in forward passes.  Arguments as in
+    :func:`prune_layerwise`; ``model`` is not changed (it is put back in its training mode).
+    """
+    adapter = check_model(model, "forward_seconds")
+    check_table("forward_seconds", {"batch_size": _CONSTRAINTS["batch_size"]}, {"batch_size": batch_size})
+    device = _device_arg("device", device or ("cuda" if torch.cuda.is_available() else "cpu"), "forward_seconds")
+    offload = _device_arg("offload", offload, "forward_seconds")
+    batches = calibration_batches(calib, tokenizer, batch_size=batch_size)
+    check_calibration(batches, model, "forward_seconds")
+    was_training = model.training
+    model.eval()
+    try:
+        start = time.perf_counter()
+        forward_pass(model, adapter.blocks(), batches, device, offload)
+        return time.perf_counter() - start
+    finally:
+        model.train(was_training)
+
+
 def check_arguments(
     model: nn.Module,
     sparsity: float | Sequence[float] | Mapping[int | str, float] = 0.3,
@@ -459,18 +486,23 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     model.eval()
     first = 0
     # The loss-aware metric's G, from the dense model (also on resume: the checkpoint does not keep it).
-    metric_start = time.perf_counter()
-    output_grams = _output_grams(model, adapter, batches, s) if s.output_metric is not None else {}
-    report.metric_seconds = time.perf_counter() - metric_start if output_grams else 0.0
+    clock = _Clock(device)
+    output_grams = {}
+    if s.output_metric is not None:
+        with clock.stage("metric"):
+            output_grams = _output_grams(model, adapter, batches, s)
+    report.metric_seconds = clock.seconds.get("metric", 0.0)
     if not isinstance(s.allocation, A.Uniform):  # per-block counts from the dense model (again on resume)
-        s = _allocate(model, adapter, batches, s, output_grams, progress, report)
+        with clock.stage("allocation"):
+            s = _allocate(model, adapter, batches, s, output_grams, progress, report)
     if checkpoint_dir is not None:  # what makes it the same run: the dense model, the tokens, every setting
-        run = ckpt.describe(model, batches, dict(settings, batch_size=len(batches[0]), device=device.type))
-    if resume:
-        first, hidden, kwargs, records, dense_hidden = ckpt.load(checkpoint_dir, run, adapter, device)
-        report.layers.extend(records)
-    else:
-        with outside_blocks_on(model, blocks, device):
+        with clock.stage("checkpoint"):
+            run = ckpt.describe(model, batches, dict(settings, batch_size=len(batches[0]), device=device.type))
+            if resume:
+                first, hidden, kwargs, records, dense_hidden = ckpt.load(checkpoint_dir, run, adapter, device)
+                report.layers.extend(records)
+    if not resume:
+        with clock.stage("inputs"), outside_blocks_on(model, blocks, device):
             hidden, kwargs = capture_block_inputs(model, blocks, batches, device, offload)
         # The dense model's stream, for the error-correcting target (identical until a block is pruned).
         dense_hidden = [h.clone() for h in hidden] if s.target == "dense" else None
@@ -478,7 +510,7 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
             ckpt.start(checkpoint_dir, run)
     windows = None
     if s.candidates:  # the selection sequences' call arguments for every block (the embeddings run once more)
-        with outside_blocks_on(model, blocks, device):
+        with clock.stage("inputs"), outside_blocks_on(model, blocks, device):
             windows = selection.capture_windows(model, blocks, batches, s.select_windows, device, offload)
     bar = _progress(range(first, len(blocks)), progress, first, len(blocks))
     for i in bar:
@@ -488,16 +520,18 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
         # built before the block's first pass, which may overwrite `hidden` (the MLP shortcut)
         scorer = None if windows is None else selection.TailScorer(adapter, i, windows, hidden, device)
         records, kept, mlp_inputs, tail = _prune_block(adapter, block, i, hidden, kwargs[i], s, dense_hidden,
-                                                       output_grams.get(i), scorer)
+                                                       output_grams.get(i), scorer, clock)
         report.layers.extend(records)
         if propagate == "pruned":
-            _propagate(adapter, block, i, hidden, kwargs[i], kept, mlp_inputs, tail, device, offload)
+            with clock.stage("propagate"):
+                _propagate(adapter, block, i, hidden, kwargs[i], kept, mlp_inputs, tail, device, offload)
         block.to(offload if device.type == "cuda" else device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         report.block_seconds.append(time.perf_counter() - block_start)
         if checkpoint_dir is not None:
-            ckpt.save_block(checkpoint_dir, i, block, kept, hidden, kwargs, report.layers, dense_hidden)
+            with clock.stage("checkpoint"):
+                ckpt.save_block(checkpoint_dir, i, block, kept, hidden, kwargs, report.layers, dense_hidden)
         stop = _HOOKS.stop_after_blocks
         if stop is not None and i + 1 - first >= stop and i + 1 < len(blocks):
             raise ckpt.Interrupted(f"stopped after block {i} (test hook)")
@@ -505,8 +539,31 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     model.train(was_training)
     report.params_after = count_parameters(model)
     report.seconds = time.perf_counter() - start
+    report.stage_seconds = clock.seconds
     report.peak_memory = peak_memory(device)
     return model, report
+
+
+class _Clock:
+    """Wall seconds per stage of a run, summed over its blocks.  On CUDA the device is synchronised at
+    the end of each stage, so that kernels are charged to the stage that queued them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.seconds: dict[str, float] = {}
+        self.device = device
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
 
 def _allocate(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], s: BlockSettings, output_grams: dict,
@@ -529,7 +586,8 @@ def _allocate(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], s
 
 def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[torch.Tensor], block_kwargs: list[dict],
                  settings: BlockSettings, dense_hidden: list[torch.Tensor] | None = None,
-                 output_grams: dict[str, torch.Tensor] | None = None, scorer: selection.TailScorer | None = None):
+                 output_grams: dict[str, torch.Tensor] | None = None, scorer: selection.TailScorer | None = None,
+                 clock: _Clock | None = None):
     """Capture the block's Gram matrices, solve its problems and write the results into it.
 
     For an MLP-only prune with pruned propagation (and a family with :meth:`Adapter.mlp_tail`) the first
@@ -545,6 +603,9 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
     inputs, then from the pruned stream; every problem is then posed on the corrected weight
     ``solvers.corrected_weight(W, Ĥ, C)``.
 
+    ``clock`` (if given) receives the time of the block's passes (``"forward"``), of the Gram products
+    inside them (``"gram"``) and of building, solving and writing back its problems (``"solve"``).
+
     ``output_grams`` (``output_metric``) maps a target (``"mlp"``, ``"heads"`` or a linear's name) to its
     output-gradient Gram matrix; those problems choose their masks in that metric.
 
@@ -552,6 +613,7 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
     the model's loss (:func:`spap.selection.choose`) and its record holds the choice.
     """
     output_grams = output_grams or {}
+    clock = clock or _Clock(settings.device)
     s = settings
     device = s.device
     tail = None
@@ -580,7 +642,7 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
         extra.append(wanted["mlp"].register_forward_pre_hook(stop_at_mlp_out))
     dense_out = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), clock.stage("forward"):
             for b, h in enumerate(hidden):
                 if dense_hidden is not None:
                     hooks.recording = True
@@ -598,10 +660,20 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
         hooks.remove()
         for handle in extra:
             handle.remove()
+    clock.add("forward", -hooks.seconds)
+    clock.add("gram", hooks.seconds)
+    with clock.stage("solve"):
+        records, kept = _solve_block(block, index, hooks.accumulators, groups, kinds, s, output_grams, scorer)
     if s.propagate == "dense":
         hidden[:] = dense_out
+    return records, kept, mlp_inputs, tail
+
+
+def _solve_block(block: nn.Module, index: int, grams: dict, groups: list, kinds: dict,
+                 s: BlockSettings, output_grams: dict, scorer: selection.TailScorer | None):
+    """Solve one block's problems from its Gram matrices and write the solutions into it; returns
+    ``(records, kept)`` (see :func:`_prune_block`)."""
     records, kept = [], {}
-    grams = hooks.accumulators
     for key, acc in grams.items():
         if not torch.isfinite(acc.H).all():
             raise FloatingPointError(f"NaN or Inf in the calibration inputs of block {index} ({key}).")
@@ -634,7 +706,7 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
         if chosen is not None:
             record.seconds, record.selection = sum(chosen["seconds"].values()), chosen
         records.append(record)
-    return records, kept, mlp_inputs, tail
+    return records, kept
 
 
 def _propagate(adapter: Adapter, block: nn.Module, index: int, hidden: list[torch.Tensor], block_kwargs: list[dict],

@@ -46,7 +46,16 @@ class PruneReport:
     ``metric_seconds`` of the backward passes behind the output metric (0 without one); memory in bytes.
     ``allocation`` is None for a uniform prune; with an allocation rule (``prune_layerwise(allocation=...)``)
     it holds each block's fraction (``"sparsity"``) and pruned units per kind (``"mlp"``, ``"heads"``), and
-    ``allocation_seconds`` the time the rule took (its pass over the dense model and its costs)."""
+    ``allocation_seconds`` the time the rule took (its pass over the dense model and its costs).
+
+    ``stage_seconds`` splits ``seconds`` by stage, summed over blocks: ``"metric"`` (as above),
+    ``"allocation"``, ``"inputs"`` (the embeddings pass that captures the first block's inputs),
+    ``"forward"`` (each block's pass over the calibration set that records its layers' inputs),
+    ``"gram"`` (the Gram products inside that pass), ``"solve"`` (building, solving and writing back the
+    problems; ``solver_seconds`` is the solvers' own share), ``"propagate"`` (the pruned blocks' outputs
+    for the next block) and ``"checkpoint"``; what no stage holds (moving blocks between devices) is the
+    rest of ``seconds``.  Compare the total with :func:`spap.forward_seconds`, one plain forward pass of the
+    same calibration set through the blocks."""
 
     settings: dict[str, Any]
     params_before: int
@@ -58,6 +67,7 @@ class PruneReport:
     metric_seconds: float = 0.0
     allocation: dict[str, list] | None = None
     allocation_seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def solver_seconds(self) -> float:
@@ -97,6 +107,10 @@ class PruneReport:
             + (f", allocation {self.allocation_seconds:.1f} s" if self.allocation is not None else "") + "); "
             + peak_memory_text(self.peak_memory)
         )
+        if self.stage_seconds:
+            rest = self.seconds - sum(self.stage_seconds.values())
+            lines.append("time by stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items() if v)
+                         + f", other {rest:.1f} s")
         return "\n".join(lines)
 
 

@@ -91,3 +91,18 @@ def test_a_malformed_setting_is_refused_before_any_run(e2e, capsys):
     with pytest.raises(SystemExit):
         e2e.main(["--set", "output_metric", "--report"])
     assert "--set" in capsys.readouterr().err
+
+
+def test_report_gives_prune_time_in_forward_passes_and_by_stage(e2e, tmp_path, capsys):
+    row = {"wikitext_ppl": 40.0, "c4_ppl": 45.0, "prune_s": 30.0, "solver_s": 5.0, "threads": 1, "peak_rss_gib": 2.0,
+           "params": 100, "sum_rel_err": 1.5, "structure": "mlp", "method": "spap", "sparsity": 0.3}
+    cache = {"quick|mlp|spap|0.3": {**row, "floor_s": 20.0, "stage_s": {"forward": 18.0, "solve": 6.0, "gram": 2.0}},
+             "quick|mlp|obs|0.3": {**row, "method": "obs"}}  # cached before the floor was measured
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps(cache))
+    e2e.main(["--report", "--cache", str(path)])
+    out = capsys.readouterr().out
+    assert "| 30% | spap | 40.00 | 45.00 |  | 30 | 1.50 | 5 |" in out
+    assert "| 30% | obs | 40.00 | 45.00 |  | 30 |  | 5 |" in out
+    assert "| forward | solve | gram | other |" in out
+    assert "| mlp | 30% | spap | 20 | 30 | 1.50 | 0.90 | 0.30 | 0.10 | 0.20 |" in out

@@ -23,7 +23,9 @@ def test_tiny_dry_run_prunes_every_block_and_reports_it(dry_run, tmp_path, capsy
     assert result["params_before"] - result["params_after"] == 2 * 38 * 3 * shape["hidden_size"]
     assert result["peak_device_gib"] is None and result["peak_host_gib"] > 0
     assert json.loads(out.read_text())["total_s"] == result["total_s"]
-    assert "per block: mean" in capsys.readouterr().out
+    assert result["floor_s"] > 0 and set(result["stage_s"]) >= {"forward", "gram", "solve", "propagate"}
+    printed = capsys.readouterr().out
+    assert "per block: mean" in printed and "x the forward pass" in printed and "time by stage: " in printed
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -79,7 +79,8 @@ def test_refit_matches_least_squares(structure):
     p = make_problem(5, 8, kind="correlated", structure=solvers.parse_structure(structure, 8),
                      **({} if structure == "2:4" else {"sparsity": 0.5}), seed=2)
     keep = solvers.solve(p, "magnitude").keep
-    W_hat = solvers.refit(p, keep)
+    # the direct solves; the conjugate-gradient refit is checked against them in test_refit.py
+    W_hat = solvers.refit_columns(p, keep) if keep.ndim == 1 else solvers.refit_rows(p, keep, method="cholesky")
     entries = keep if keep.ndim == 2 else p.structure.column_keep_mask(keep, 8).expand(5, 8)
     for r in range(5):
         K = torch.nonzero(entries[r]).flatten()
@@ -100,7 +101,7 @@ def test_row_refit_with_unequal_counts_matches_least_squares(budget, seed, monke
     keep = torch.rand(9, 10, generator=gen) < torch.linspace(0.0, 1.0, 9)[:, None]
     keep[0] = False
     keep[-1] = True
-    W_hat = refit_module.refit_rows(p, keep)
+    W_hat = refit_module.refit_rows(p, keep, method="cholesky")
     for r in range(9):
         K = torch.nonzero(keep[r]).flatten()
         if K.numel():
@@ -124,3 +125,4 @@ def test_spap_near_the_optimum_on_small_problems():
     assert min(gaps) > -1e-9  # nothing beats the optimum
     assert sum(g <= 0.01 for g in gaps) >= 0.9 * len(gaps)
     assert worse == 0
+

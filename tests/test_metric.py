@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import solvers
 from solvers import InvalidArgumentError, LayerProblem, OutputMetric, solve_in_metric
+from solvers.synthetic import make_problem
 
 f64 = torch.float64
 
@@ -264,3 +265,23 @@ def test_auto_is_the_full_metric_for_spap_on_column_structures_only(method, stru
 
     model, _ = _tiny()
     assert spap.pipeline.check_arguments(model, 0.5, method=method, structure=structure).output_metric == resolved
+
+
+@pytest.mark.parametrize("structure", ["channels", "unstructured"])
+def test_with_weight_is_the_problem_posed_afresh(structure):
+    """A problem for another weight that shares the Gram's derived matrices solves exactly as one built
+    from scratch, and leaves the original untouched."""
+    import dataclasses
+
+    p = make_problem(6, 16, kind="correlated", structure=solvers.parse_structure(structure, 16), sparsity=0.5, seed=4)
+    p.hessian_inverse  # noqa: B018 (shared with the copy once computed)
+    W2 = torch.randn(6, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    fresh = solvers.solve(dataclasses.replace(p, weight=W2), "spap")
+    shared = solvers.solve(p.with_weight(W2), "spap")
+    assert torch.equal(fresh.keep, shared.keep) and torch.equal(fresh.weight, shared.weight)
+    assert p.with_weight(W2).hessian_inverse is p.hessian_inverse and torch.equal(p.W64, p.weight.double())
+    for bad, message in [(W2[:3], "shape"), (W2.long(), "float"), (W2 * float("nan"), "NaN")]:
+        with pytest.raises(ValueError, match=message):
+            p.with_weight(bad)
+    with pytest.raises(ValueError, match="'bias'"):
+        p.with_weight(W2, torch.zeros(5))

@@ -191,3 +191,90 @@ def test_mlp_tail_shortcut_equals_the_full_second_pass(name):
         full, _ = spap.prune_layerwise(_model(name), _ids(), 0.5, progress=False)
     for (k, a), b in zip(fast.state_dict().items(), full.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text", "opt", "gpt2"])
+def test_forward_floor_is_the_model_own_pass_through_the_blocks(name):
+    """forward_pass runs the blocks as the prune does and gives what the model's last block gives."""
+    from spap.capture import forward_pass
+
+    model = _model(name)
+    blocks = get_adapter(model).blocks()
+    seen = []
+    handle = blocks[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    batches = list(_ids().split(4))
+    with torch.no_grad():
+        for ids in batches:
+            model(ids, use_cache=False)
+    handle.remove()
+    ours = forward_pass(model, blocks, batches, torch.device("cpu"), torch.device("cpu"))
+    for a, b in zip(ours, seen):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert spap.forward_seconds(model, _ids(), batch_size=4) > 0
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    for kwargs, message in [(dict(batch_size=0), "'batch_size'"), (dict(device="gpu0"), "'device'"),
+                            (dict(offload="nowhere"), "'offload'")]:
+        with pytest.raises(ValueError, match=message):
+            spap.forward_seconds(model, _ids(), **kwargs)
+    with pytest.raises(ValueError, match="'calib'"):
+        spap.forward_seconds(model, "just one string")
+
+
+@pytest.mark.parametrize("structure, stages", [
+    ("mlp", {"metric", "inputs", "forward", "gram", "solve", "propagate"}),
+    ("unstructured", {"inputs", "forward", "gram", "solve", "propagate"}),
+])
+def test_report_splits_the_time_by_stage(structure, stages, tmp_path):
+    _, report = spap.prune_layerwise(_model("llama"), _ids(), 0.5, structure=structure, progress=False)
+    assert set(report.stage_seconds) == stages
+    assert all(v >= 0 for v in report.stage_seconds.values())
+    assert sum(report.stage_seconds.values()) <= report.seconds
+    assert report.solver_seconds <= report.stage_seconds["solve"]  # the solvers run inside the solve stage
+    assert report.metric_seconds == report.stage_seconds.get("metric", 0.0)
+    assert "time by stage: " in report.summary()
+    _, report = spap.prune_layerwise(_model("llama"), _ids(), 0.5, structure=structure, progress=False,
+                                     checkpoint_dir=str(tmp_path / "ck"))
+    assert set(report.stage_seconds) == stages | {"checkpoint"}
+
+
+# --- CUDA (skipped without a GPU; benchmarks/gpu_check.sh runs them on one) ------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("structure", ["mlp", "mlp+heads", "unstructured", "2:4"])
+@pytest.mark.parametrize("start", ["cpu", "cuda"])
+def test_cuda_prune_from_a_model_on_either_device(structure, start):
+    """Blocks run on CUDA; a model that starts on the host goes back there (offload), one that starts on
+    CUDA with offload="cuda" stays there; the result has the CPU run's shapes and parameter count."""
+    cpu, cpu_report = spap.prune_layerwise(_model("llama"), _ids(), 0.5, structure=structure, device="cpu",
+                                           progress=False)
+    model = _model("llama").to(start)
+    model, report = spap.prune_layerwise(model, _ids(), 0.5, structure=structure, device="cuda", offload=start,
+                                         progress=False)
+    assert report.peak_memory["cuda"] > 0 and report.stage_seconds["solve"] > 0
+    assert report.params_after == cpu_report.params_after
+    assert {p.device.type for p in model.parameters()} == {start}
+    assert [tuple(p.shape) for p in model.parameters()] == [tuple(p.shape) for p in cpu.parameters()]
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids(2, 16).to(start)).logits).all()
+    assert spap.forward_seconds(model, _ids(), device="cuda", offload=start) > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("structure", ["mlp", "unstructured"])
+def test_cuda_resume_gives_the_identical_result(structure, tmp_path):
+    reference, _ = spap.prune_layerwise(_model("llama"), _ids(), 0.5, structure=structure, device="cuda",
+                                        progress=False)
+    with pytest.raises(spap.checkpoint.Interrupted), _stop_after(1):
+        spap.prune_layerwise(_model("llama"), _ids(), 0.5, structure=structure, device="cuda",
+                             checkpoint_dir=str(tmp_path), progress=False)
+    resumed, _ = spap.prune_layerwise(_model("llama"), _ids(), 0.5, structure=structure, device="cuda",
+                                      checkpoint_dir=str(tmp_path), resume=True, progress=False)
+    for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
