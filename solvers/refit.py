@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._linalg import cholesky
+from ._linalg import cholesky, inverse_from_cholesky
 from .problem import LayerProblem
 from .validation import InvalidArgumentError
 
@@ -137,7 +137,7 @@ def _refit_rows_cg(problem: LayerProblem, keep: torch.Tensor, H: torch.Tensor, H
     """
     W = problem.W64
     if Hinv is None:
-        Hinv = torch.cholesky_inverse(cholesky(H, what="the Gram matrix", hint="raise 'damp'"))
+        Hinv = inverse_from_cholesky(cholesky(H, what="the Gram matrix", hint="raise 'damp'"))
     kept = keep.to(H.dtype)
     X = W * kept if start is None else start.to(H.dtype) * kept
     D = X - W
