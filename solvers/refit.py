@@ -65,8 +65,8 @@ def refit_columns(problem: LayerProblem, keep_cols: torch.Tensor, H: torch.Tenso
 
 
 # Conjugate-gradient refit: stop when the bound on the objective's excess is below this fraction of the
-# objective (1e-14: the objective then equals the direct solve's to round-off, and the kept weights'
-# gradient is below 1e-9 of ‖W H‖ on SmolLM2's layers, which take 19-29 iterations).  Rows not there
+# objective (1e-14: the objective then equals the direct solve's to round-off; ``python
+# benchmarks/row_refit.py`` compares them on SmolLM2's layers).  Rows not there
 # after _CG_MAX_ITERATIONS are solved directly, so a badly conditioned layer costs at most that many
 # iterations more than the direct solve (measured by ``python benchmarks/row_refit.py``).
 _CG_RTOL = 1e-14
