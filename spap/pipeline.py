@@ -214,7 +214,8 @@ def prune_layerwise(
         and None otherwise (unstructured and N:M, and the other methods, which keep their published
         objective unless asked).  ``G`` comes from one forward and backward pass of the dense model per
         sequence on the first ``metric_windows`` calibration sequences, before any block changes, with
-        the whole model on ``device``.
+        the whole model on ``device`` (the head by chunks of positions and each block's activations
+        recomputed in the backward pass, so the pass holds one block's activations at a time).
     metric_windows : int >= 1, default 16
         Calibration sequences behind ``G`` (all of them when there are fewer).
     metric_damp : float > 0, default 1.0

@@ -169,6 +169,36 @@ def test_output_gradient_grams_equal_autograd_by_hand():
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "opt", "gpt2"])
+def test_output_gradient_grams_with_the_head_in_chunks_equal_the_full_logits(name, recompute):
+    """The head runs on a few positions at a time (chunks of 5 of 31 scored positions here); the grams
+    equal those of the model's own forward with its whole logits, for families whose head differs
+    (Gemma 2's soft-capping, OPT's final norm, GPT-2's tied head), with the blocks' activations kept or
+    recomputed in the backward pass; the blocks' forward is the class's own again afterwards."""
+    from spap.adapters import get_adapter
+    from spap.gradients import output_gradient_grams
+
+    from .test_pipeline import _ids, _model
+
+    model, ids = _model(name).double(), _ids(4, 32)  # float64: only the order of the sums differs
+    out = get_adapter(model).mlp_out(get_adapter(model).blocks()[0])
+    grams = output_gradient_grams(model, [ids], {"out": out}, n_sequences=4, device=torch.device("cpu"),
+                                  head_chunk=5, recompute=recompute)
+    assert not any("forward" in vars(block) for block in get_adapter(model).blocks())
+    expected = torch.zeros_like(grams["out"])
+    for row in ids:
+        seen = {}
+        handle = out.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o))
+        logits = model(row[None], use_cache=False).logits
+        handle.remove()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], row[1:], reduction="sum")
+        g, = torch.autograd.grad(loss, seen["out"])
+        g = g.reshape(-1, g.shape[-1]).double()
+        expected += g.T @ g
+    torch.testing.assert_close(grams["out"], expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("structure", ["mlp", "heads"])
 def test_a_flat_metric_gives_the_plain_run_and_a_sharp_one_other_masks(structure):
     import spap
