@@ -302,10 +302,10 @@ def _spap_rows(problem: LayerProblem, schedule, counts, max_inner: int, guard: b
         # as its objective provably cannot (refit_rows_below), which is usually after a few iterations.
         start = project(problem, W * W * c)
         e_pen = problem.objective(W_hat)
-        W_start = refit_rows_below(problem, start, e_pen)
-        e_start = None if W_start is None else problem.objective(W_start)
+        below = refit_rows_below(problem, start, e_pen)
+        W_start, e_start = below if below is not None else (None, None)
         stats["start_errors"] = {"penalty": e_pen, "obs_score": e_start}
-        if e_start is not None and e_start < e_pen:
+        if below is not None:
             stats["fallback"] = "OBS-score mask refit beat the penalty mask"
             keep, W_hat = start, W_start
     if swap:

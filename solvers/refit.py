@@ -112,8 +112,9 @@ def refit_rows(problem: LayerProblem, keep: torch.Tensor, H: torch.Tensor | None
     return _refit_rows_direct(problem.W64, keep, problem.hessian if H is None else H)
 
 
-def refit_rows_below(problem: LayerProblem, keep: torch.Tensor, bound: float) -> torch.Tensor | None:
-    """The refit of ``keep`` (as :func:`refit_rows`) if its objective may be below ``bound``, else None.
+def refit_rows_below(problem: LayerProblem, keep: torch.Tensor, bound: float) -> tuple[torch.Tensor, float] | None:
+    """``(W_hat, objective)``, the refit of ``keep`` (as :func:`refit_rows`) and its objective, if that
+    objective is below ``bound``; else None.
 
     With conjugate gradients the objective of the iterate, minus the bound on its excess, is a lower
     bound of the refit's objective: once it passes ``bound`` the iterations stop and None is returned.
@@ -121,8 +122,12 @@ def refit_rows_below(problem: LayerProblem, keep: torch.Tensor, bound: float) ->
     """
     if problem.shape[1] < _CG_MIN_WIDTH:
         W_hat = refit_rows(problem, keep, method="cholesky")
-        return W_hat if problem.objective(W_hat) < bound else None
-    return _refit_rows_cg(problem, keep, problem.hessian, problem.hessian_inverse, None, stop_above=bound)
+    else:
+        W_hat = _refit_rows_cg(problem, keep, problem.hessian, problem.hessian_inverse, None, stop_above=bound)
+        if W_hat is None:
+            return None
+    objective = problem.objective(W_hat)
+    return (W_hat, objective) if objective < bound else None
 
 
 def _refit_rows_cg(problem: LayerProblem, keep: torch.Tensor, H: torch.Tensor, Hinv: torch.Tensor | None,
@@ -166,8 +171,6 @@ def _refit_rows_cg(problem: LayerProblem, keep: torch.Tensor, H: torch.Tensor, H
     late = torch.nonzero(0.5 * rz > _CG_RTOL * f).flatten()
     if late.numel():  # not provably there: solve those rows directly
         X[late] = _refit_rows_direct(W[late], keep[late], H)
-    if stop_above is not None and problem.objective(X) >= stop_above:
-        return None
     return X
 
 

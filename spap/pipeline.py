@@ -289,8 +289,7 @@ def forward_seconds(model: nn.Module, calib: Any, *, tokenizer=None, batch_size:
     """
     adapter = check_model(model, "forward_seconds")
     check_table("forward_seconds", {"batch_size": _CONSTRAINTS["batch_size"]}, {"batch_size": batch_size})
-    device = _device_arg("device", device or ("cuda" if torch.cuda.is_available() else "cpu"), "forward_seconds")
-    offload = _device_arg("offload", offload, "forward_seconds")
+    device, offload = _devices(device, offload, "forward_seconds")
     batches = calibration_batches(calib, tokenizer, batch_size=batch_size)
     check_calibration(batches, model, "forward_seconds")
     was_training = model.training
@@ -301,6 +300,12 @@ def forward_seconds(model: nn.Module, calib: Any, *, tokenizer=None, batch_size:
         return time.perf_counter() - start
     finally:
         model.train(was_training)
+
+
+def _devices(device: str | torch.device | None, offload: str | torch.device, caller: str) -> tuple[torch.device, torch.device]:
+    """The checked ``(device, offload)`` pair; ``device`` defaults to CUDA when there is one."""
+    device = _device_arg("device", device or ("cuda" if torch.cuda.is_available() else "cpu"), caller)
+    return device, _device_arg("offload", offload, caller)
 
 
 def check_arguments(
@@ -346,8 +351,7 @@ def check_arguments(
                                        f"a multiple of {parsed.rows.m}; this model's widths are {sorted(widths)}.")
     if resume and checkpoint_dir is None:
         raise InvalidArgumentError("resume=True needs the 'checkpoint_dir' argument.")
-    device = _device_arg("device", device or ("cuda" if torch.cuda.is_available() else "cpu"), "prune_layerwise")
-    offload = _device_arg("offload", offload, "prune_layerwise")
+    device, offload = _devices(device, offload, "prune_layerwise")
     sparsities = A.block_sparsities(sparsity, A.block_names(model, adapter))
     allocation = A.parse_allocation(allocation)
     if not isinstance(allocation, A.Uniform):

@@ -65,7 +65,8 @@ def test_refit_below_a_bound_is_the_refit_or_none(d_in, kind):
     exact = p.objective(solvers.refit_rows(p, keep, method="cholesky"))
     assert solvers.refit_rows_below(p, keep, exact * (1 - 1e-6)) is None
     below = solvers.refit_rows_below(p, keep, exact * (1 + 1e-6))
-    assert below is not None and math.isclose(p.objective(below), exact, rel_tol=1e-10)
+    assert below is not None and math.isclose(p.objective(below[0]), exact, rel_tol=1e-10)
+    assert below[1] == p.objective(below[0])
     assert solvers.refit_rows_below(p, keep, 0.0) is None
 
 
