@@ -32,6 +32,7 @@ from torch import nn
 import solvers
 
 from . import allocation as A
+from . import bias as B
 from . import checkpoint as ckpt
 from . import selection
 from . import units as U
@@ -73,7 +74,9 @@ class BlockSettings:
     filled in before the first block (:mod:`spap.allocation`);
     ``mlp_tail`` lets the pipeline skip the second pass of an MLP-only prune (see :func:`_prune_block`);
     ``candidates`` the methods a mask is chosen from by the model's loss, ``method`` first (empty: no
-    choice, ``method`` alone), on ``select_windows`` calibration sequences (:mod:`spap.selection`).
+    choice, ``method`` alone), on ``select_windows`` calibration sequences (:mod:`spap.selection`);
+    ``bias_switches`` the config switches turned on before the first block so that a method compensating
+    into a bias (FLAP) has one to write (:mod:`spap.bias`).
     """
 
     structure: PruneStructure
@@ -96,6 +99,7 @@ class BlockSettings:
     allocation: A.Allocation = A.Uniform()
     block_sparsity: tuple[float, ...] = ()
     counts: tuple[dict[str, int], ...] = ()
+    bias_switches: tuple[B.BiasSwitch, ...] = ()
 
 
 @dataclass
@@ -338,6 +342,9 @@ def check_arguments(
     method_options = dict(method_options or {})
     solvers.check_method(method, method_options, parsed.rows if parsed.rows is not None else solvers.channels(1))
     candidates = selection.check_candidates(candidates, method, parsed)
+    switches = B.check_compensation(adapter, parsed.units, [method], "prune_layerwise")
+    switches += [w for w in B.check_compensation(adapter, parsed.units, candidates, "prune_layerwise", "candidates")
+                 if w not in switches]
     if isinstance(parsed.rows, solvers.NM):
         widths = {LinearView(m).d_in for g in adapter.linear_groups(adapter.blocks()[0]) for m in g.values()}
         if any(w % parsed.rows.m for w in widths):
@@ -375,7 +382,7 @@ def check_arguments(
                              device, offload, mlp_tail=_HOOKS.mlp_tail, target=target, output_metric=output_metric,
                              metric_windows=int(metric_windows), metric_damp=float(metric_damp), damp_mode=damp_mode,
                              candidates=candidates, select_windows=select_windows, allocation=allocation,
-                             block_sparsity=sparsities, counts=tuple(counts))
+                             block_sparsity=sparsities, counts=tuple(counts), bias_switches=tuple(switches))
     if resume:  # the arguments, before calibrating; the model and the tokens are checked when loading
         arguments = {k: v for k, v in _settings(settings, model).items() if k != "model_type"}
         ckpt.check_settings(checkpoint_dir, dict(arguments, device=device.type))
@@ -452,13 +459,20 @@ class _Snapshot:
             params = {name: (p, p.requires_grad, p.device, p.detach().to("cpu", copy=True))
                       for name, p in m._parameters.items() if p is not None}
             buffers = {name: (b.device, b.detach().to("cpu", copy=True)) for name, b in m._buffers.items() if b is not None}
+            params.update({name: None for name, p in m._parameters.items() if p is None})  # e.g. a bias added later
             plain = {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, type(None)))}
             self.modules.append((m, params, buffers, plain))
 
     def restore(self) -> None:
         with torch.no_grad():
             for m, params, buffers, plain in self.modules:
-                for name, (p, requires_grad, device, saved) in params.items():
+                for name in [n for n in m._parameters if n not in params]:
+                    del m._parameters[name]
+                for name, entry in params.items():
+                    if entry is None:
+                        m._parameters[name] = None
+                        continue
+                    p, requires_grad, device, saved = entry
                     p.data = saved.to(device)
                     p.requires_grad_(requires_grad)
                     m._parameters[name] = p
@@ -476,6 +490,7 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     """The block-by-block prune, with arguments already checked."""
     adapter = get_adapter(model)
     device, offload, propagate = s.device, s.offload, s.propagate
+    B.add_biases(adapter, s.bias_switches)  # zero biases: outputs unchanged; undone with the snapshot
     settings = dict(_settings(s, model), n_batches=len(batches), calib_tokens=sum(b.numel() for b in batches))
 
     # --- run --------------------------------------------------------------------------------------
