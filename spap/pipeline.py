@@ -185,7 +185,9 @@ def prune_layerwise(
         ``"mlp"`` prunes intermediate channels (rows of gate/up or fc1, columns of down or fc2);
         ``"heads"`` prunes whole key-value groups (all query heads of a KV head, and the KV head), which
         keeps grouped-query attention valid (OPT and GPT-2, whose head_dim is derived from the hidden
-        size, keep their shapes and store the pruned heads as zeros); unstructured and N:M keep shapes and store zeros.
+        size, keep their shapes and store the pruned heads as zeros); ``"mlp+heads"`` prunes the heads
+        first and then the MLP, whose problem is posed on the inputs of the block with its attention
+        already pruned (one more pass through the block); unstructured and N:M keep shapes and store zeros.
     tokenizer : optional
         Needed when ``calib`` is a list of strings.
     method_options : dict, optional
@@ -246,7 +248,7 @@ def prune_layerwise(
         ``method`` only) solve the same layer problem, and the solution kept is the one whose block,
         followed by the rest of the network (later blocks still dense, final norm, head), gives the
         lowest next-token cross-entropy on the first ``select_windows`` calibration sequences.  With
-        ``"mlp+heads"`` the MLP is chosen first, then the heads.  Only for MLP channels and key-value
+        ``"mlp+heads"`` the heads are chosen first, then the MLP with them in place.  Only for MLP channels and key-value
         groups (unstructured and N:M are refused).  None (the default) solves with ``method`` alone.
     select_windows : int, default 4
         Calibration sequences the choice is scored on (all of them when there are fewer); each block
@@ -605,6 +607,12 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
                  clock: _Clock | None = None):
     """Capture the block's Gram matrices, solve its problems and write the results into it.
 
+    With ``"mlp+heads"`` this takes two passes (:func:`_stages`): the first poses and solves the heads'
+    problem and writes it into the block; the second runs the batches through the block with its
+    attention pruned and poses the MLP's problem on the inputs that pruned attention gives the MLP's
+    output linear.  (With ``target="dense"`` the dense model's stream runs through a copy of the dense
+    block in both passes.)
+
     For an MLP-only prune with pruned propagation (and a family with :meth:`Adapter.mlp_tail`) the first
     pass stops at the MLP's output linear, replaces ``hidden[b]`` by the residual entering the MLP and
     returns the inputs of the output linear (``mlp_inputs``, one ``(batch, seq, width)`` tensor per
@@ -630,58 +638,82 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
     output_grams = output_grams or {}
     clock = clock or _Clock(settings.device)
     s = settings
-    device = s.device
     tail = None
     if s.mlp_tail and s.structure.units == ("mlp",) and s.propagate == "pruned":
         tail = adapter.mlp_tail(block)
-    kinds = U.kinds(adapter, s.structure.units)
     groups = adapter.linear_groups(block)
-    wanted: dict[str, nn.Module] = {}
-    if s.structure.rows is not None:
-        wanted = {next(iter(g)): next(iter(g.values())) for g in groups}
-    for name, kind in kinds.items():
-        wanted[name] = kind.output_linear(block)
-    hooks = GramHooks(wanted, device, s.gram_dtype, cross=dense_hidden is not None)
-    extra = []
-    residuals: list[torch.Tensor] = []
+    stages = _stages(s.structure)
+    # The dense model's stream needs the dense block for every stage; a later stage's block is partly pruned.
+    dense_block = copy.deepcopy(block) if dense_hidden is not None and len(stages) > 1 else block
+    records, kept = [], {}
     mlp_inputs: list[torch.Tensor | None] = []
-    if tail is not None:
-        def stop_at_mlp_out(module, args):  # registered after the Gram hook, so it runs after it
-            if hooks.recording:  # the dense stream's pass runs the whole block
-                return
-            mlp_inputs.append(args[0].detach().to(hidden[0].device))  # NaN shows in the Gram check
-            raise _StopBlock
+    dense_out: list[torch.Tensor] = []
+    for k, names in enumerate(stages):
+        kinds = U.kinds(adapter, names)
+        wanted: dict[str, nn.Module] = {}
+        if s.structure.rows is not None:
+            wanted = {next(iter(g)): next(iter(g.values())) for g in groups}
+        for name, kind in kinds.items():
+            wanted[name] = kind.output_linear(block)
+        hooks = GramHooks(wanted, s.device, s.gram_dtype, cross=dense_hidden is not None)
+        if dense_block is not block:
+            paths = {id(m): n for n, m in block.named_modules()}
+            copies = dict(dense_block.named_modules())
+            for name, module in wanted.items():
+                hooks.add_reference(name, copies[paths[id(module)]])
+        extra = []
+        residuals: list[torch.Tensor] = []
+        if tail is not None:
+            def stop_at_mlp_out(module, args):  # registered after the Gram hook, so it runs after it
+                if hooks.recording:  # the dense stream's pass runs the whole block
+                    return
+                mlp_inputs.append(args[0].detach().to(hidden[0].device))  # NaN shows in the Gram check
+                raise _StopBlock
 
-        extra.append(tail[0].register_forward_pre_hook(
-            lambda m, args: None if hooks.recording else residuals.append(args[0].detach())))
-        extra.append(wanted["mlp"].register_forward_pre_hook(stop_at_mlp_out))
-    dense_out = []
-    try:
-        with torch.no_grad(), clock.stage("forward"):
-            for b, h in enumerate(hidden):
-                if dense_hidden is not None:
-                    hooks.recording = True
-                    out = run_block(block, dense_hidden[b], block_kwargs[b], device)
-                    hooks.recording = False
-                    dense_hidden[b] = finite(out, f"dense output of block {index}").to(dense_hidden[b].device)
-                try:
-                    out = run_block(block, h, block_kwargs[b], device)
-                except _StopBlock:
-                    hidden[b] = residuals.pop().to(h.device)
-                    continue
-                if s.propagate == "dense":
-                    dense_out.append(finite(out, f"output of block {index}").to(h.device))
-    finally:
-        hooks.remove()
-        for handle in extra:
-            handle.remove()
-    clock.add("forward", -hooks.seconds)
-    clock.add("gram", hooks.seconds)
-    with clock.stage("solve"):
-        records, kept = _solve_block(block, index, hooks.accumulators, groups, kinds, s, output_grams, scorer)
+            extra.append(tail[0].register_forward_pre_hook(
+                lambda m, args: None if hooks.recording else residuals.append(args[0].detach())))
+            extra.append(wanted["mlp"].register_forward_pre_hook(stop_at_mlp_out))
+        last = k == len(stages) - 1
+        try:
+            with torch.no_grad(), clock.stage("forward"):
+                for b, h in enumerate(hidden):
+                    if dense_hidden is not None:
+                        hooks.recording = True
+                        out = run_block(dense_block, dense_hidden[b], block_kwargs[b], s.device)
+                        hooks.recording = False
+                        if last:
+                            dense_hidden[b] = finite(out, f"dense output of block {index}").to(dense_hidden[b].device)
+                    try:
+                        out = run_block(block, h, block_kwargs[b], s.device)
+                    except _StopBlock:
+                        hidden[b] = residuals.pop().to(h.device)
+                        continue
+                    if s.propagate == "dense" and k == 0:  # the block is still dense in the first stage
+                        dense_out.append(finite(out, f"output of block {index}").to(h.device))
+        finally:
+            hooks.remove()
+            for handle in extra:
+                handle.remove()
+        clock.add("forward", -hooks.seconds)
+        clock.add("gram", hooks.seconds)
+        with clock.stage("solve"):
+            stage_records, stage_kept = _solve_block(block, index, hooks.accumulators, groups, kinds, s, output_grams,
+                                                     scorer)
+        records += stage_records
+        kept.update(stage_kept)
+    del dense_block
     if s.propagate == "dense":
         hidden[:] = dense_out
     return records, kept, mlp_inputs, tail
+
+
+def _stages(structure: PruneStructure) -> list[tuple[str, ...]]:
+    """The unit kinds solved after each pass through a block: heads before the MLP (``"mlp+heads"``),
+    so that the MLP's problem is posed on the inputs the pruned attention gives it; one stage otherwise
+    (row structures: every linear from the one pass)."""
+    if structure.units == ("mlp", "heads"):
+        return [("heads",), ("mlp",)]
+    return [structure.units]
 
 
 def _solve_block(block: nn.Module, index: int, grams: dict, groups: list, kinds: dict,
