@@ -128,3 +128,23 @@ def test_a_failed_run_removes_the_added_biases(monkeypatch):
     with pytest.raises(RuntimeError, match="solver failed"):
         spap.prune_layerwise(model, _ids(), 0.5, method="flap", structure="mlp", progress=False)
     assert set(model.state_dict()) == names and model.config.mlp_bias is False
+
+
+def test_flap_resume_equals_an_uninterrupted_run(tmp_path):
+    """The zero biases are added before the checkpoint's fingerprint and before finished blocks are
+    loaded back, so a resumed FLAP run is bit for bit the uninterrupted one."""
+    reference = _model(transformers.LlamaConfig(**SHAPE))
+    spap.prune_layerwise(reference, _ids(), 0.5, method="flap", structure="mlp+heads", progress=False)
+    model = _model(transformers.LlamaConfig(**SHAPE))
+    run = dict(method="flap", structure="mlp+heads", progress=False, checkpoint_dir=str(tmp_path / "ckpt"))
+    saved = spap.pipeline._HOOKS
+    spap.pipeline._HOOKS = spap.pipeline._TestHooks(stop_after_blocks=1)
+    try:
+        with pytest.raises(spap.checkpoint.Interrupted):
+            spap.prune_layerwise(model, _ids(), 0.5, **run)
+    finally:
+        spap.pipeline._HOOKS = saved
+    model = _model(transformers.LlamaConfig(**SHAPE))
+    spap.prune_layerwise(model, _ids(), 0.5, resume=True, **run)
+    a, b = reference.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
