@@ -248,8 +248,8 @@ def prune_layerwise(
         ``method`` only) solve the same layer problem, and the solution kept is the one whose block,
         followed by the rest of the network (later blocks still dense, final norm, head), gives the
         lowest next-token cross-entropy on the first ``select_windows`` calibration sequences.  With
-        ``"mlp+heads"`` the heads are chosen first, then the MLP with them in place.  Only for MLP channels and key-value
-        groups (unstructured and N:M are refused).  None (the default) solves with ``method`` alone.
+        ``"mlp+heads"`` the heads are chosen first, then the MLP with them in place.  Only for MLP
+        channels and key-value groups (unstructured and N:M are refused).  None (the default) solves with ``method`` alone.
     select_windows : int, default 4
         Calibration sequences the choice is scored on (all of them when there are fewer); each block
         costs ``K·(L − i)`` block passes on them for ``K`` candidates, block ``i`` of ``L``.
