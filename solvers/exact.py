@@ -28,7 +28,7 @@ from .structure import NM, ColumnGroups
 _OPTIONS = {
     "backend": Options(("enumerate", "miqp")),
     "max_candidates": Interval(int, 1, None),
-    "solver": Options(("SCIP", "HIGHS")),
+    "solver": Options(("SCIP",)),  # the mixed-integer QP solvers offered (solvers.miqp.MIQP_SOLVERS)
     "time_limit": Interval(float, 0.0, None, closed="neither"),
 }
 
@@ -165,7 +165,11 @@ def exact(
     solver: str = "SCIP",
     time_limit: float = 600.0,
 ):
-    """The global optimum of a small problem, by enumeration or by the MIQP; refuses large problems."""
+    """The global optimum of a small problem, by enumeration or by the MIQP; refuses large problems.
+
+    With ``backend="miqp"`` the optimum is proven only when ``stats["status"] == "optimal"``: a run
+    stopped by ``time_limit`` returns the refit of the best mask found, with SCIP's status
+    (``"timelimit"``), ``stats["optimal"]`` False and the relative MIP gap ``stats["gap"]``."""
     if backend == "miqp":
         from .miqp import solve_miqp
 

@@ -12,12 +12,19 @@ of the zero row).  By Cauchy–Schwarz in the ``H`` inner product, ``|e_iᵀ v| 
 
     |ŵ_ri| ≤ M_ri = |w_ri| + ‖w_r‖_H √(H⁻¹_ii)
 
-holds at every optimum, so the big-M constraints cut off no optimal solution.  The mixed-integer solver
-is SCIP (``pip install pyscipopt``, the ``exact`` extra) or HiGHS; cvxpy is imported lazily.
+holds at every optimum, so the big-M constraints cut off no optimal solution.
+
+The mixed-integer solver is SCIP (``pip install pyscipopt``, the ``exact`` extra); cvxpy is imported
+lazily.  SCIP is the only solver offered: of cvxpy's other installable solvers HiGHS and SciPy solve
+mixed-integer *linear* programs only (cvxpy 1.9 refuses this model with them: "The solver HIGHS cannot
+solve this problem"), and the solvers that take integer variables with a quadratic or second-order-cone
+objective (Gurobi, CPLEX, MOSEK, Xpress, COPT) are commercial and untested here.  A time limit that
+stops SCIP before it proves optimality is reported (``status``, ``gap``), never passed off as optimal.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,23 +91,50 @@ def build_miqp(problem: LayerProblem) -> MIQP:
     return MIQP(cp.Problem(objective, constraints), W_hat, z, M)
 
 
-def solve_miqp(problem: LayerProblem, *, solver: str = "SCIP", time_limit: float = 600.0) -> tuple[torch.Tensor, dict]:
-    """Solve the MIQP; returns the kept mask (groups or weights) and solver information."""
+MIQP_SOLVERS = ("SCIP",)
+
+
+def solve_miqp(problem: LayerProblem, *, solver: str = "SCIP", time_limit: float = 600.0,
+               scip_params: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """Solve the MIQP within ``time_limit`` seconds; returns the kept mask (groups or weights) of the best
+    solution found, and what the solver says of it.  ``scip_params``: further SCIP parameters (e.g.
+    ``{"limits/nodes": 1}``), passed as they are.
+
+    The information: ``status`` (``"optimal"`` only when SCIP proved it; otherwise SCIP's own status,
+    e.g. ``"timelimit"``, and the mask is the best found, not a proven optimum), ``optimal`` (bool),
+    ``gap`` (relative MIP gap ``(primal − dual bound) / |primal bound|`` of the MIQP's objective; 0 when
+    proven optimal), ``miqp_objective`` (the best solution's objective), ``solver`` and ``backend``.
+    Raises ``RuntimeError`` naming the status when no feasible mask was found in time.
+    """
     import cvxpy as cp
 
+    if solver not in MIQP_SOLVERS:
+        raise InvalidArgumentError(f"The 'solver' argument of solve_miqp must be one of "
+                                   f"{', '.join(map(repr, MIQP_SOLVERS))} (a mixed-integer QP solver). Got {solver!r}.")
     if solver not in cp.installed_solvers():
         raise InvalidArgumentError(
             f"The 'solver' argument names {solver!r}, which is not installed; installed: {cp.installed_solvers()}. "
             "Install SCIP with: pip install pyscipopt"
         )
     model = build_miqp(problem)
-    opts = {"limits/time": time_limit} if solver == "SCIP" else {"time_limit": time_limit}
-    key = "scip_params" if solver == "SCIP" else None
-    kwargs = {key: opts} if key else opts
-    model.problem.solve(solver=solver, **kwargs)
+    with warnings.catch_warnings():  # cvxpy's "Solution may be inaccurate" on a limit: `status` says it
+        warnings.filterwarnings("ignore", message="Solution may be inaccurate", category=UserWarning)
+        model.problem.solve(solver=solver, scip_params={"limits/time": float(time_limit), **(scip_params or {})})
+    stats = model.problem.solver_stats.extra_stats or {}
+    scip = stats.get("model")
+    scip_status = scip.getStatus() if scip is not None else str(stats.get("scip_status", model.problem.status))
+    info = {"backend": "miqp", "solver": solver, "status": scip_status, "optimal": scip_status == "optimal"}
     if model.z.value is None:
-        raise RuntimeError(f"The MIQP solver {solver} returned no solution (status {model.problem.status}).")
+        raise RuntimeError(f"The MIQP solver {solver} returned no solution (status {scip_status!r}, time limit "
+                           f"{time_limit} s).")
+    value = float(model.problem.value)
+    info["miqp_objective"] = value
+    if scip is not None:  # SCIP's bounds are on its model's objective, which differs from ours by a constant
+        absolute = max(float(scip.getPrimalbound()) - float(scip.getDualbound()), 0.0)
+        info["gap"] = 0.0 if info["optimal"] else absolute / max(abs(value), 1e-300)
+    else:
+        info["gap"] = 0.0 if info["optimal"] else float("inf")
     keep = torch.from_numpy(np.round(model.z.value).astype(bool)).to(problem.device)
     if isinstance(problem.structure, ColumnGroups):
         keep = keep.reshape(-1)
-    return keep, {"backend": "miqp", "solver": solver, "status": model.problem.status, "miqp_objective": float(model.problem.value)}
+    return keep, info

@@ -32,6 +32,7 @@ class SolverSpec:
     reference: str
     options: dict[str, Any]
     summary: str
+    compensates_bias: bool = False  # returns a new bias (Solution.bias) that the layer must use
 
     def supports(self, structure: object) -> bool:
         return isinstance(structure, self.structures)
@@ -49,14 +50,17 @@ def register(
     reference: str = "",
     options: dict[str, Any] | None = None,
     summary: str = "",
+    compensates_bias: bool = False,
 ) -> Callable[[SolverFn], SolverFn]:
-    """Decorator that registers ``fn`` under ``name``."""
+    """Decorator that registers ``fn`` under ``name``.  ``compensates_bias``: the solver returns a new
+    bias (``stats["bias"]``, :attr:`Solution.bias`) that the layer must use, also where it had none."""
 
     def wrap(fn: SolverFn) -> SolverFn:
         if name in _REGISTRY:
             raise ValueError(f"solver {name!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = SolverSpec(name, fn, structures, reference, dict(options or {}), summary or (doc[0] if doc else ""))
+        _REGISTRY[name] = SolverSpec(name, fn, structures, reference, dict(options or {}),
+                                     summary or (doc[0] if doc else ""), compensates_bias)
         return fn
 
     return wrap

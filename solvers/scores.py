@@ -103,12 +103,14 @@ def input_variance(problem: LayerProblem, caller: str) -> torch.Tensor:
     structures=(ColumnGroups,),
     reference="An et al., Fluctuation-based Adaptive Structured Pruning for Large Language Models (FLAP), AAAI 2024.",
     options=_OPTIONS,
+    compensates_bias=True,
 )
 def flap(problem: LayerProblem, *, refit: bool = False):
     """FLAP: fluctuation metric ``Var(x_j)·‖W_{:,j}‖²`` summed over a group, and bias compensation.
 
     The pruned inputs' mean contribution moves into the bias, ``b ← b + (W − Ŵ) μ``
-    (``W_{:,P} μ_P`` without refit): :attr:`Solution.bias` carries the new bias, and
+    (``W_{:,P} μ_P`` without refit): :attr:`Solution.bias` carries the new bias (for a
+    layer without one, the shift alone: the layer must gain a bias to use it), and
     ``stats["error_with_bias"]`` the layer error once that bias is used,
     ``½ tr((Ŵ−W)(H − N μμᵀ)(Ŵ−W)ᵀ)``.  FLAP's cross-layer standardisation of the scores and its adaptive
     per-layer widths concern a whole model, not one layer, and are not part of this solver.

@@ -237,6 +237,15 @@ class GramHooks:
             torch.cuda.synchronize(x.device)
         self.seconds += time.perf_counter() - start
 
+    def add_reference(self, name: str, module: nn.Module) -> None:
+        """Take ``name``'s reference input (``cross``) from ``module`` instead, another copy of the linear
+        (the dense block's, when the watched block is already partly pruned)."""
+        def record(m, args, name=name):
+            if self.recording:
+                self._references[name] = args[0].detach()
+
+        self._handles.append(module.register_forward_pre_hook(record))
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()

@@ -25,7 +25,12 @@ STRUCTURE_HELP = "mlp, heads, mlp+heads, unstructured, or N:M such as 2:4"
 
 
 def _add_calibration(p: argparse.ArgumentParser, n: int, seqlen: int) -> None:
-    p.add_argument("--calib", default="c4", help="c4 (shared C4 docs[:500]), wikitext, or a text file (default c4)")
+    p.add_argument("--calib", default="c4",
+                   help="c4 (shared C4 docs[:500]), wikitext, a .jsonl/.json/.parquet/text file, or a directory saved "
+                        "by datasets' Dataset.save_to_disk (default c4)")
+    p.add_argument("--calib-field", default="text",
+                   help="the documents' field in .jsonl/.json objects, or column of a .parquet file or saved dataset "
+                        "(default text)")
     p.add_argument("--n", type=int, default=n, help=f"calibration windows (default {n})")
     p.add_argument("--seqlen", type=int, default=seqlen, help=f"tokens per window (default {seqlen})")
     p.add_argument("--seed", type=int, default=0)
@@ -173,7 +178,7 @@ def _check_output(args) -> None:
 def _check_text_files(args) -> dict[str, str]:
     """The calibration and evaluation text files; returns the data files the command reads instead, each
     with the argument that needs it."""
-    from .data import C4_FILE, WIKITEXT_FILE, text_file
+    from .data import C4_FILE, WIKITEXT_FILE, is_saved_dataset, text_file
 
     needs = {}  # data file -> the argument that needs it
     for name in ("calib", "text"):
@@ -181,10 +186,11 @@ def _check_text_files(args) -> dict[str, str]:
         if value in ("c4", "wikitext"):
             needs.setdefault(C4_FILE if value == "c4" else WIKITEXT_FILE, f"--{name} {value}")
         elif value is not None:
-            if not Path(value).is_file():
+            field = getattr(args, "calib_field", "text") if name == "calib" else "text"
+            if not (Path(value).is_file() or (name == "calib" and is_saved_dataset(value))):
                 raise FileNotFoundError(f"--{name} must be c4, wikitext or an existing file; got {value!r}")
             try:
-                text_file(value)
+                text_file(value, field)
             except InvalidArgumentError as e:
                 raise InvalidArgumentError(f"--{name}: {e}") from None
     if args.command == "demo" or getattr(args, "eval_windows", 0) > 0:
@@ -296,7 +302,8 @@ def _options(pairs: list[str]) -> dict:
 def _calibration(args, tokenizer) -> torch.Tensor:
     from .data import calibration_set
 
-    return calibration_set(args.calib, tokenizer, n=args.n, seqlen=args.seqlen, seed=args.seed, path=args.data_dir)
+    return calibration_set(args.calib, tokenizer, n=args.n, seqlen=args.seqlen, seed=args.seed, path=args.data_dir,
+                           text_field=args.calib_field)
 
 
 def _prune(args, model, tokenizer, checkpoint_dir=None, resume=False, calib=None):
@@ -322,10 +329,26 @@ def _wikitext_ppl(model, tokenizer, windows: int, data_dir=None, seqlen: int = E
     return perplexity(model, tokenizer, rows, seqlen=seqlen, max_windows=windows, progress=True)
 
 
-def cmd_prune(args) -> None:
-    from .models import layer_widths, load_model, save_model, save_pruned
+def _quiet(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` without transformers' progress bars, logs and deprecation warnings
+    (:func:`spap.models.quiet_transformers`): loading and saving, and generation, whose cache argument
+    transformers 5 reports as deprecated."""
+    from .models import quiet_transformers
 
-    model, tokenizer = load_model(args.model)
+    with quiet_transformers():
+        return fn(*args, **kwargs)
+
+
+def _load(source, **kwargs):
+    from .models import load_model
+
+    return _quiet(load_model, source, **kwargs)
+
+
+def cmd_prune(args) -> None:
+    from .models import layer_widths, save_model, save_pruned
+
+    model, tokenizer = _load(args.model)
     partial = _partial(Path(args.out))
     _check_loaded(args, model, tokenizer, checkpoint_dir=str(partial))
     if args.overwrite and partial.exists():
@@ -339,7 +362,7 @@ def cmd_prune(args) -> None:
         report.settings["wikitext_ppl"] = _wikitext_ppl(model, tokenizer, args.eval_windows, args.data_dir)
     widths = layer_widths(model)
     uniform = all(len(set(w)) == 1 for w in widths.values() if w is not None)
-    (save_model if uniform else save_pruned)(model, tokenizer, args.out, report=report)
+    _quiet(save_model if uniform else save_pruned, model, tokenizer, args.out, report=report)
     shutil.rmtree(partial, ignore_errors=True)
     if not uniform:
         print(f"spap: blocks have different widths; {args.out} holds spap_widths.json (load with spap.load_pruned "
@@ -353,14 +376,13 @@ def cmd_prune(args) -> None:
 
 def cmd_eval(args) -> None:
     from .eval import tokens_per_second
-    from .models import load_model
 
-    model, tokenizer = load_model(args.model, device=args.device or "cpu")
+    model, tokenizer = _load(args.model, device=args.device or "cpu")
     _check_loaded(args, model, tokenizer)
     if args.text != "wikitext":
         _check_text_length(args.text, tokenizer, args.seqlen)
     ppl = _wikitext_ppl(model, tokenizer, args.max_windows, args.data_dir, args.seqlen, args.text)
-    speed = tokens_per_second(model)
+    speed = _quiet(tokens_per_second, model)
     print(json.dumps({"text": args.text, "perplexity": ppl, "windows": args.max_windows, "seqlen": args.seqlen,
                       "prefill_tokens_per_s": speed["prefill"], "decode_tokens_per_s": speed["decode"]}, indent=1))
 
@@ -377,11 +399,10 @@ def cmd_info(args) -> None:
     import solvers
 
     from .adapters import get_adapter
-    from .models import load_model
     from .report import count_parameters
     from .units import widths
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load(args.model)
     _check_loaded(args, model, tokenizer)
     a = get_adapter(model)
     print(f"model: {type(model).__name__} (model_type={model.config.model_type!r}, adapter {type(a).__name__})")
@@ -396,16 +417,15 @@ def cmd_info(args) -> None:
 
 def cmd_demo(args) -> None:
     from .eval import tokens_per_second
-    from .models import load_model
     from .pipeline import forward_seconds
     from .report import count_parameters
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model("smollm2")
+    model, tokenizer = _load("smollm2")
     _check_loaded(args, model, tokenizer)
     print(f"SmolLM2-135M-Instruct: {count_parameters(model):,} parameters (loaded in {time.perf_counter() - t0:.1f} s)")
     dense_ppl = _wikitext_ppl(model, tokenizer, args.eval_windows, args.data_dir)
-    dense_speed = tokens_per_second(model)
+    dense_speed = _quiet(tokens_per_second, model)
     print(f"calibration: {args.n} windows of {args.seqlen} tokens from {args.calib} (seed {args.seed}); "
           f"pruning {args.sparsity:.0%} ({args.structure}) with {args.method}")
     calib = _calibration(args, tokenizer)
@@ -413,7 +433,7 @@ def cmd_demo(args) -> None:
     floor = forward_seconds(model, calib, batch_size=args.batch_size, device=args.device)
     model, report = _prune(args, model, tokenizer, calib=calib)
     pruned_ppl = _wikitext_ppl(model, tokenizer, args.eval_windows, args.data_dir)
-    pruned_speed = tokens_per_second(model)
+    pruned_speed = _quiet(tokens_per_second, model)
     print()
     print(report.summary())
     print(f"{'':<26}{'dense':>12}{'pruned':>12}")

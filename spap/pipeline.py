@@ -32,6 +32,7 @@ from torch import nn
 import solvers
 
 from . import allocation as A
+from . import bias as B
 from . import checkpoint as ckpt
 from . import selection
 from . import units as U
@@ -73,7 +74,9 @@ class BlockSettings:
     filled in before the first block (:mod:`spap.allocation`);
     ``mlp_tail`` lets the pipeline skip the second pass of an MLP-only prune (see :func:`_prune_block`);
     ``candidates`` the methods a mask is chosen from by the model's loss, ``method`` first (empty: no
-    choice, ``method`` alone), on ``select_windows`` calibration sequences (:mod:`spap.selection`).
+    choice, ``method`` alone), on ``select_windows`` calibration sequences (:mod:`spap.selection`);
+    ``bias_switches`` the config switches turned on before the first block so that a method compensating
+    into a bias (FLAP) has one to write (:mod:`spap.bias`).
     """
 
     structure: PruneStructure
@@ -96,6 +99,7 @@ class BlockSettings:
     allocation: A.Allocation = A.Uniform()
     block_sparsity: tuple[float, ...] = ()
     counts: tuple[dict[str, int], ...] = ()
+    bias_switches: tuple[B.BiasSwitch, ...] = ()
 
 
 @dataclass
@@ -181,7 +185,9 @@ def prune_layerwise(
         ``"mlp"`` prunes intermediate channels (rows of gate/up or fc1, columns of down or fc2);
         ``"heads"`` prunes whole key-value groups (all query heads of a KV head, and the KV head), which
         keeps grouped-query attention valid (OPT and GPT-2, whose head_dim is derived from the hidden
-        size, keep their shapes and store the pruned heads as zeros); unstructured and N:M keep shapes and store zeros.
+        size, keep their shapes and store the pruned heads as zeros); ``"mlp+heads"`` prunes the heads
+        first and then the MLP, whose problem is posed on the inputs of the block with its attention
+        already pruned (one more pass through the block); unstructured and N:M keep shapes and store zeros.
     tokenizer : optional
         Needed when ``calib`` is a list of strings.
     method_options : dict, optional
@@ -243,8 +249,8 @@ def prune_layerwise(
         ``method`` only) solve the same layer problem, and the solution kept is the one whose block,
         followed by the rest of the network (later blocks still dense, final norm, head), gives the
         lowest next-token cross-entropy on the first ``select_windows`` calibration sequences.  With
-        ``"mlp+heads"`` the MLP is chosen first, then the heads.  Only for MLP channels and key-value
-        groups (unstructured and N:M are refused).  None (the default) solves with ``method`` alone.
+        ``"mlp+heads"`` the heads are chosen first, then the MLP with them in place.  Only for MLP
+        channels and key-value groups (unstructured and N:M are refused).  None (the default) solves with ``method`` alone.
     select_windows : int, default 4
         Calibration sequences the choice is scored on (all of them when there are fewer); each block
         costs ``K·(L − i)`` block passes on them for ``K`` candidates, block ``i`` of ``L``.
@@ -344,6 +350,9 @@ def check_arguments(
     method_options = dict(method_options or {})
     solvers.check_method(method, method_options, parsed.rows if parsed.rows is not None else solvers.channels(1))
     candidates = selection.check_candidates(candidates, method, parsed)
+    switches = B.check_compensation(adapter, parsed.units, [method], "prune_layerwise")
+    switches += [w for w in B.check_compensation(adapter, parsed.units, candidates, "prune_layerwise", "candidates")
+                 if w not in switches]
     if isinstance(parsed.rows, solvers.NM):
         widths = {LinearView(m).d_in for g in adapter.linear_groups(adapter.blocks()[0]) for m in g.values()}
         if any(w % parsed.rows.m for w in widths):
@@ -380,7 +389,7 @@ def check_arguments(
                              device, offload, mlp_tail=_HOOKS.mlp_tail, target=target, output_metric=output_metric,
                              metric_windows=int(metric_windows), metric_damp=float(metric_damp), damp_mode=damp_mode,
                              candidates=candidates, select_windows=select_windows, allocation=allocation,
-                             block_sparsity=sparsities, counts=tuple(counts))
+                             block_sparsity=sparsities, counts=tuple(counts), bias_switches=tuple(switches))
     if resume:  # the arguments, before calibrating; the model and the tokens are checked when loading
         arguments = {k: v for k, v in _settings(settings, model).items() if k != "model_type"}
         ckpt.check_settings(checkpoint_dir, dict(arguments, device=device.type))
@@ -457,13 +466,20 @@ class _Snapshot:
             params = {name: (p, p.requires_grad, p.device, p.detach().to("cpu", copy=True))
                       for name, p in m._parameters.items() if p is not None}
             buffers = {name: (b.device, b.detach().to("cpu", copy=True)) for name, b in m._buffers.items() if b is not None}
+            params.update({name: None for name, p in m._parameters.items() if p is None})  # e.g. a bias added later
             plain = {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, type(None)))}
             self.modules.append((m, params, buffers, plain))
 
     def restore(self) -> None:
         with torch.no_grad():
             for m, params, buffers, plain in self.modules:
-                for name, (p, requires_grad, device, saved) in params.items():
+                for name in [n for n in m._parameters if n not in params]:
+                    del m._parameters[name]
+                for name, entry in params.items():
+                    if entry is None:
+                        m._parameters[name] = None
+                        continue
+                    p, requires_grad, device, saved = entry
                     p.data = saved.to(device)
                     p.requires_grad_(requires_grad)
                     m._parameters[name] = p
@@ -481,6 +497,7 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     """The block-by-block prune, with arguments already checked."""
     adapter = get_adapter(model)
     device, offload, propagate = s.device, s.offload, s.propagate
+    B.add_biases(adapter, s.bias_switches)  # zero biases: outputs unchanged; undone with the snapshot
     settings = dict(_settings(s, model), n_batches=len(batches), calib_tokens=sum(b.numel() for b in batches))
 
     # --- run --------------------------------------------------------------------------------------
@@ -595,6 +612,12 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
                  clock: _Clock | None = None):
     """Capture the block's Gram matrices, solve its problems and write the results into it.
 
+    With ``"mlp+heads"`` this takes two passes (:func:`_stages`): the first poses and solves the heads'
+    problem and writes it into the block; the second runs the batches through the block with its
+    attention pruned and poses the MLP's problem on the inputs that pruned attention gives the MLP's
+    output linear.  (With ``target="dense"`` the dense model's stream runs through a copy of the dense
+    block in both passes.)
+
     For an MLP-only prune with pruned propagation (and a family with :meth:`Adapter.mlp_tail`) the first
     pass stops at the MLP's output linear, replaces ``hidden[b]`` by the residual entering the MLP and
     returns the inputs of the output linear (``mlp_inputs``, one ``(batch, seq, width)`` tensor per
@@ -620,58 +643,82 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
     output_grams = output_grams or {}
     clock = clock or _Clock(settings.device)
     s = settings
-    device = s.device
     tail = None
     if s.mlp_tail and s.structure.units == ("mlp",) and s.propagate == "pruned":
         tail = adapter.mlp_tail(block)
-    kinds = U.kinds(adapter, s.structure.units)
     groups = adapter.linear_groups(block)
-    wanted: dict[str, nn.Module] = {}
-    if s.structure.rows is not None:
-        wanted = {next(iter(g)): next(iter(g.values())) for g in groups}
-    for name, kind in kinds.items():
-        wanted[name] = kind.output_linear(block)
-    hooks = GramHooks(wanted, device, s.gram_dtype, cross=dense_hidden is not None)
-    extra = []
-    residuals: list[torch.Tensor] = []
+    stages = _stages(s.structure)
+    # The dense model's stream needs the dense block for every stage; a later stage's block is partly pruned.
+    dense_block = copy.deepcopy(block) if dense_hidden is not None and len(stages) > 1 else block
+    records, kept = [], {}
     mlp_inputs: list[torch.Tensor | None] = []
-    if tail is not None:
-        def stop_at_mlp_out(module, args):  # registered after the Gram hook, so it runs after it
-            if hooks.recording:  # the dense stream's pass runs the whole block
-                return
-            mlp_inputs.append(args[0].detach().to(hidden[0].device))  # NaN shows in the Gram check
-            raise _StopBlock
+    dense_out: list[torch.Tensor] = []
+    for k, names in enumerate(stages):
+        kinds = U.kinds(adapter, names)
+        wanted: dict[str, nn.Module] = {}
+        if s.structure.rows is not None:
+            wanted = {next(iter(g)): next(iter(g.values())) for g in groups}
+        for name, kind in kinds.items():
+            wanted[name] = kind.output_linear(block)
+        hooks = GramHooks(wanted, s.device, s.gram_dtype, cross=dense_hidden is not None)
+        if dense_block is not block:
+            paths = {id(m): n for n, m in block.named_modules()}
+            copies = dict(dense_block.named_modules())
+            for name, module in wanted.items():
+                hooks.add_reference(name, copies[paths[id(module)]])
+        extra = []
+        residuals: list[torch.Tensor] = []
+        if tail is not None:
+            def stop_at_mlp_out(module, args):  # registered after the Gram hook, so it runs after it
+                if hooks.recording:  # the dense stream's pass runs the whole block
+                    return
+                mlp_inputs.append(args[0].detach().to(hidden[0].device))  # NaN shows in the Gram check
+                raise _StopBlock
 
-        extra.append(tail[0].register_forward_pre_hook(
-            lambda m, args: None if hooks.recording else residuals.append(args[0].detach())))
-        extra.append(wanted["mlp"].register_forward_pre_hook(stop_at_mlp_out))
-    dense_out = []
-    try:
-        with torch.no_grad(), clock.stage("forward"):
-            for b, h in enumerate(hidden):
-                if dense_hidden is not None:
-                    hooks.recording = True
-                    out = run_block(block, dense_hidden[b], block_kwargs[b], device)
-                    hooks.recording = False
-                    dense_hidden[b] = finite(out, f"dense output of block {index}").to(dense_hidden[b].device)
-                try:
-                    out = run_block(block, h, block_kwargs[b], device)
-                except _StopBlock:
-                    hidden[b] = residuals.pop().to(h.device)
-                    continue
-                if s.propagate == "dense":
-                    dense_out.append(finite(out, f"output of block {index}").to(h.device))
-    finally:
-        hooks.remove()
-        for handle in extra:
-            handle.remove()
-    clock.add("forward", -hooks.seconds)
-    clock.add("gram", hooks.seconds)
-    with clock.stage("solve"):
-        records, kept = _solve_block(block, index, hooks.accumulators, groups, kinds, s, output_grams, scorer)
+            extra.append(tail[0].register_forward_pre_hook(
+                lambda m, args: None if hooks.recording else residuals.append(args[0].detach())))
+            extra.append(wanted["mlp"].register_forward_pre_hook(stop_at_mlp_out))
+        last = k == len(stages) - 1
+        try:
+            with torch.no_grad(), clock.stage("forward"):
+                for b, h in enumerate(hidden):
+                    if dense_hidden is not None:
+                        hooks.recording = True
+                        out = run_block(dense_block, dense_hidden[b], block_kwargs[b], s.device)
+                        hooks.recording = False
+                        if last:
+                            dense_hidden[b] = finite(out, f"dense output of block {index}").to(dense_hidden[b].device)
+                    try:
+                        out = run_block(block, h, block_kwargs[b], s.device)
+                    except _StopBlock:
+                        hidden[b] = residuals.pop().to(h.device)
+                        continue
+                    if s.propagate == "dense" and k == 0:  # the block is still dense in the first stage
+                        dense_out.append(finite(out, f"output of block {index}").to(h.device))
+        finally:
+            hooks.remove()
+            for handle in extra:
+                handle.remove()
+        clock.add("forward", -hooks.seconds)
+        clock.add("gram", hooks.seconds)
+        with clock.stage("solve"):
+            stage_records, stage_kept = _solve_block(block, index, hooks.accumulators, groups, kinds, s, output_grams,
+                                                     scorer)
+        records += stage_records
+        kept.update(stage_kept)
+    del dense_block
     if s.propagate == "dense":
         hidden[:] = dense_out
     return records, kept, mlp_inputs, tail
+
+
+def _stages(structure: PruneStructure) -> list[tuple[str, ...]]:
+    """The unit kinds solved after each pass through a block: heads before the MLP (``"mlp+heads"``),
+    so that the MLP's problem is posed on the inputs the pruned attention gives it; one stage otherwise
+    (row structures: every linear from the one pass)."""
+    if structure.units == ("mlp", "heads"):
+        return [("heads",), ("mlp",)]
+    return [structure.units]
 
 
 def _solve_block(block: nn.Module, index: int, grams: dict, groups: list, kinds: dict,

@@ -136,11 +136,15 @@ class TailScorer:
 
 def write_units(kind: UnitKind, block: nn.Module, solution: solvers.Solution) -> torch.Tensor:
     """Write a column-group ``solution`` into ``block`` as the pipeline keeps it: the output linear's
-    weight and bias, then only the kept units (:meth:`UnitKind.keep`).  Returns the kept units'
+    weight and bias (``ValueError`` when the solution has a bias and the linear none), then only the
+    kept units (:meth:`UnitKind.keep`).  Returns the kept units'
     indices ``(n_kept,)`` on the solution's device."""
     view = LinearView(kind.output_linear(block))
+    if solution.bias is not None and view.bias is None:  # never drop a compensation silently
+        raise ValueError(f"The {solution.method!r} solution carries a bias for the {kind.name} output linear, which has "
+                         "none; give it one first (spap.bias.add_biases, as prune_layerwise does).")
     view.set_weight(solution.weight)
-    if solution.bias is not None and view.bias is not None:
+    if solution.bias is not None:
         view.bias.copy_(solution.bias.to(view.bias.dtype))
     idx = torch.nonzero(solution.keep).flatten()
     kind.keep(block, idx)

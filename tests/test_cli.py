@@ -106,3 +106,47 @@ def test_prune_with_an_allocation_saves_per_block_widths(tiny_model_dir, tmp_pat
         in capsys.readouterr().out
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(10)[None]).logits).all()
+
+
+def test_commands_print_no_transformers_chatter(tiny_model_dir, tmp_path):
+    """`spap prune` (load, FLAP prune with bias compensation, save) and `spap eval` (load, perplexity,
+    generation) in a fresh process print spap's own lines only: no transformers progress bar, log line or
+    warning on stdout or stderr."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_", "HF_HUB_DISABLE"))}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "pruned"
+    noise = re.compile(r"transformers|Loading weights|Writing model shards|Warning|deprecat|warn", re.IGNORECASE)
+    for argv in (["prune", str(tiny_model_dir / "model"), "--out", str(out), "--method", "flap", "--structure",
+                  "mlp+heads", "--calib", str(tiny_model_dir / "calib.txt"), "--n", "4", "--seqlen", "32"],
+                 ["eval", str(out), "--seqlen", "16", "--max-windows", "1", "--text", str(tiny_model_dir / "calib.txt")]):
+        done = subprocess.run([sys.executable, "-m", "spap", *argv], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        lines = [line for text in (done.stdout, done.stderr) for line in re.split(r"[\r\n]+", text) if line.strip()]
+        assert lines and not [line for line in lines if noise.search(line)]
+        assert all(line.lstrip().startswith(("pruning blocks", "perplexity")) for line in done.stderr.split("\r")
+                   if line.strip()), done.stderr
+
+
+def test_prune_calibrates_from_a_jsonl_field(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from spap.cli import main
+
+    docs = (tiny_model_dir / "calib.txt").read_text().split("\n\n")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    argv = ["prune", str(tiny_model_dir / "model"), "--calib", str(tmp_path / "docs.jsonl"), "--n", "4", "--seqlen", "32"]
+    with pytest.raises(SystemExit) as e:  # the default field, "text", is missing: refused before loading
+        main([*argv, "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--calib" in err and 'no "text" string' in err and "'body'" in err
+    main([*argv, "--calib-field", "body", "--out", str(tmp_path / "b"), "--method", "magnitude"])
+    report = json.loads((tmp_path / "b" / "spap_report.json").read_text())
+    assert report["settings"]["calib_tokens"] == 4 * 32

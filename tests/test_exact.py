@@ -126,3 +126,38 @@ def test_spap_near_the_optimum_on_small_problems():
     assert sum(g <= 0.01 for g in gaps) >= 0.9 * len(gaps)
     assert worse == 0
 
+
+
+def test_miqp_solver_must_solve_mixed_integer_qps():
+    """HiGHS (MILP and QP, not MIQP) is no longer offered; the check names the allowed value."""
+    p = make_problem(3, 6, n_prune=3, seed=0)
+    with pytest.raises(ValueError, match="'solver'.*'SCIP'"):
+        solvers.solve(p, "exact", backend="miqp", solver="HIGHS")
+    from solvers.miqp import solve_miqp
+
+    with pytest.raises(ValueError, match="'solver'.*'SCIP'.*mixed-integer"):
+        solve_miqp(p, solver="HIGHS")
+
+
+@pytest.mark.skipif("HIGHS" not in cp.installed_solvers(), reason="HiGHS not installed")
+def test_highs_cannot_solve_the_miqp():
+    """Why HiGHS was dropped: cvxpy refuses the model with it (HiGHS has no mixed-integer QP)."""
+    model = make_problem(3, 6, n_prune=3, seed=0).to_cvxpy()
+    with pytest.raises(cp.error.SolverError, match="HIGHS cannot solve"):
+        model.problem.solve(solver="HIGHS")
+
+
+@needs_scip
+def test_a_stopped_miqp_reports_its_status_and_gap():
+    """A limit that stops SCIP before it proves optimality (here one branch-and-bound node, which does
+    not depend on the machine's speed) gives a mask with SCIP's status and a positive gap, never
+    "optimal"; a proven optimum has gap 0."""
+    from solvers.miqp import solve_miqp
+
+    p = make_problem(4, 16, kind="correlated", structure=solvers.channels(16), n_prune=8, seed=0)
+    keep, info = solve_miqp(p, scip_params={"limits/nodes": 1})
+    assert info["status"] == "nodelimit" and info["optimal"] is False
+    assert 0 < info["gap"] <= 1 and int(keep.sum()) == 8
+    small = make_problem(3, 6, n_prune=3, seed=0)
+    sol = solvers.solve(small, "exact", backend="miqp")
+    assert sol.stats["status"] == "optimal" and sol.stats["optimal"] and sol.stats["gap"] == 0.0

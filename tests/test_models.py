@@ -81,13 +81,14 @@ def test_calibration_set_sources_are_seeded(tmp_path):
     (tmp_path / "rows.json").write_text(json.dumps(["row one", "", "row two"]))
     assert text_file(tmp_path / "rows.json") == ["row one\n\n\n\nrow two"]
 
-    class FakeDataset:  # the part of datasets.Dataset that calibration_set uses
+    class LooksLikeADataset:  # duck typing is not enough: a real datasets.Dataset is (tests/test_data.py)
         column_names = ["text"]
 
         def __getitem__(self, key):
             return docs
 
-    assert torch.equal(calibration_set(FakeDataset(), tok, n=6, seqlen=32, seed=3), a)
+    with pytest.raises(ValueError, match="'source'"):
+        calibration_set(LooksLikeADataset(), tok, n=6, seqlen=32, seed=3)
     with pytest.raises(ValueError, match="'source'"):
         calibration_set(str(tmp_path / "missing.txt"), tok, n=2, seqlen=8)
     with pytest.raises(ValueError, match="Too few documents"):

@@ -88,9 +88,9 @@ def test_the_kept_mask_has_the_lowest_loss_and_the_losses_are_the_models_own(nam
     assert last["loss"][last["method"]] == pytest.approx(_loss(model, ids), rel=1e-5)
 
 
-def test_mlp_then_heads_scores_the_heads_with_the_chosen_mlp():
+def test_heads_then_mlp_scores_the_mlp_with_the_chosen_heads():
     model, report = _prune("llama", "mlp+heads", candidates=CANDIDATES, select_windows=WINDOWS)
-    assert [(r.block, r.target) for r in report.layers] == [(0, "mlp"), (0, "heads"), (1, "mlp"), (1, "heads")]
+    assert [(r.block, r.target) for r in report.layers] == [(0, "heads"), (0, "mlp"), (1, "heads"), (1, "mlp")]
     last = report.layers[-1].selection
     assert last["loss"][last["method"]] == pytest.approx(_loss(model, _ids()[:WINDOWS]), rel=1e-5)
 
