@@ -35,14 +35,14 @@ from . import allocation as A
 from . import checkpoint as ckpt
 from . import selection
 from . import units as U
-from .adapters import Adapter, LinearView, check_model, get_adapter
+from .adapters import Adapter, LinearView, get_adapter
 from .capture import (GramHooks, calibration_batches, capture_block_inputs, check_calibration, forward_pass,
                       outside_blocks_on, run_block)
 from .checks import (Boolean, DistinctNames, Interval, InvalidArgumentError, NoneOr, Options, PathLike, check_table,
                      device as _device_arg, finite)
 from .gradients import output_gradient_grams
 from .report import LayerRecord, PruneReport, count_parameters, peak_memory
-from .units import PruneStructure
+from .units import PruneStructure, check_model
 
 _CONSTRAINTS = {
     "damp": Interval(float, 0, None, closed="left"),

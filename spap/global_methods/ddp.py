@@ -39,11 +39,11 @@ from torch.nn import functional as F
 from solvers.masks import keep_largest_overall, keep_largest_per_row
 
 from .. import units as U
-from ..adapters import LinearView, check_model
+from ..adapters import LinearView
 from ..capture import calibration_batches, check_calibration
 from ..checks import Boolean, DecreasingPair, Interval, InvalidArgumentError, Options, check_table
 from ..report import PruneReport, count_parameters, peak_memory, peak_memory_text
-from ..units import PruneStructure
+from ..units import PruneStructure, check_model
 
 ALLOCATIONS = ("global", "uniform")
 TEACHERS = ("cache", "online")

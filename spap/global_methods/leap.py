@@ -56,7 +56,8 @@ import solvers
 from solvers.masks import keep_largest_across, keep_largest_per_row
 
 from .. import units as U
-from ..adapters import Adapter, LinearView, check_model
+from ..units import check_model
+from ..adapters import Adapter, LinearView
 from ..capture import GramHooks, calibration_batches, capture_block_inputs, check_calibration, run_block
 from ..checks import Boolean, DecreasingPair, Interval, InvalidArgumentError, Options, check_table, finite
 from ..report import peak_memory, peak_memory_text
