@@ -349,8 +349,11 @@ class Layout:
     ``qkv_layout``: ``"separate"`` (q, k, v linears), ``"concatenated"`` (one linear, rows
     ``[q | k | v]``) or ``"per_group"`` (one linear, rows ``[q heads, k, v]`` of each key-value group).
     ``mlp_fused``: the one MLP input linear holds ``[gate; up]`` (channel ``c`` in rows ``c`` and
-    ``width + c``).  ``shrink_heads`` as :attr:`Adapter.shrink_heads`; ``verified`` once
-    :func:`spap.units.verify` has checked the layout on the model.
+    ``width + c``).  ``fewer_heads_reload``: a model built from a config with fewer heads (and an
+    explicit ``head_dim``) has the reduced shapes.  ``shrink_heads`` as :attr:`Adapter.shrink_heads`:
+    False (pruned heads zeroed) until :func:`spap.units.verify` finds that the block with fewer heads runs
+    and computes what the zeroed block does (and ``fewer_heads_reload``); ``verified`` once it has
+    checked the layout on the model.
     """
 
     blocks: str
@@ -367,7 +370,8 @@ class Layout:
     head_dim: int
     intermediate_key: str
     kv_key: str | None
-    shrink_heads: bool
+    fewer_heads_reload: bool
+    shrink_heads: bool = False
     verified: bool = False
 
 
@@ -375,7 +379,8 @@ class Discovered(Adapter):
     """A decoder-only model of a family without its own adapter, described by a :class:`Layout` that
     :func:`discover` found in the model's modules.  MLP pruning removes channels and writes the width to
     the config field found for it; heads are removed only where a model built from the reduced config has
-    the reduced shapes and the reduced block computes what the zeroed one does (else they are zeroed)."""
+    the reduced shapes and :func:`spap.units.verify` found that the reduced block computes what the zeroed
+    one does (else, and before that check, pruned heads are zeroed)."""
 
     discovered = True
 
@@ -466,11 +471,6 @@ class Discovered(Adapter):
         if hasattr(attn, "num_kv_heads"):  # Falcon's name
             attn.num_kv_heads = n_kv_heads
 
-    def use_zeroed_heads(self) -> None:
-        """Zero pruned heads instead of removing them (:func:`spap.units.verify` found that the block
-        does not run with fewer heads)."""
-        self.layout.shrink_heads = False
-
 
 _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, Layout]" = weakref.WeakKeyDictionary()
 
@@ -523,7 +523,7 @@ def discover(model: nn.Module) -> Layout:
     the key-value groups from the k (or fused) linear's rows.  A config field must set the MLP width
     (:data:`INTERMEDIATE_KEYS`; checked by building the model on the meta device with another width), and
     heads are removed (``shrink_heads``) only when a config with fewer heads and an explicit ``head_dim``
-    builds the reduced shapes.  Mixture-of-experts MLPs are refused.
+    builds the reduced shapes (``fewer_heads_reload``).  Mixture-of-experts MLPs are refused.
     """
     name = type(model).__name__
     config = getattr(model, "config", None)
@@ -542,6 +542,9 @@ def discover(model: nn.Module) -> Layout:
     if found is None:
         raise _NotFound(f"found no attention module in {where} (looked for {', '.join(ATTENTION_NAMES)})")
     attn_path, attn = found
+    inner = _named_child(attn, ATTENTION_NAMES)  # GPT-Neo: attn.attention holds the linears
+    if inner is not None and not any(_is_linear(m) for m in attn.children()):
+        attn_path, attn = f"{attn_path}.{inner[0]}", inner[1]
     fused = _child(attn, FUSED_QKV_NAMES, attn_path)
     separate = next((parts for names in SEPARATE_QKV_NAMES
                      if all(parts := [_child(attn, (n,), attn_path) for n in names])), None)
@@ -634,16 +637,17 @@ def discover(model: nn.Module) -> Layout:
         raise _NotFound(f"found no config field of {name} that sets its MLP width {width} (looked for "
                         f"{', '.join(INTERMEDIATE_KEYS)}), so a pruned model would not reload")
     kv_key = next((k for k in KV_HEAD_KEYS if getattr(config, k, None) == n_kv), None)
-    shrink = False
+    reloads = False
     if kv_key is not None and n_kv > 1:
         g = n_heads // n_kv
         small = rebuilt_block({"num_attention_heads": n_heads - g, kv_key: n_kv - 1, "head_dim": head_dim})
         rows = (n_heads - g + 2 * (n_kv - 1)) * head_dim
-        shrink = small is not None and _shape(small.get_submodule(out[0]))[1] == (n_heads - g) * head_dim and \
+        reloads = small is not None and _shape(small.get_submodule(out[0]))[1] == (n_heads - g) * head_dim and \
             sum(_shape(small.get_submodule(p))[0] for p in qkv) == rows
     return Layout(blocks=blocks_path, attention=attn_path, qkv=qkv, qkv_layout=layout, attention_out=out[0],
                   mlp_in=mlp_in, mlp_fused=mlp_fused, mlp_out=out_mlp[0], head=head + (head_path,), n_heads=n_heads,
-                  n_kv_heads=n_kv, head_dim=head_dim, intermediate_key=key, kv_key=kv_key, shrink_heads=shrink)
+                  n_kv_heads=n_kv, head_dim=head_dim, intermediate_key=key, kv_key=kv_key,
+                  fewer_heads_reload=reloads)
 
 
 ADAPTERS: dict[str, Callable[[nn.Module], Adapter]] = {

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import units
-from .adapters import ADAPTERS, get_adapter
+from .adapters import get_adapter
 from .checks import InvalidArgumentError
 from .data import InvalidFileError
 
@@ -273,9 +273,11 @@ def layer_widths(model) -> dict | None:
     """Per-block widths read from the weights: ``{"intermediate_size": [int per block],
     "num_key_value_heads": [int per block] or None}`` (None where the family zeroes pruned heads instead
     of removing them: OPT, GPT-2).  None for a model no adapter supports."""
-    if getattr(getattr(model, "config", None), "model_type", None) not in ADAPTERS:
+    try:
+        adapter = get_adapter(model)
+    except InvalidArgumentError:
         return None
-    w = units.widths(get_adapter(model))
+    w = units.widths(adapter)
     return {"intermediate_size": w["mlp"], "num_key_value_heads": w["heads"]}
 
 
@@ -329,7 +331,7 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
     model_config(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    adapter = get_adapter(model)
+    adapter = units.check_model(model, "load_pruned")  # a found layout: whether pruned heads were removed
     blocks = adapter.blocks()
     mlp, kv = manifest["intermediate_size"], manifest["num_key_value_heads"]
     if len(mlp) != len(blocks) or (kv is not None and len(kv) != len(blocks)):

@@ -299,6 +299,7 @@ def _complement(idx: torch.Tensor, n: int) -> torch.Tensor:
 # --- checking an adapter's layout on the model itself ------------------------------------------------------
 
 VERIFY_TOKENS = 8  # random tokens of the one forward pass behind verify()
+_UNIT_NAMES = {"mlp": "MLP channel", "heads": "key-value group"}
 
 
 def check_model(model: nn.Module, caller: str) -> Adapter:
@@ -322,8 +323,9 @@ def verify(adapter: Adapter, caller: str = "prune_layerwise") -> None:
     whose output-projection columns weigh most: the block with that unit removed (:meth:`UnitKind.keep`,
     as the pipeline removes it) must compute what the block computes when that unit's columns of the
     output projection's input are zeroed by a hook (:meth:`UnitKind.gate`), and zeroing them must change
-    the output.  A :class:`Discovered` adapter whose block does not run with fewer heads falls back to
-    zeroing pruned heads (``shrink_heads`` False) when that matches.  Heads are not checked with a single
+    the output.  A :class:`Discovered` adapter removes pruned heads (``shrink_heads`` True) when that
+    matches and its config reloads fewer heads (``Layout.fewer_heads_reload``), else zeroes them if that
+    matches.  Heads are not checked with a single
     key-value group (nothing can be pruned).  The model is left as it was.
     """
     model = adapter.model
@@ -343,10 +345,11 @@ def verify(adapter: Adapter, caller: str = "prune_layerwise") -> None:
     if adapter.n_kv_heads < 2:
         return
     heads = kinds(adapter, ["heads"])["heads"]
-    if _unit_matches(heads, block, call, problems):
-        return
-    if adapter.discovered and adapter.shrink_heads:
-        adapter.use_zeroed_heads()
+    # A found layout removes heads only where the block runs with fewer (and the config reloads it).
+    modes = (True, False) if adapter.discovered and adapter.layout.fewer_heads_reload else (adapter.shrink_heads,)
+    for shrink in modes:
+        if adapter.discovered:
+            adapter.layout.shrink_heads = shrink
         if _unit_matches(heads, block, call, problems):
             return
     raise InvalidArgumentError(f"The 'model' argument of {caller} is a {name} whose layout spap found does not match "
@@ -409,8 +412,8 @@ def _unit_matches(kind: UnitKind, block: nn.Module, call, problems: list[str]) -
     unit = int(W.reshape(W.shape[0], n, -1).square().sum((0, 2)).argmax())
     paths = {id(m): p for p, m in twin.named_modules()}
     inputs = dict.fromkeys(paths[id(m)] for m, _, _ in kind.input_rows(twin))
-    what = (f"{kind.name} unit {unit} (its rows of {', '.join(inputs)}, its columns of "
-            f"{paths[id(kind.output_linear(twin))]})")
+    label = f"{_UNIT_NAMES[kind.name]} {unit}"
+    what = f"{label} (its rows of {', '.join(inputs)}, its columns of {paths[id(kind.output_linear(twin))]})"
     mask = torch.ones(n, dtype=torch.float64)
     mask[unit] = 0
     dense = run()
@@ -421,8 +424,8 @@ def _unit_matches(kind: UnitKind, block: nn.Module, call, problems: list[str]) -
         handle.remove()
     effect = float((dense - zeroed).abs().max())
     if not effect > 0:
-        problems.append(f"zeroing the input of {kind.name} unit {unit} to the output projection changed nothing (the "
-                        "linear taken for the output projection is not on the block's path)")
+        problems.append(f"zeroing the input of {label} to {paths[id(kind.output_linear(twin))]} changed nothing (the "
+                        "linear taken for its output projection is not on the block's path)")
         return False
     kind.keep(twin, torch.tensor([u for u in range(n) if u != unit]))
     mode = "removing" if kind.shrinks else "zeroing the weights of"
@@ -433,7 +436,7 @@ def _unit_matches(kind: UnitKind, block: nn.Module, call, problems: list[str]) -
         return False
     error = float((pruned - zeroed).abs().max()) if pruned.shape == zeroed.shape else float("inf")
     if not error <= 1e-6 * effect:
-        problems.append(f"{mode} {what} changed the block's output by {error:.3g}, zeroing that unit's input to the "
-                        f"output projection by {effect:.3g}: the rows or columns taken for it are not its own")
+        problems.append(f"{mode} {what} changed the block's output by {error:.3g}, zeroing its input to the output "
+                        f"projection by {effect:.3g}: the rows or columns taken for it are not its own")
         return False
     return True

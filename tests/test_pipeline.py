@@ -35,11 +35,12 @@ def _configs():
                                                **COMMON),  # query_key_value per head, biases, parallel residual
         "falcon": transformers.FalconConfig(hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_kv_heads=2,
                                             new_decoder_architecture=True, bias=True, **COMMON),  # per KV group
+        "starcoder2": transformers.Starcoder2Config(**LLAMA_LIKE),  # c_fc/c_proj, biases; removes pruned heads
     }
     return out
 
 
-DISCOVERED = ("phi3", "gpt_neox", "falcon")
+DISCOVERED = ("phi3", "gpt_neox", "falcon", "starcoder2")
 
 
 CONFIGS = _configs()
