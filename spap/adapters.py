@@ -349,8 +349,8 @@ class Layout:
     ``qkv_layout``: ``"separate"`` (q, k, v linears), ``"concatenated"`` (one linear, rows
     ``[q | k | v]``) or ``"per_group"`` (one linear, rows ``[q heads, k, v]`` of each key-value group).
     ``mlp_fused``: the one MLP input linear holds ``[gate; up]`` (channel ``c`` in rows ``c`` and
-    ``width + c``).  ``fewer_heads_reload``: a model built from a config with fewer heads (and an
-    explicit ``head_dim``) has the reduced shapes.  ``shrink_heads`` as :attr:`Adapter.shrink_heads`:
+    ``width + c``).  ``fewer_heads_reload``: a model built from a config with other head counts (and an
+    explicit ``head_dim``) has the matching shapes.  ``shrink_heads`` as :attr:`Adapter.shrink_heads`:
     False (pruned heads zeroed) until :func:`spap.units.verify` finds that the block with fewer heads runs
     and computes what the zeroed block does (and ``fewer_heads_reload``); ``verified`` once it has
     checked the layout on the model.
@@ -522,8 +522,8 @@ def discover(model: nn.Module) -> Layout:
     from ``config.num_attention_heads``, ``head_dim`` from ``config.head_dim`` or ``hidden_size // heads``,
     the key-value groups from the k (or fused) linear's rows.  A config field must set the MLP width
     (:data:`INTERMEDIATE_KEYS`; checked by building the model on the meta device with another width), and
-    heads are removed (``shrink_heads``) only when a config with fewer heads and an explicit ``head_dim``
-    builds the reduced shapes (``fewer_heads_reload``).  Mixture-of-experts MLPs are refused.
+    pruned heads can be removed only when a config with other head counts and an explicit ``head_dim``
+    builds the matching shapes (``fewer_heads_reload``; checked with one key-value group more).  Mixture-of-experts MLPs are refused.
     """
     name = type(model).__name__
     config = getattr(model, "config", None)
@@ -638,12 +638,12 @@ def discover(model: nn.Module) -> Layout:
                         f"{', '.join(INTERMEDIATE_KEYS)}), so a pruned model would not reload")
     kv_key = next((k for k in KV_HEAD_KEYS if getattr(config, k, None) == n_kv), None)
     reloads = False
-    if kv_key is not None and n_kv > 1:
+    if kv_key is not None:  # one key-value group more (fewer may be none): do the config's counts set the shapes?
         g = n_heads // n_kv
-        small = rebuilt_block({"num_attention_heads": n_heads - g, kv_key: n_kv - 1, "head_dim": head_dim})
-        rows = (n_heads - g + 2 * (n_kv - 1)) * head_dim
-        reloads = small is not None and _shape(small.get_submodule(out[0]))[1] == (n_heads - g) * head_dim and \
-            sum(_shape(small.get_submodule(p))[0] for p in qkv) == rows
+        other = rebuilt_block({"num_attention_heads": n_heads + g, kv_key: n_kv + 1, "head_dim": head_dim})
+        rows = (n_heads + g + 2 * (n_kv + 1)) * head_dim
+        reloads = other is not None and _shape(other.get_submodule(out[0]))[1] == (n_heads + g) * head_dim and \
+            sum(_shape(other.get_submodule(p))[0] for p in qkv) == rows
     return Layout(blocks=blocks_path, attention=attn_path, qkv=qkv, qkv_layout=layout, attention_out=out[0],
                   mlp_in=mlp_in, mlp_fused=mlp_fused, mlp_out=out_mlp[0], head=head + (head_path,), n_heads=n_heads,
                   n_kv_heads=n_kv, head_dim=head_dim, intermediate_key=key, kv_key=kv_key,

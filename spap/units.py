@@ -342,7 +342,9 @@ def verify(adapter: Adapter, caller: str = "prune_layerwise") -> None:
     if not _unit_matches(kinds(adapter, ["mlp"])["mlp"], block, call, problems):
         raise InvalidArgumentError(f"The 'model' argument of {caller} is a {name} whose layout spap found does not "
                                    f"match block 0: {problems[-1]}.")
-    if adapter.n_kv_heads < 2:
+    if adapter.n_kv_heads < 2:  # nothing to prune, nothing to check: the count reads from the weights if it can
+        if adapter.discovered:
+            adapter.layout.shrink_heads = adapter.layout.fewer_heads_reload
         return
     heads = kinds(adapter, ["heads"])["heads"]
     # A found layout removes heads only where the block runs with fewer (and the config reloads it).

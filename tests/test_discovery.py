@@ -101,3 +101,17 @@ def test_mixture_of_experts_is_refused(config):
 def test_discovered_families_are_not_in_the_adapter_table():
     assert not set(DISCOVERED) & set(adapters.ADAPTERS)
     assert discover(_model("llama")).qkv_layout == "separate"  # the adapters' families are found alike
+
+
+@pytest.mark.parametrize("name", ["phi3", "starcoder2"])
+def test_per_block_widths_save_and_load_with_save_pruned(name, tmp_path):
+    """Non-uniform widths of a found layout: spap.save_pruned writes them, spap.load_pruned rebuilds them."""
+    model, _ = spap.prune_layerwise(_model(name), _ids(), [0.25, 0.5], structure="mlp+heads", progress=False)
+    ids = _ids(2, 16)
+    with torch.no_grad():
+        logits = model(ids).logits
+    spap.save_pruned(model, None, tmp_path / "out")
+    reloaded, _ = spap.load_pruned(tmp_path / "out")
+    assert spap.layer_widths(reloaded) == spap.layer_widths(model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, logits, rtol=1e-5, atol=1e-5)
