@@ -523,7 +523,8 @@ def discover(model: nn.Module) -> Layout:
     the key-value groups from the k (or fused) linear's rows.  A config field must set the MLP width
     (:data:`INTERMEDIATE_KEYS`; checked by building the model on the meta device with another width), and
     pruned heads can be removed only when a config with other head counts and an explicit ``head_dim``
-    builds the matching shapes (``fewer_heads_reload``; checked with one key-value group more).  Mixture-of-experts MLPs are refused.
+    builds the matching shapes (``fewer_heads_reload``; checked with one key-value group more).
+    Mixture-of-experts MLPs are refused.
     """
     name = type(model).__name__
     config = getattr(model, "config", None)

@@ -158,7 +158,8 @@ def prune_layerwise(
     Parameters
     ----------
     model : transformers causal LM
-        A supported family (see :data:`spap.adapters.ADAPTERS`); modified in place.
+        A family of :data:`spap.adapters.ADAPTERS`, or a decoder-only model whose layout spap finds and
+        verifies (:func:`spap.adapters.discover`, :func:`spap.units.verify`); modified in place.
     calib : list of str, LongTensor (n, seq), or iterable of LongTensor batches
         Calibration text or token ids (see :func:`spap.capture.calibration_batches`).
     sparsity : float in [0, 1), sequence of floats, or mapping; default 0.3

@@ -132,10 +132,10 @@ class UnitKind:
         """Keep only units ``idx`` (sorted indices) of ``block``: remove the others' rows and columns."""
         parts: dict[int, tuple[nn.Module, list[torch.Tensor]]] = {}
         for module, offset, rows in self.input_rows(block):  # a fused linear's parts are cut in one go
-            parts.setdefault(id(module), (module, []))[1].append(_spans(idx, rows) + offset if offset else _spans(idx, rows))
+            spans = _spans(idx, rows)
+            parts.setdefault(id(module), (module, []))[1].append(spans + offset if offset else spans)
         for module, spans in parts.values():
-            LinearView(module).keep_outputs(torch.cat(spans).to(module.weight.device) if len(spans) > 1
-                                            else spans[0].to(module.weight.device))
+            LinearView(module).keep_outputs(torch.cat(spans).to(module.weight.device))
         out = self.output_linear(block)
         LinearView(out).keep_inputs(_spans(idx, self.columns_per_unit).to(out.weight.device))
 

@@ -138,8 +138,8 @@ def ddp_prune(
     Parameters
     ----------
     model : transformers causal LM
-        A supported family (:data:`spap.adapters.ADAPTERS`), on the device where it should train; modified
-        in place.  Its weights are frozen during the run (``requires_grad`` is restored at the end).
+        A supported family (:data:`spap.adapters.ADAPTERS`, or a found layout), on the device where it
+        should train; modified in place.  Its weights are frozen during the run (``requires_grad`` is restored at the end).
     calib : list of str, LongTensor (n, seq), or iterable of LongTensor batches
         Calibration text or token ids (see :func:`spap.capture.calibration_batches`), split into windows.
     sparsity : float in [0, 1), default 0.3

@@ -200,8 +200,8 @@ def gisp(
     Parameters
     ----------
     model : transformers causal LM
-        A supported family (:data:`spap.adapters.ADAPTERS`) with uniform widths.  It runs forward and
-        backward on the device it is on.
+        A supported family (:data:`spap.adapters.ADAPTERS`, or a found layout) with uniform widths.  It
+        runs forward and backward on the device it is on.
     calib : see ``objective``
         ``objective="perplexity"``: calibration text or token ids as :func:`spap.prune_layerwise`
         takes them (a LongTensor ``(n, seq)``, a list of strings with ``tokenizer``, or an iterable of

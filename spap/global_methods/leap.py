@@ -159,8 +159,8 @@ def leap_prune(
     Parameters
     ----------
     model : transformers causal LM
-        A supported family (:data:`spap.adapters.ADAPTERS`), on the device to train on.  Modified in
-        place: only pruned weights change (to zero), and only when the run completes.
+        A supported family (:data:`spap.adapters.ADAPTERS`, or a found layout), on the device to train
+        on.  Modified in place: only pruned weights change (to zero), and only when the run completes.
     calib : LongTensor (n, seq), list of str, or iterable of LongTensor batches (batch, seq)
         Calibration windows (see :func:`spap.capture.calibration_batches`), all of one length: the
         Wanda statistics and the training loss both use them.
