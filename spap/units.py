@@ -9,8 +9,10 @@ A *unit* is what structured pruning removes as a whole:
 
 Every method that removes units goes through this module: the layer-wise pipeline, GISP (scores and
 masks), DDP (gates), checkpoints and :func:`spap.load_pruned` (re-applying kept units).  Where the
-linears are, the group size and transposed weights are the adapter's facts; this module only
-combines them, so a new architecture is a new adapter and nothing here.
+linears are (fused ones at row offsets), the group size and transposed weights are the adapter's facts;
+this module only combines them, so a new architecture is a new adapter and nothing here.  :func:`verify`
+checks an adapter's facts on the model itself (that removing a unit computes what zeroing it does), and
+:func:`check_model` runs it before any work on a layout found by structure.
 """
 
 from __future__ import annotations
