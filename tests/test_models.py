@@ -105,7 +105,7 @@ def test_shared_data_sets_are_found():
     assert len(spap.data.wikitext_rows()) == 4358
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3_text", "opt", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3_text", "opt", "gpt2", "phi3", "gpt_neox", "falcon", "starcoder2"])
 def test_captured_block_arguments_replay_the_models_own_forward(name):
     """Running the blocks one by one on the captured inputs gives the model's own last-block output, also
     when layers differ in their arguments (Gemma 3: a sliding window shorter than the sequence, and other
