@@ -13,7 +13,6 @@ Weights are always seen as ``(d_out, d_in)`` through :class:`LinearView`, which 
 from __future__ import annotations
 
 import copy
-import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -472,7 +471,7 @@ class Discovered(Adapter):
             attn.num_kv_heads = n_kv_heads
 
 
-_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, Layout]" = weakref.WeakKeyDictionary()
+LAYOUT_ATTRIBUTE = "_spap_layout"  # where get_adapter keeps a model's found layout (deep copies keep it too)
 
 
 def _is_linear(module: nn.Module | None) -> bool:
@@ -658,12 +657,13 @@ ADAPTERS: dict[str, Callable[[nn.Module], Adapter]] = {
 
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model``: its family's from ``model.config.model_type``, or a :class:`Discovered`
-    one whose layout :func:`discover` finds (once per model; unverified until :func:`spap.units.verify`)."""
+    one whose layout :func:`discover` finds (once per model, kept in its attribute :data:`LAYOUT_ATTRIBUTE`,
+    which a deep copy copies; unverified until :func:`spap.units.verify`)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in ADAPTERS:
         return ADAPTERS[model_type](model)
-    layout = _LAYOUTS.get(model) if isinstance(model, nn.Module) else None
-    if layout is None:
+    layout = getattr(model, LAYOUT_ATTRIBUTE, None) if isinstance(model, nn.Module) else None
+    if not isinstance(layout, Layout):
         try:
             layout = discover(model)
         except _NotFound as e:
@@ -672,7 +672,7 @@ def get_adapter(model: nn.Module) -> Adapter:
                 f"support: {e}. Supported model types (with their own adapters): {', '.join(sorted(ADAPTERS))}; "
                 "other decoder-only models are supported when their layout is found (docs/extending.md)."
             ) from None
-        _LAYOUTS[model] = layout
+        setattr(model, LAYOUT_ATTRIBUTE, layout)
     return Discovered(model, layout)
 
 

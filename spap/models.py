@@ -351,6 +351,7 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
         state.update(load_file(str(file)))
     if not state:
         raise FileNotFoundError(f"No .safetensors weights in {path}.")
+    state = _renamed_keys(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     loaded = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in state}
     untied = [k for k in missing if id(_get(model, k)) not in loaded]
@@ -362,6 +363,28 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False) if has_tokenizer_files(path) else None
     return model.to(device), tokenizer
+
+
+def _renamed_keys(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every key the model does not have renamed as transformers renames it when loading a
+    checkpoint (the pure renamings of its conversion mapping: GPT-NeoX saves ``lm_head`` as
+    ``embed_out``); keys the model has are left alone."""
+    own = model.state_dict()
+    unknown = [k for k in state if k not in own]
+    if not unknown:
+        return state
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
+    out = dict(state)
+    for key in unknown:
+        new = key
+        for renaming in renamings:
+            new = renaming.rename_source_key(new)[0]
+        if new in own and new not in out:
+            out[new] = out.pop(key)
+    return out
 
 
 def _read_manifest(file: Path) -> dict:

@@ -4,6 +4,8 @@ tests/test_pipeline.py::test_structure_runs_with_exact_sparsity_and_reloads."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -37,6 +39,8 @@ def test_discovery_finds_the_layout(name, qkv_layout, mlp_fused, n_kv, shrink):
     block = adapter.blocks()[0]
     assert LinearView(adapter.mlp_out(block)).d_in == 128
     assert get_adapter(model).layout is layout  # found once per model
+    twin = copy.deepcopy(model)  # e.g. GispResult.materialize: the copy keeps the verified layout
+    assert get_adapter(twin).layout.verified and get_adapter(twin).shrink_heads == shrink
 
 
 def test_falcon_multi_query_is_one_key_value_group():
@@ -103,7 +107,7 @@ def test_discovered_families_are_not_in_the_adapter_table():
     assert discover(_model("llama")).qkv_layout == "separate"  # the adapters' families are found alike
 
 
-@pytest.mark.parametrize("name", ["phi3", "starcoder2"])
+@pytest.mark.parametrize("name", ["phi3", "starcoder2", "gpt_neox"])  # GPT-NeoX saves lm_head as embed_out
 def test_per_block_widths_save_and_load_with_save_pruned(name, tmp_path):
     """Non-uniform widths of a found layout: spap.save_pruned writes them, spap.load_pruned rebuilds them."""
     model, _ = spap.prune_layerwise(_model(name), _ids(), [0.25, 0.5], structure="mlp+heads", progress=False)
