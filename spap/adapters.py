@@ -494,6 +494,7 @@ def _child(parent: nn.Module, names: tuple[str, ...], where: str = "") -> tuple[
 
 
 def _named_child(parent: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+    """The first of ``names`` that is a child module of ``parent``, as ``(name, module)``."""
     for name in names:
         module = getattr(parent, name, None)
         if isinstance(module, nn.Module):
@@ -507,7 +508,7 @@ def _shape(module: nn.Module) -> tuple[int, int]:
 
 
 class _NotFound(InvalidArgumentError):
-    pass
+    """What :func:`discover` did not find (:func:`get_adapter` words it as a refusal of the 'model' argument)."""
 
 
 def discover(model: nn.Module) -> Layout:
