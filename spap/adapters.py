@@ -2,7 +2,9 @@
 
 One adapter per family, chosen from ``config.model_type`` (never from a hub name), in the spirit of
 SliceGPT's model adapters.  The pipeline only talks to this interface, so a new architecture is one new
-adapter registered in :data:`ADAPTERS` and nothing else.
+adapter registered in :data:`ADAPTERS` and nothing else.  Any other decoder-only model gets a
+:class:`Discovered` adapter: its block list, attention and MLP linears are found by their structure
+(:func:`discover`), and :func:`spap.units.verify` checks the layout on the model itself before a run.
 
 Weights are always seen as ``(d_out, d_in)`` through :class:`LinearView`, which hides GPT-2's ``Conv1D``
 (it stores the transpose).
@@ -10,6 +12,7 @@ Weights are always seen as ``(d_out, d_in)`` through :class:`LinearView`, which 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -96,6 +99,7 @@ class Adapter:
     """How to find things in one model family.  Subclasses set the class attributes and the methods."""
 
     model_types: tuple[str, ...] = ()
+    discovered = False  # True for a layout found by structure (Discovered), which spap.units.verify checks
     intermediate_key = "intermediate_size"  # config field of the MLP width
     # True: pruned heads are removed and the config gets fewer heads with an explicit head_dim.  False:
     # the family derives head_dim from hidden_size // num_heads, so fewer heads would not reload; pruned
@@ -118,16 +122,27 @@ class Adapter:
         """The linear whose *columns* are the MLP channels (down_proj, fc2)."""
         raise NotImplementedError
 
+    def mlp_rows(self, block: nn.Module) -> list[tuple[nn.Module, int]]:
+        """``(linear, first row)`` for every part of the MLP's input whose rows are the channels: channel
+        ``c`` is row ``first + c`` of each (a fused ``[gate; up]`` linear appears twice, at 0 and at the
+        width)."""
+        return [(m, 0) for m in self.mlp_in(block)]
+
     def attention(self, block: nn.Module) -> Attention:
         raise NotImplementedError
+
+    def attention_module(self, block: nn.Module) -> nn.Module:
+        """The block's attention module (where the head counts are cached)."""
+        return block.self_attn
 
     def attention_out(self, block: nn.Module) -> nn.Module:
         """The linear whose columns are the heads' outputs (o_proj, out_proj, attn.c_proj)."""
         return self.attention(block).o
 
     def qkv_rows(self, block: nn.Module) -> list[tuple[nn.Module, int, str]]:
-        """``(linear, first row, "q"|"k"|"v")``: where each projection's rows are (fused layers share one
-        linear at different offsets)."""
+        """``(linear, first row, "q"|"k"|"v"|"qkv")``: where each projection's rows are (fused layers share
+        one linear at different offsets).  ``"qkv"``: a linear whose rows hold, for every key-value group
+        in turn, its query heads, its key head and its value head (GPT-NeoX, Falcon)."""
         a = self.attention(block)
         return [(a.q, 0, "q"), (a.k, 0, "k"), (a.v, 0, "v")]
 
@@ -205,7 +220,7 @@ class Adapter:
     def set_block_heads(self, block: nn.Module, n_heads: int, n_kv_heads: int) -> None:
         """Head counts cached by one block's attention module (older transformers keep ``num_heads``;
         the config is left alone, so blocks may differ)."""
-        attn = block.self_attn
+        attn = self.attention_module(block)
         for name, value in (("num_heads", n_heads), ("num_key_value_heads", n_kv_heads)):
             if hasattr(attn, name):
                 setattr(attn, name, value)
@@ -304,20 +319,362 @@ class GPT2(Adapter):
                 {"mlp.c_fc": block.mlp.c_fc}, {"mlp.c_proj": block.mlp.c_proj}]
 
 
+# --- structural discovery: every other decoder-only model ------------------------------------------------
+
+# Where decoder-only models in transformers keep things, by module name (first match wins).
+ATTENTION_NAMES = ("self_attn", "self_attention", "attention", "attn")
+FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")
+SEPARATE_QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+ATTENTION_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
+MLP_NAMES = ("mlp", "feed_forward", "ffn")  # else the block itself holds the MLP linears (as OPT's does)
+MLP_OUT_NAMES = ("down_proj", "fc2", "dense_4h_to_h", "c_proj", "w2", "fc_out")
+GATED_MLP_NAMES = (("gate_proj", "up_proj"), ("w1", "w3"))
+MLP_IN_NAMES = ("gate_up_proj", "fc1", "dense_h_to_4h", "c_fc", "up_proj", "fc_in")
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
+# The fused q/k/v linears whose output is viewed group by group ([q heads, k, v] of each key-value group:
+# GPT-NeoX, Falcon, Bloom, Persimmon); every other fused linear is [all q | all k | all v] (Phi-3, GPT-2).
+PER_GROUP_QKV_NAMES = ("query_key_value",)
+# Config fields of the MLP width and of the key-value head count, as transformers' configs name them.
+INTERMEDIATE_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff")
+KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
+EXPERT_NAMES = ("experts", "block_sparse_moe")
+
+
+@dataclass
+class Layout:
+    """What :func:`discover` found: module paths (the block list's in the model, the others' in a block),
+    how the q/k/v rows are laid out, the sizes, and the config fields that set them.
+
+    ``qkv_layout``: ``"separate"`` (q, k, v linears), ``"concatenated"`` (one linear, rows
+    ``[q | k | v]``) or ``"per_group"`` (one linear, rows ``[q heads, k, v]`` of each key-value group).
+    ``mlp_fused``: the one MLP input linear holds ``[gate; up]`` (channel ``c`` in rows ``c`` and
+    ``width + c``).  ``fewer_heads_reload``: a model built from a config with other head counts (and an
+    explicit ``head_dim``) has the matching shapes.  ``shrink_heads`` as :attr:`Adapter.shrink_heads`:
+    False (pruned heads zeroed) until :func:`spap.units.verify` finds that the block with fewer heads runs
+    and computes what the zeroed block does (and ``fewer_heads_reload``); ``verified`` once it has
+    checked the layout on the model.
+    """
+
+    blocks: str
+    attention: str
+    qkv: tuple[str, ...]
+    qkv_layout: str
+    attention_out: str
+    mlp_in: tuple[str, ...]
+    mlp_fused: bool
+    mlp_out: str
+    head: tuple[str, ...]
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_key: str
+    kv_key: str | None
+    fewer_heads_reload: bool
+    shrink_heads: bool = False
+    verified: bool = False
+
+
+class Discovered(Adapter):
+    """A decoder-only model of a family without its own adapter, described by a :class:`Layout` that
+    :func:`discover` found in the model's modules.  MLP pruning removes channels and writes the width to
+    the config field found for it; heads are removed only where a model built from the reduced config has
+    the reduced shapes and :func:`spap.units.verify` found that the reduced block computes what the zeroed
+    one does (else, and before that check, pruned heads are zeroed)."""
+
+    discovered = True
+
+    def __init__(self, model: nn.Module, layout: Layout) -> None:
+        super().__init__(model)
+        self.layout = layout
+        self.intermediate_key = layout.intermediate_key
+
+    @property
+    def shrink_heads(self) -> bool:  # type: ignore[override]
+        return self.layout.shrink_heads
+
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.layout.blocks)
+
+    def mlp_in(self, block):
+        return [block.get_submodule(p) for p in self.layout.mlp_in]
+
+    def mlp_rows(self, block):
+        if self.layout.mlp_fused:
+            fused = self.mlp_in(block)[0]
+            return [(fused, 0), (fused, LinearView(self.mlp_out(block)).d_in)]
+        return super().mlp_rows(block)
+
+    def mlp_out(self, block):
+        return block.get_submodule(self.layout.mlp_out)
+
+    def attention(self, block):
+        if self.layout.qkv_layout != "separate":
+            raise NotImplementedError(f"{type(self.model).__name__} fuses q, k and v in {self.layout.qkv[0]}; use "
+                                      "qkv_rows and attention_out")
+        q, k, v = (block.get_submodule(p) for p in self.layout.qkv)
+        return Attention(q, k, v, self.attention_out(block))
+
+    def attention_module(self, block):
+        return block.get_submodule(self.layout.attention)
+
+    def attention_out(self, block):
+        return block.get_submodule(self.layout.attention_out)
+
+    def qkv_rows(self, block):
+        layout = self.layout
+        if layout.qkv_layout == "separate":
+            return super().qkv_rows(block)
+        fused = block.get_submodule(layout.qkv[0])
+        if layout.qkv_layout == "per_group":
+            return [(fused, 0, "qkv")]
+        # [q | k | v] with the block's current number of key-value groups (fewer once it is pruned)
+        n_kv = LinearView(fused).d_out // (self.head_dim * (self.kv_group_size + 2))
+        q_rows = n_kv * self.kv_group_columns
+        return [(fused, 0, "q"), (fused, q_rows, "k"), (fused, q_rows + n_kv * self.head_dim, "v")]
+
+    def linear_groups(self, block):
+        layout = self.layout
+        attention = {p: block.get_submodule(p) for p in layout.qkv}
+        return [attention, {layout.attention_out: self.attention_out(block)},
+                {p: block.get_submodule(p) for p in layout.mlp_in}, {layout.mlp_out: self.mlp_out(block)}]
+
+    def head(self):
+        return [self.model.get_submodule(p) for p in self.layout.head]
+
+    @property
+    def intermediate_size(self) -> int:
+        return getattr(self.config, self.intermediate_key, None) or LinearView(self.mlp_out(self.blocks()[0])).d_in
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads if self.shrink_heads else self.layout.n_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return getattr(self.config, self.layout.kv_key) if self.shrink_heads else self.layout.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.layout.head_dim
+
+    def set_heads(self, n_heads: int, n_kv_heads: int) -> None:
+        self.config.head_dim = self.layout.head_dim
+        self.config.num_attention_heads = n_heads
+        setattr(self.config, self.layout.kv_key, n_kv_heads)
+        for block in self.blocks():
+            self.set_block_heads(block, n_heads, n_kv_heads)
+
+    def set_block_heads(self, block, n_heads, n_kv_heads):
+        super().set_block_heads(block, n_heads, n_kv_heads)
+        attn = self.attention_module(block)
+        if hasattr(attn, "num_kv_heads"):  # Falcon's name
+            attn.num_kv_heads = n_kv_heads
+
+
+LAYOUT_ATTRIBUTE = "_spap_layout"  # where get_adapter keeps a model's found layout (deep copies keep it too)
+
+
+def _is_linear(module: nn.Module | None) -> bool:
+    """A module computing ``x Wᵀ + b`` with a 2-D weight: ``nn.Linear`` (and subclasses such as
+    ``FalconLinear``) or ``Conv1D``."""
+    if module is None:
+        return False
+    weight = getattr(module, "weight", None)
+    return (isinstance(module, nn.Linear) or is_transposed(module)) and isinstance(weight, torch.Tensor) \
+        and weight.dim() == 2
+
+
+def _child(parent: nn.Module, names: tuple[str, ...], where: str = "") -> tuple[str, nn.Module] | None:
+    """The first of ``names`` that is a linear child of ``parent``, as ``(path, module)``."""
+    for name in names:
+        module = getattr(parent, name, None)
+        if isinstance(module, nn.Module) and _is_linear(module):
+            return (f"{where}.{name}" if where else name), module
+    return None
+
+
+def _named_child(parent: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+    """The first of ``names`` that is a child module of ``parent``, as ``(name, module)``."""
+    for name in names:
+        module = getattr(parent, name, None)
+        if isinstance(module, nn.Module):
+            return name, module
+    return None
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    view = LinearView(module)
+    return view.d_out, view.d_in
+
+
+class _NotFound(InvalidArgumentError):
+    """What :func:`discover` did not find (:func:`get_adapter` words it as a refusal of the 'model' argument)."""
+
+
+def discover(model: nn.Module) -> Layout:
+    """Find ``model``'s layout from its modules and config (no weight is read and no forward run), or
+    raise :class:`InvalidArgumentError` naming what was not found, where, and the names looked for.
+
+    Blocks: the first ``nn.ModuleList`` of ``config.num_hidden_layers`` modules of one class.  In block 0:
+    the attention module (:data:`ATTENTION_NAMES`) with separate q/k/v linears or one fused linear, and its
+    output linear; the MLP (a child in :data:`MLP_NAMES`, or the block itself) with its output linear and
+    its input linears (gate and up, one fused ``[gate; up]`` twice the width, or one plain).  Head count
+    from ``config.num_attention_heads``, ``head_dim`` from ``config.head_dim`` or ``hidden_size // heads``,
+    the key-value groups from the k (or fused) linear's rows.  A config field must set the MLP width
+    (:data:`INTERMEDIATE_KEYS`; checked by building the model on the meta device with another width), and
+    pruned heads can be removed only when a config with other head counts and an explicit ``head_dim``
+    builds the matching shapes (``fewer_heads_reload``; checked with one key-value group more).
+    Mixture-of-experts MLPs are refused.
+    """
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    blocks_path = next((path for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+                        and (n_layers is None or len(m) == n_layers) and len({type(b) for b in m}) == 1
+                        and any(_is_linear(x) for x in m[0].modules())), None)
+    if config is None or blocks_path is None:
+        raise _NotFound(f"found no decoder block list in {name} (an nn.ModuleList of num_hidden_layers={n_layers} "
+                        "blocks of one class holding linear layers)")
+    block = model.get_submodule(blocks_path)[0]
+    where = f"block 0 of {name} ({blocks_path}.0)"
+
+    # --- attention
+    found = _named_child(block, ATTENTION_NAMES)
+    if found is None:
+        raise _NotFound(f"found no attention module in {where} (looked for {', '.join(ATTENTION_NAMES)})")
+    attn_path, attn = found
+    inner = _named_child(attn, ATTENTION_NAMES)  # GPT-Neo: attn.attention holds the linears
+    if inner is not None and not any(_is_linear(m) for m in attn.children()):
+        attn_path, attn = f"{attn_path}.{inner[0]}", inner[1]
+    fused = _child(attn, FUSED_QKV_NAMES, attn_path)
+    separate = next((parts for names in SEPARATE_QKV_NAMES
+                     if all(parts := [_child(attn, (n,), attn_path) for n in names])), None)
+    if fused is None and separate is None:
+        raise _NotFound(f"found no q/k/v projections in {where} (looked in {attn_path} for "
+                        f"{', '.join('/'.join(n) for n in SEPARATE_QKV_NAMES)} or a fused {', '.join(FUSED_QKV_NAMES)})")
+    out = _child(attn, ATTENTION_OUT_NAMES, attn_path)
+    if out is None:
+        raise _NotFound(f"found no attention output projection in {where} (looked in {attn_path} for "
+                        f"{', '.join(ATTENTION_OUT_NAMES)})")
+    n_heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // n_heads if n_heads else None)
+    if not n_heads or not head_dim:
+        raise _NotFound(f"found no head count in the config of {name} (num_attention_heads)")
+    q_rows = n_heads * head_dim
+    if _shape(out[1])[1] != q_rows:
+        raise _NotFound(f"the attention output projection {out[0]} of {where} has {_shape(out[1])[1]} inputs, not "
+                        f"num_attention_heads × head_dim = {n_heads} × {head_dim}")
+    if separate is not None:
+        qkv, layout = tuple(p for p, _ in separate), "separate"
+        k_rows = _shape(separate[1][1])[0]
+        ok = _shape(separate[0][1])[0] == q_rows and _shape(separate[2][1])[0] == k_rows and k_rows % head_dim == 0
+        n_kv = k_rows // head_dim
+    else:
+        qkv = (fused[0],)
+        layout = "per_group" if fused[0].rsplit(".", 1)[-1] in PER_GROUP_QKV_NAMES else "concatenated"
+        extra = _shape(fused[1])[0] - q_rows  # the k and v rows
+        ok = extra > 0 and extra % (2 * head_dim) == 0
+        n_kv = extra // (2 * head_dim)
+    if not ok or n_kv == 0 or n_heads % n_kv:
+        raise _NotFound(f"the q/k/v projections {', '.join(qkv)} of {where} have rows that do not split into "
+                        f"{n_heads} query heads of {head_dim} and whole key-value heads")
+
+    # --- MLP
+    found = _named_child(block, MLP_NAMES)
+    mlp_path, mlp = found if found is not None else ("", block)
+    if any(getattr(mlp, n, None) is not None for n in EXPERT_NAMES):
+        raise _NotFound(f"found a mixture-of-experts MLP in {where} ({mlp_path or 'the block'} holds experts), which "
+                        "spap does not prune")
+    mlp_where = f" in {mlp_path}" if mlp_path else ""
+    out_mlp = _child(mlp, MLP_OUT_NAMES, mlp_path)
+    if out_mlp is None or out_mlp[1] is out[1]:
+        raise _NotFound(f"found no MLP output projection in {where} (looked{mlp_where} for {', '.join(MLP_OUT_NAMES)})")
+    width = _shape(out_mlp[1])[1]
+    gated = next((parts for names in GATED_MLP_NAMES if all(parts := [_child(mlp, (n,), mlp_path) for n in names])),
+                 None)
+    single = _child(mlp, MLP_IN_NAMES, mlp_path)
+    if gated is not None:
+        mlp_in, mlp_fused = tuple(p for p, _ in gated), False
+        ok = all(_shape(m)[0] == width for _, m in gated)
+    elif single is not None:
+        mlp_in, mlp_fused = (single[0],), _shape(single[1])[0] == 2 * width
+        ok = _shape(single[1])[0] in (width, 2 * width)
+    else:
+        raise _NotFound(f"found no MLP input projection in {where} (looked{mlp_where} for "
+                        f"{', '.join('/'.join(n) for n in GATED_MLP_NAMES)}, {', '.join(MLP_IN_NAMES)})")
+    if not ok:
+        raise _NotFound(f"the MLP input projections {', '.join(mlp_in)} of {where} do not have {width} rows (or "
+                        f"2 × {width} fused), the inputs of {out_mlp[0]}")
+
+    # --- head: the final norm (beside the block list) and the language-model head
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_path = next((p for p, m in model.named_modules() if m is lm_head), None) if lm_head is not None else None
+    if head_path is None:
+        raise _NotFound(f"found no language-model head in {name} (get_output_embeddings()); load it with "
+                        "transformers.AutoModelForCausalLM")
+    parent_path = blocks_path.rpartition(".")[0]
+    norm = _named_child(model.get_submodule(parent_path), FINAL_NORM_NAMES)
+    head = ((f"{parent_path}.{norm[0]}" if parent_path else norm[0]),) if norm is not None else ()
+
+    # --- the config fields that set the widths, checked on a model built on the meta device
+    def rebuilt_block(changes: dict) -> nn.Module | None:
+        cfg = copy.deepcopy(config)
+        try:
+            for key, value in changes.items():
+                setattr(cfg, key, value)
+            with torch.device("meta"):
+                return type(model)(cfg).get_submodule(blocks_path)[0]
+        except (AttributeError, TypeError, ValueError, RuntimeError, KeyError):
+            return None  # the config refuses the value, or the model does not build from it
+
+    key = None
+    for candidate in INTERMEDIATE_KEYS:
+        if hasattr(config, candidate) and getattr(config, candidate) in (width, None):
+            small = rebuilt_block({candidate: width // 2})
+            if small is not None and _shape(small.get_submodule(out_mlp[0]))[1] == width // 2:
+                key = candidate
+                break
+    if key is None:
+        raise _NotFound(f"found no config field of {name} that sets its MLP width {width} (looked for "
+                        f"{', '.join(INTERMEDIATE_KEYS)}), so a pruned model would not reload")
+    kv_key = next((k for k in KV_HEAD_KEYS if getattr(config, k, None) == n_kv), None)
+    reloads = False
+    if kv_key is not None:  # one key-value group more (fewer may be none): do the config's counts set the shapes?
+        g = n_heads // n_kv
+        other = rebuilt_block({"num_attention_heads": n_heads + g, kv_key: n_kv + 1, "head_dim": head_dim})
+        rows = (n_heads + g + 2 * (n_kv + 1)) * head_dim
+        reloads = other is not None and _shape(other.get_submodule(out[0]))[1] == (n_heads + g) * head_dim and \
+            sum(_shape(other.get_submodule(p))[0] for p in qkv) == rows
+    return Layout(blocks=blocks_path, attention=attn_path, qkv=qkv, qkv_layout=layout, attention_out=out[0],
+                  mlp_in=mlp_in, mlp_fused=mlp_fused, mlp_out=out_mlp[0], head=head + (head_path,), n_heads=n_heads,
+                  n_kv_heads=n_kv, head_dim=head_dim, intermediate_key=key, kv_key=kv_key,
+                  fewer_heads_reload=reloads)
+
+
 ADAPTERS: dict[str, Callable[[nn.Module], Adapter]] = {
     t: cls for cls in (LlamaFamily, OPT, GPT2) for t in cls.model_types
 }
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter for ``model``, from ``model.config.model_type``."""
+    """The adapter for ``model``: its family's from ``model.config.model_type``, or a :class:`Discovered`
+    one whose layout :func:`discover` finds (once per model, kept in its attribute :data:`LAYOUT_ATTRIBUTE`,
+    which a deep copy copies; unverified until :func:`spap.units.verify`)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ADAPTERS:
-        raise InvalidArgumentError(
-            f"The 'model' argument is a {type(model).__name__} (model_type={model_type!r}), which spap does not "
-            f"support. Supported model types: {', '.join(sorted(ADAPTERS))}."
-        )
-    return ADAPTERS[model_type](model)
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type](model)
+    layout = getattr(model, LAYOUT_ATTRIBUTE, None) if isinstance(model, nn.Module) else None
+    if not isinstance(layout, Layout):
+        try:
+            layout = discover(model)
+        except _NotFound as e:
+            raise InvalidArgumentError(
+                f"The 'model' argument is a {type(model).__name__} (model_type={model_type!r}), which spap does not "
+                f"support: {e}. Supported model types (with their own adapters): {', '.join(sorted(ADAPTERS))}; "
+                "other decoder-only models are supported when their layout is found (docs/extending.md)."
+            ) from None
+        setattr(model, LAYOUT_ATTRIBUTE, layout)
+    return Discovered(model, layout)
 
 
 def check_model(model: nn.Module, caller: str) -> Adapter:

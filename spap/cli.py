@@ -245,9 +245,12 @@ def _check_config(args, config: dict) -> None:
 
     model = getattr(args, "model", "smollm2")
     model_type = config.get("model_type")
-    if args.command in ("prune", "info", "demo") and model_type not in ADAPTERS:
-        raise InvalidArgumentError(f"model {model!r} is a {model_type!r} model, which spap cannot prune; supported "
-                                   f"model types: {', '.join(sorted(ADAPTERS))}")
+    problem = _layout_problem(config) if args.command in ("prune", "info", "demo") and model_type not in ADAPTERS \
+        else None
+    if problem is not None:
+        raise InvalidArgumentError(f"model {model!r} is a {model_type!r} model, which spap cannot prune ({problem}); "
+                                   f"supported model types: {', '.join(sorted(ADAPTERS))}, and decoder-only models "
+                                   "whose layout spap finds (docs/extending.md)")
     limit = next((config[k] for k in ("max_position_embeddings", "n_positions") if isinstance(config.get(k), int)),
                  None)
     if limit is None:
@@ -258,6 +261,30 @@ def _check_config(args, config: dict) -> None:
     for name, length in lengths.items():
         if length is not None and length > limit:
             raise InvalidArgumentError(f"{name}: {length} tokens exceed the {limit} positions of model {model!r}")
+
+
+def _layout_problem(config: dict) -> str | None:
+    """Why spap would not find the layout of the model ``config`` (a ``config.json`` of a family without an
+    adapter) describes, or None: the model is built on the meta device (no memory, no weights) and
+    :func:`spap.adapters.discover` looks for its modules, so a refusal comes before loading."""
+    import torch
+    import transformers
+
+    from .adapters import discover
+
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        with torch.device("meta"):
+            built = transformers.AutoModelForCausalLM.from_config(
+                transformers.AutoConfig.for_model(config.get("model_type"), **fields))
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError, RuntimeError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
+        return f"transformers builds no causal language model from its config: {reason}"
+    try:
+        discover(built)
+    except InvalidArgumentError as e:
+        return str(e)
+    return None
 
 
 def _check_loaded(args, model, tokenizer, checkpoint_dir: str | None = None) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import units
-from .adapters import ADAPTERS, get_adapter
+from .adapters import get_adapter
 from .checks import InvalidArgumentError
 from .data import InvalidFileError
 
@@ -316,9 +316,11 @@ def layer_widths(model) -> dict | None:
     """Per-block widths read from the weights: ``{"intermediate_size": [int per block],
     "num_key_value_heads": [int per block] or None}`` (None where the family zeroes pruned heads instead
     of removing them: OPT, GPT-2).  None for a model no adapter supports."""
-    if getattr(getattr(model, "config", None), "model_type", None) not in ADAPTERS:
+    try:
+        adapter = get_adapter(model)
+    except InvalidArgumentError:
         return None
-    w = units.widths(get_adapter(model))
+    w = units.widths(adapter)
     return {"intermediate_size": w["mlp"], "num_key_value_heads": w["heads"]}
 
 
@@ -372,7 +374,7 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
     model_config(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    adapter = get_adapter(model)
+    adapter = units.check_model(model, "load_pruned")  # a found layout: whether pruned heads were removed
     blocks = adapter.blocks()
     mlp, kv = manifest["intermediate_size"], manifest["num_key_value_heads"]
     if len(mlp) != len(blocks) or (kv is not None and len(kv) != len(blocks)):
@@ -392,6 +394,7 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
         state.update(load_file(str(file)))
     if not state:
         raise FileNotFoundError(f"No .safetensors weights in {path}.")
+    state = _renamed_keys(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     loaded = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in state}
     untied = [k for k in missing if id(_get(model, k)) not in loaded]
@@ -403,6 +406,28 @@ def load_pruned(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False) if has_tokenizer_files(path) else None
     return model.to(device), tokenizer
+
+
+def _renamed_keys(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every key the model does not have renamed as transformers renames it when loading a
+    checkpoint (the pure renamings of its conversion mapping: GPT-NeoX saves ``lm_head`` as
+    ``embed_out``); keys the model has are left alone."""
+    own = model.state_dict()
+    unknown = [k for k in state if k not in own]
+    if not unknown:
+        return state
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
+    out = dict(state)
+    for key in unknown:
+        new = key
+        for renaming in renamings:
+            new = renaming.rename_source_key(new)[0]
+        if new in own and new not in out:
+            out[new] = out.pop(key)
+    return out
 
 
 def _read_manifest(file: Path) -> dict:

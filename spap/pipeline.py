@@ -36,14 +36,14 @@ from . import bias as B
 from . import checkpoint as ckpt
 from . import selection
 from . import units as U
-from .adapters import Adapter, LinearView, check_model, get_adapter
+from .adapters import Adapter, LinearView, get_adapter
 from .capture import (GramHooks, calibration_batches, capture_block_inputs, check_calibration, forward_pass,
                       outside_blocks_on, run_block)
 from .checks import (Boolean, DistinctNames, Interval, InvalidArgumentError, NoneOr, Options, PathLike, check_table,
                      device as _device_arg, finite)
 from .gradients import output_gradient_grams
 from .report import LayerRecord, PruneReport, count_parameters, peak_memory
-from .units import PruneStructure
+from .units import PruneStructure, check_model
 
 _CONSTRAINTS = {
     "damp": Interval(float, 0, None, closed="left"),
@@ -162,7 +162,8 @@ def prune_layerwise(
     Parameters
     ----------
     model : transformers causal LM
-        A supported family (see :data:`spap.adapters.ADAPTERS`); modified in place.
+        A family of :data:`spap.adapters.ADAPTERS`, or a decoder-only model whose layout spap finds and
+        verifies (:func:`spap.adapters.discover`, :func:`spap.units.verify`); modified in place.
     calib : list of str, LongTensor (n, seq), or iterable of LongTensor batches
         Calibration text or token ids (see :func:`spap.capture.calibration_batches`).
     sparsity : float in [0, 1), sequence of floats, or mapping; default 0.3

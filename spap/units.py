@@ -9,12 +9,15 @@ A *unit* is what structured pruning removes as a whole:
 
 Every method that removes units goes through this module: the layer-wise pipeline, GISP (scores and
 masks), DDP (gates), checkpoints and :func:`spap.load_pruned` (re-applying kept units).  Where the
-linears are, the group size and transposed weights are the adapter's facts; this module only
-combines them, so a new architecture is a new adapter and nothing here.
+linears are (fused ones at row offsets), the group size and transposed weights are the adapter's facts;
+this module only combines them, so a new architecture is a new adapter and nothing here.  :func:`verify`
+checks an adapter's facts on the model itself (that removing a unit computes what zeroing it does), and
+:func:`check_model` runs it before any work on a layout found by structure.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 import solvers
 
 from .adapters import Adapter, LinearView
+from .adapters import check_model as adapters_check_model
 from .checks import InvalidArgumentError
 
 UNIT_KINDS = ("mlp", "heads")
@@ -128,10 +132,12 @@ class UnitKind:
 
     def keep(self, block: nn.Module, idx: torch.Tensor) -> None:
         """Keep only units ``idx`` (sorted indices) of ``block``: remove the others' rows and columns."""
-        for module, offset, rows in self.input_rows(block):
-            if offset:
-                raise NotImplementedError("Shrinking units of a fused linear; the adapter must zero them instead.")
-            LinearView(module).keep_outputs(_spans(idx, rows).to(module.weight.device))
+        parts: dict[int, tuple[nn.Module, list[torch.Tensor]]] = {}
+        for module, offset, rows in self.input_rows(block):  # a fused linear's parts are cut in one go
+            spans = _spans(idx, rows)
+            parts.setdefault(id(module), (module, []))[1].append(spans + offset if offset else spans)
+        for module, spans in parts.values():
+            LinearView(module).keep_outputs(torch.cat(spans).to(module.weight.device))
         out = self.output_linear(block)
         LinearView(out).keep_inputs(_spans(idx, self.columns_per_unit).to(out.weight.device))
 
@@ -167,7 +173,7 @@ class MLPChannels(UnitKind):
         return self.adapter.mlp_out(block)
 
     def input_rows(self, block):
-        return [(m, 0, 1) for m in self.adapter.mlp_in(block)]
+        return [(m, offset, 1) for m, offset in self.adapter.mlp_rows(block)]
 
     def dense_count(self) -> int:
         return self.adapter.intermediate_size
@@ -192,7 +198,8 @@ class KVGroups(UnitKind):
 
     def input_rows(self, block):
         a = self.adapter
-        return [(m, offset, self.columns_per_unit if part == "q" else a.head_dim) for m, offset, part in a.qkv_rows(block)]
+        rows = {"q": self.columns_per_unit, "k": a.head_dim, "v": a.head_dim, "qkv": self.columns_per_unit + 2 * a.head_dim}
+        return [(m, offset, rows[part]) for m, offset, part in a.qkv_rows(block)]
 
     def dense_count(self) -> int:
         return self.adapter.n_kv_heads
@@ -289,3 +296,151 @@ def _complement(idx: torch.Tensor, n: int) -> torch.Tensor:
     mask = torch.ones(n, dtype=torch.bool)
     mask[idx.cpu()] = False
     return torch.nonzero(mask).flatten()
+
+
+# --- checking an adapter's layout on the model itself ------------------------------------------------------
+
+VERIFY_TOKENS = 8  # random tokens of the one forward pass behind verify()
+_UNIT_NAMES = {"mlp": "MLP channel", "heads": "key-value group"}
+
+
+def check_model(model: nn.Module, caller: str) -> Adapter:
+    """:func:`spap.adapters.check_model`, and for a layout found by structure (a :class:`Discovered`
+    adapter) :func:`verify` once per model: an unknown or mismatching layout is refused, naming the
+    'model' argument of ``caller``, before any work."""
+    adapter = adapters_check_model(model, caller)
+    if adapter.discovered and not adapter.layout.verified:
+        verify(adapter, caller)
+        adapter.layout.verified = True
+    return adapter
+
+
+def verify(adapter: Adapter, caller: str = "prune_layerwise") -> None:
+    """Check that ``adapter`` describes its model, on the model itself, or raise
+    :class:`InvalidArgumentError` naming what did not match.
+
+    One forward pass of :data:`VERIFY_TOKENS` random tokens records block 0's call arguments and the
+    last block's output; :meth:`Adapter.logits` of that output must give the model's logits.  Then, on a
+    float64 copy of block 0 run on the recorded input, for the MLP channel and then the key-value group
+    whose output-projection columns weigh most: the block with that unit removed (:meth:`UnitKind.keep`,
+    as the pipeline removes it) must compute what the block computes when that unit's columns of the
+    output projection's input are zeroed by a hook (:meth:`UnitKind.gate`), and zeroing them must change
+    the output.  A :class:`Discovered` adapter removes pruned heads (``shrink_heads`` True) when that
+    matches and its config reloads fewer heads (``Layout.fewer_heads_reload``), else zeroes them if that
+    matches.  Heads are not checked with a single
+    key-value group (nothing can be pruned).  The model is left as it was.
+    """
+    model = adapter.model
+    name = type(model).__name__
+    block = adapter.blocks()[0]
+    call, last, logits = _record_forward(model, adapter)
+    ours = adapter.logits(last).to(logits.dtype)
+    if ours.shape != logits.shape or not torch.allclose(ours, logits, rtol=1e-3, atol=1e-3 * float(logits.abs().max())):
+        raise InvalidArgumentError(
+            f"The 'model' argument of {caller} is a {name} whose layout spap found does not match the model: the "
+            f"modules taken for its head ({', '.join(type(m).__name__ for m in adapter.head())}) applied to the last "
+            "block's output do not give the model's logits.")
+    problems = []
+    if not _unit_matches(kinds(adapter, ["mlp"])["mlp"], block, call, problems):
+        raise InvalidArgumentError(f"The 'model' argument of {caller} is a {name} whose layout spap found does not "
+                                   f"match block 0: {problems[-1]}.")
+    if adapter.n_kv_heads < 2:  # nothing to prune, nothing to check: the count reads from the weights if it can
+        if adapter.discovered:
+            adapter.layout.shrink_heads = adapter.layout.fewer_heads_reload
+        return
+    heads = kinds(adapter, ["heads"])["heads"]
+    # A found layout removes heads only where the block runs with fewer (and the config reloads it).
+    modes = (True, False) if adapter.discovered and adapter.layout.fewer_heads_reload else (adapter.shrink_heads,)
+    for shrink in modes:
+        if adapter.discovered:
+            adapter.layout.shrink_heads = shrink
+        if _unit_matches(heads, block, call, problems):
+            return
+    raise InvalidArgumentError(f"The 'model' argument of {caller} is a {name} whose layout spap found does not match "
+                               f"block 0: {'; '.join(problems)}.")
+
+
+def _record_forward(model: nn.Module, adapter: Adapter):
+    """``((args, kwargs) of block 0, last block's output, logits)`` of one forward pass of the model in
+    eval mode on random token ids (a generator of its own: the global random state is untouched)."""
+    blocks = adapter.blocks()
+    embeddings = model.get_input_embeddings()
+    vocab = embeddings.weight.shape[0]
+    ids = torch.randint(0, vocab, (1, VERIFY_TOKENS), generator=torch.Generator().manual_seed(0))
+    seen: dict[str, object] = {}
+
+    def first(module, args, kwargs):
+        seen["call"] = (args, kwargs)
+
+    def last(module, args, output):
+        seen["last"] = output[0] if isinstance(output, tuple) else output
+
+    handles = [blocks[0].register_forward_pre_hook(first, with_kwargs=True), blocks[-1].register_forward_hook(last)]
+    training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(ids.to(embeddings.weight.device), use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, flag in training:
+            m.training = flag
+    return seen["call"], seen["last"], logits
+
+
+def _float64(x):
+    """``x`` with every floating tensor (in tuples, lists and dicts too) as float64."""
+    if isinstance(x, torch.Tensor):
+        return x.double() if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_float64(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _float64(v) for k, v in x.items()}
+    return x
+
+
+def _unit_matches(kind: UnitKind, block: nn.Module, call, problems: list[str]) -> bool:
+    """Whether removing one unit from a float64 copy of ``block`` computes what zeroing its input to the
+    output projection computes (and zeroing changes the output); else a sentence in ``problems``."""
+    twin = copy.deepcopy(block).double().eval()
+    args, kwargs = _float64(call[0]), _float64(call[1])
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            out = twin(*args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    n = kind.count(twin)
+    W = LinearView(kind.output_linear(twin)).weight
+    unit = int(W.reshape(W.shape[0], n, -1).square().sum((0, 2)).argmax())
+    paths = {id(m): p for p, m in twin.named_modules()}
+    inputs = dict.fromkeys(paths[id(m)] for m, _, _ in kind.input_rows(twin))
+    label = f"{_UNIT_NAMES[kind.name]} {unit}"
+    what = f"{label} (its rows of {', '.join(inputs)}, its columns of {paths[id(kind.output_linear(twin))]})"
+    mask = torch.ones(n, dtype=torch.float64)
+    mask[unit] = 0
+    dense = run()
+    handle = kind.gate(twin, lambda: mask)
+    try:
+        zeroed = run()
+    finally:
+        handle.remove()
+    effect = float((dense - zeroed).abs().max())
+    if not effect > 0:
+        problems.append(f"zeroing the input of {label} to {paths[id(kind.output_linear(twin))]} changed nothing (the "
+                        "linear taken for its output projection is not on the block's path)")
+        return False
+    kind.keep(twin, torch.tensor([u for u in range(n) if u != unit]))
+    mode = "removing" if kind.shrinks else "zeroing the weights of"
+    try:
+        pruned = run()
+    except (RuntimeError, ValueError, IndexError) as e:
+        problems.append(f"{mode} {what} makes the block fail ({type(e).__name__}: {str(e).splitlines()[0]})")
+        return False
+    error = float((pruned - zeroed).abs().max()) if pruned.shape == zeroed.shape else float("inf")
+    if not error <= 1e-6 * effect:
+        problems.append(f"{mode} {what} changed the block's output by {error:.3g}, zeroing its input to the output "
+                        f"projection by {effect:.3g}: the rows or columns taken for it are not its own")
+        return False
+    return True

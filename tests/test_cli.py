@@ -150,3 +150,26 @@ def test_prune_calibrates_from_a_jsonl_field(tiny_model_dir, tmp_path, capsys):
     main([*argv, "--calib-field", "body", "--out", str(tmp_path / "b"), "--method", "magnitude"])
     report = json.loads((tmp_path / "b" / "spap_report.json").read_text())
     assert report["settings"]["calib_tokens"] == 4 * 32
+
+
+def test_info_on_a_found_layout_and_refusal_before_loading(tmp_path, capsys, monkeypatch):
+    """A family without an adapter: ``info`` describes the found layout; a layout spap cannot find (a
+    mixture of experts) is refused from config.json, before the weights are loaded."""
+    import transformers
+
+    from spap.cli import main
+
+    from .test_pipeline import COMMON, _model
+
+    _model("phi3").save_pretrained(tmp_path / "phi3")
+    main(["info", str(tmp_path / "phi3")])
+    assert "model_type='phi3', adapter Discovered" in capsys.readouterr().out
+    config = transformers.MixtralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                        num_key_value_heads=2, num_local_experts=4, **COMMON)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    loads = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a))
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(tmp_path / "moe")])
+    assert e.value.code == 2 and not loads
+    assert "'mixtral' model, which spap cannot prune (found a mixture-of-experts MLP" in capsys.readouterr().err

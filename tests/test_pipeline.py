@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import spap
+from spap import units
 from spap.adapters import LinearView, get_adapter
 
 COMMON = dict(vocab_size=128, num_hidden_layers=2, max_position_embeddings=64)
@@ -28,8 +29,18 @@ def _configs():
         "opt": transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
                                       vocab_size=128, num_hidden_layers=2, max_position_embeddings=64),
         "gpt2": transformers.GPT2Config(n_embd=64, n_inner=128, n_head=4, n_layer=2, vocab_size=128, n_positions=64),
+        # no adapter of their own: found by structure (spap.adapters.discover) and verified (spap.units.verify)
+        "phi3": transformers.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **LLAMA_LIKE),  # fused qkv, gate_up
+        "gpt_neox": transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                               **COMMON),  # query_key_value per head, biases, parallel residual
+        "falcon": transformers.FalconConfig(hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_kv_heads=2,
+                                            new_decoder_architecture=True, bias=True, **COMMON),  # per KV group
+        "starcoder2": transformers.Starcoder2Config(**LLAMA_LIKE),  # c_fc/c_proj, biases; removes pruned heads
     }
     return out
+
+
+DISCOVERED = ("phi3", "gpt_neox", "falcon", "starcoder2")
 
 
 CONFIGS = _configs()
@@ -67,23 +78,27 @@ def test_structure_runs_with_exact_sparsity_and_reloads(name, structure, tmp_pat
     model = _model(name)
     adapter = get_adapter(model)
     width, kv = adapter.intermediate_size, adapter.n_kv_heads
-    dense = {n: LinearView(m).weight.clone() for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")}
+    dense = {n: LinearView(m).weight.clone() for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
     model, report = spap.prune_layerwise(model, _ids(), 0.5, structure=structure, progress=False)
     if "mlp" in structure:
         assert adapter.intermediate_size == width // 2
         for block in adapter.blocks():
             assert LinearView(adapter.mlp_out(block)).d_in == width // 2
-            assert all(LinearView(m).d_out == width // 2 for m in adapter.mlp_in(block))
+            parts = [id(m) for m, _ in adapter.mlp_rows(block)]  # a fused [gate; up] linear holds two
+            assert all(LinearView(m).d_out == parts.count(id(m)) * (width // 2) for m in adapter.mlp_in(block))
     if "heads" in structure and adapter.shrink_heads:
         assert adapter.n_kv_heads == kv - round(0.5 * kv)
         assert model.config.num_attention_heads == adapter.n_kv_heads * (4 // kv)
-    if "heads" in structure and not adapter.shrink_heads:  # OPT, GPT-2: same shapes, pruned heads zeroed
+    if "heads" in structure and not adapter.shrink_heads:  # OPT, GPT-2, ...: same shapes, pruned heads zeroed
+        heads = units.kinds(adapter, ["heads"])["heads"]
         for block in adapter.blocks():
-            W = LinearView(adapter.attention_out(block)).weight
-            zero_heads = (W.reshape(W.shape[0], 4, -1) == 0).all(-1).all(0)
-            assert int(zero_heads.sum()) == 2
-            qkv = LinearView(adapter.qkv_rows(block)[0][0]).weight.reshape(3 if name == "gpt2" else 1, 4, -1)
-            assert torch.equal((qkv == 0).flatten(2).all(-1).all(0), zero_heads)
+            W = LinearView(heads.output_linear(block)).weight
+            zero_groups = (W.reshape(W.shape[0], kv, -1) == 0).all(-1).all(0)
+            assert int(zero_groups.sum()) == round(0.5 * kv)
+            for module, offset, rows in heads.input_rows(block):  # each part of a fused linear at its offset
+                part = LinearView(module).weight[offset : offset + kv * rows].reshape(kv, -1)
+                assert torch.equal((part == 0).all(-1), zero_groups)
     if structure in ("unstructured", "2:4"):
         for n, m in model.named_modules():
             if n in dense and ".layers." in f".{n}." or (n in dense and ".h." in f".{n}."):

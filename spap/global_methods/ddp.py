@@ -39,11 +39,11 @@ from torch.nn import functional as F
 from solvers.masks import keep_largest_overall, keep_largest_per_row
 
 from .. import units as U
-from ..adapters import LinearView, check_model
+from ..adapters import LinearView
 from ..capture import calibration_batches, check_calibration
 from ..checks import Boolean, DecreasingPair, Interval, InvalidArgumentError, Options, check_table
 from ..report import PruneReport, count_parameters, peak_memory, peak_memory_text
-from ..units import PruneStructure
+from ..units import PruneStructure, check_model
 
 ALLOCATIONS = ("global", "uniform")
 TEACHERS = ("cache", "online")
@@ -138,8 +138,8 @@ def ddp_prune(
     Parameters
     ----------
     model : transformers causal LM
-        A supported family (:data:`spap.adapters.ADAPTERS`), on the device where it should train; modified
-        in place.  Its weights are frozen during the run (``requires_grad`` is restored at the end).
+        A supported family (:data:`spap.adapters.ADAPTERS`, or a found layout), on the device where it
+        should train; modified in place.  Its weights are frozen during the run (``requires_grad`` is restored at the end).
     calib : list of str, LongTensor (n, seq), or iterable of LongTensor batches
         Calibration text or token ids (see :func:`spap.capture.calibration_batches`), split into windows.
     sparsity : float in [0, 1), default 0.3

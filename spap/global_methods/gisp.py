@@ -44,11 +44,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import units as U
-from ..adapters import LinearView, check_model, get_adapter
+from ..adapters import LinearView, get_adapter
 from ..capture import calibration_batches, check_calibration
 from ..checks import Boolean, DistinctFloats, Interval, InvalidArgumentError, NoneOr, Options, check_table
 from ..report import peak_memory
-from ..units import PruneStructure
+from ..units import PruneStructure, check_model
 
 OBJECTIVES = ("perplexity", "margin")
 _UNIT_NAMES = {"mlp": "MLP channels", "heads": "key-value groups"}
@@ -200,8 +200,8 @@ def gisp(
     Parameters
     ----------
     model : transformers causal LM
-        A supported family (:data:`spap.adapters.ADAPTERS`) with uniform widths.  It runs forward and
-        backward on the device it is on.
+        A supported family (:data:`spap.adapters.ADAPTERS`, or a found layout) with uniform widths.  It
+        runs forward and backward on the device it is on.
     calib : see ``objective``
         ``objective="perplexity"``: calibration text or token ids as :func:`spap.prune_layerwise`
         takes them (a LongTensor ``(n, seq)``, a list of strings with ``tokenizer``, or an iterable of

@@ -56,7 +56,8 @@ import solvers
 from solvers.masks import keep_largest_across, keep_largest_per_row
 
 from .. import units as U
-from ..adapters import Adapter, LinearView, check_model
+from ..units import check_model
+from ..adapters import Adapter, LinearView
 from ..capture import GramHooks, calibration_batches, capture_block_inputs, check_calibration, run_block
 from ..checks import Boolean, DecreasingPair, Interval, InvalidArgumentError, Options, check_table, finite
 from ..report import peak_memory, peak_memory_text
@@ -158,8 +159,8 @@ def leap_prune(
     Parameters
     ----------
     model : transformers causal LM
-        A supported family (:data:`spap.adapters.ADAPTERS`), on the device to train on.  Modified in
-        place: only pruned weights change (to zero), and only when the run completes.
+        A supported family (:data:`spap.adapters.ADAPTERS`, or a found layout), on the device to train
+        on.  Modified in place: only pruned weights change (to zero), and only when the run completes.
     calib : LongTensor (n, seq), list of str, or iterable of LongTensor batches (batch, seq)
         Calibration windows (see :func:`spap.capture.calibration_batches`), all of one length: the
         Wanda statistics and the training loss both use them.
