@@ -85,6 +85,104 @@ class LinearView:
             m.out_features, m.in_features = W.shape
 
 
+# transformers' default experts kernel (grouped_mm) needs every row of the experts' parameters to span a
+# multiple of 16 bytes: 8 channels in bfloat16 or float16 (4 in float32).  Pruned widths keep to it.
+EXPERT_WIDTH_MULTIPLE = 8
+
+
+class Experts:
+    """One block's mixture-of-experts experts, stored as 3-D parameters of one module (transformers'
+    ``MixtralExperts``, ``Qwen2MoeExperts``): ``gate_up_proj`` of shape ``(n, 2·width, hidden)`` whose rows
+    are ``[gate; up]``, and ``down_proj`` of shape ``(n, hidden, width)``.
+
+    The router (a sibling module) picks ``k`` experts per token with weights; expert ``e`` adds
+    ``weight · down_proj[e] (act(gate_e x) · up_e x)`` to the token's output.  Channel ``c`` of expert ``e``
+    is row ``c`` and row ``width + c`` of ``gate_up_proj[e]`` and column ``c`` of ``down_proj[e]``; every
+    expert keeps as many channels, so the parameters stay rectangular and one config field holds the
+    width.  The module's forward (whichever experts implementation the config picks) is never replaced:
+    :meth:`record` recomputes each expert's inputs from the module's own call arguments.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @property
+    def n(self) -> int:
+        """Experts in the block."""
+        return self.module.down_proj.shape[0]
+
+    @property
+    def width(self) -> int:
+        """Channels of every expert (the inputs of its down projection)."""
+        return self.module.down_proj.shape[2]
+
+    @property
+    def hidden(self) -> int:
+        return self.module.down_proj.shape[1]
+
+    def down(self, e: int) -> torch.Tensor:
+        """Expert ``e``'s down projection ``(hidden, width)``: the weight of its layer problem (a view)."""
+        return self.module.down_proj.data[e]
+
+    def set_down(self, e: int, W: torch.Tensor) -> None:
+        """Replace expert ``e``'s down projection (same shape), keeping dtype and device."""
+        d = self.module.down_proj.data
+        d[e].copy_(W.to(dtype=d.dtype, device=d.device))
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep channels ``idx[e]`` (sorted, ``(n, k)``; a 1-D ``(k,)`` keeps the same in every expert) of
+        every expert ``e``: its rows of both halves of ``gate_up_proj``, its columns of ``down_proj``."""
+        m = self.module
+        gate_up, down = m.gate_up_proj.data, m.down_proj.data
+        idx = idx.to(down.device)
+        if idx.dim() == 1:
+            idx = idx.expand(self.n, -1)
+        rows = torch.cat([idx, idx + self.width], dim=1)
+        gate_up = torch.gather(gate_up, 1, rows[:, :, None].expand(-1, -1, gate_up.shape[2]))
+        down = torch.gather(down, 2, idx[:, None, :].expand(-1, down.shape[1], -1))
+        m.gate_up_proj = nn.Parameter(gate_up.contiguous(), requires_grad=False)
+        m.down_proj = nn.Parameter(down.contiguous(), requires_grad=False)
+        if hasattr(m, "intermediate_dim"):
+            m.intermediate_dim = idx.shape[1]
+
+    def routed(self, args: tuple, kwargs: dict):
+        """For every expert that the call ``module(*args, **kwargs)`` routes tokens to: ``(e, tokens, x,
+        weight)``, the token indices ``(t,)``, the inputs of its down projection ``(t, width)`` and the
+        routing weights ``(t,)``.  Computed from the call arguments (hidden states ``(tokens, hidden)``,
+        top-k expert indices and weights ``(tokens, k)``) as the module computes them."""
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        hidden, index, weights = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+        gate_up = self.module.gate_up_proj
+        for e in range(self.n):
+            tokens, slot = torch.where(index == e)
+            if tokens.numel() == 0:
+                continue
+            gate, up = nn.functional.linear(hidden[tokens].to(gate_up.dtype), gate_up[e]).chunk(2, dim=-1)
+            yield e, tokens, self.module.act_fn(gate) * up, weights[tokens, slot]
+
+    def record(self, fn: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]):
+        """Call ``fn(e, tokens, x, weight)`` (see :meth:`routed`) for every expert on every forward call
+        of the module, from a forward pre-hook; returns its handle."""
+        def hook(module, args, kwargs):
+            with torch.no_grad():
+                for routed in self.routed(args, kwargs):
+                    fn(*routed)
+
+        return self.module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _experts_problem(module: nn.Module) -> str | None:
+    """Why spap cannot prune this experts module (a layout :class:`Experts` does not describe), or None."""
+    flags = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+             "has_post_expert_norm": False}
+    odd = [f"{k}={getattr(module, k)!r}" for k, v in flags.items() if getattr(module, k, v) != v]
+    shapes = [getattr(getattr(module, n, None), "shape", None) for n in ("gate_up_proj", "down_proj")]
+    if odd or any(s is None or len(s) != 3 for s in shapes) or shapes[0][1] != 2 * shapes[1][2]:
+        return (f"its {type(module).__name__} is not gate_up_proj (experts, 2·width, hidden) with rows [gate; up] and "
+                f"down_proj (experts, hidden, width){' (' + ', '.join(odd) + ')' if odd else ''}")
+    return None
+
+
 @dataclass
 class Attention:
     """Attention linears of one block: ``q``/``k``/``v`` read the block input, ``o`` writes it back."""
@@ -105,6 +203,10 @@ class Adapter:
     # the family derives head_dim from hidden_size // num_heads, so fewer heads would not reload; pruned
     # heads are zeroed instead (shape kept).
     shrink_heads = True
+    # Mixture-of-experts families: the config field of every expert's width (None: no experts), and
+    # whether the block also has a dense MLP (mlp_in/mlp_out: Qwen2-MoE's shared expert; Mixtral has none).
+    experts_key: str | None = None
+    dense_mlp = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -130,6 +232,22 @@ class Adapter:
 
     def attention(self, block: nn.Module) -> Attention:
         raise NotImplementedError
+
+    def experts(self, block: nn.Module) -> Experts | None:
+        """The block's mixture-of-experts experts (:class:`Experts`), None in a family without them."""
+        return None
+
+    @property
+    def has_experts(self) -> bool:
+        return self.experts_key is not None
+
+    @property
+    def experts_width(self) -> int:
+        """Channels of every expert, as the config states them."""
+        return getattr(self.config, self.experts_key)
+
+    def set_experts_width(self, width: int) -> None:
+        setattr(self.config, self.experts_key, width)
 
     def attention_module(self, block: nn.Module) -> nn.Module:
         """The block's attention module (where the head counts are cached)."""
@@ -317,6 +435,58 @@ class GPT2(Adapter):
     def linear_groups(self, block):
         return [{"c_attn": block.attn.c_attn}, {"attn.c_proj": block.attn.c_proj},
                 {"mlp.c_fc": block.mlp.c_fc}, {"mlp.c_proj": block.mlp.c_proj}]
+
+
+class Mixtral(LlamaFamily):
+    """Mixtral: Llama's attention; the MLP is a mixture of experts (``mlp.gate`` the router, which is
+    never changed, ``mlp.experts`` the experts, each of ``intermediate_size`` channels), with no dense MLP."""
+
+    model_types = ("mixtral",)
+    experts_key = "intermediate_size"
+    dense_mlp = False
+
+    def experts(self, block):
+        return Experts(block.mlp.experts)
+
+    def mlp_in(self, block):
+        raise NotImplementedError("Mixtral has no dense MLP; its channels are the experts' (experts())")
+
+    def mlp_out(self, block):
+        raise NotImplementedError("Mixtral has no dense MLP; its channels are the experts' (experts())")
+
+    def mlp_tail(self, block):
+        return None
+
+    def linear_groups(self, block):
+        a = self.attention(block)
+        return [{"q": a.q, "k": a.k, "v": a.v}, {"o": a.o}]
+
+
+class Qwen2Moe(LlamaFamily):
+    """Qwen2-MoE: Qwen2's attention; the MLP is a mixture of experts (``mlp.gate`` the router,
+    ``mlp.experts`` of ``moe_intermediate_size`` channels each) plus a shared expert, an ordinary gated MLP
+    (``mlp.shared_expert``, ``shared_expert_intermediate_size`` channels) whose output is scaled by the
+    router-like linear ``mlp.shared_expert_gate``; neither router is changed.  Every block must hold
+    experts (``mlp_only_layers`` empty, ``decoder_sparse_step`` 1)."""
+
+    model_types = ("qwen2_moe",)
+    experts_key = "moe_intermediate_size"
+    intermediate_key = "shared_expert_intermediate_size"
+
+    def experts(self, block):
+        return Experts(block.mlp.experts)
+
+    def mlp_in(self, block):
+        return [block.mlp.shared_expert.gate_proj, block.mlp.shared_expert.up_proj]
+
+    def mlp_out(self, block):
+        return block.mlp.shared_expert.down_proj
+
+    def mlp_tail(self, block):
+        return None
+
+    def linear_groups(self, block):
+        return super().linear_groups(block)  # attention and the shared expert; shared_expert_gate stays
 
 
 # --- structural discovery: every other decoder-only model ------------------------------------------------
@@ -524,7 +694,7 @@ def discover(model: nn.Module) -> Layout:
     (:data:`INTERMEDIATE_KEYS`; checked by building the model on the meta device with another width), and
     pruned heads can be removed only when a config with other head counts and an explicit ``head_dim``
     builds the matching shapes (``fewer_heads_reload``; checked with one key-value group more).
-    Mixture-of-experts MLPs are refused.
+    Mixture-of-experts MLPs are refused (:class:`Mixtral` and :class:`Qwen2Moe` have adapters of their own).
     """
     name = type(model).__name__
     config = getattr(model, "config", None)
@@ -584,7 +754,7 @@ def discover(model: nn.Module) -> Layout:
     mlp_path, mlp = found if found is not None else ("", block)
     if any(getattr(mlp, n, None) is not None for n in EXPERT_NAMES):
         raise _NotFound(f"found a mixture-of-experts MLP in {where} ({mlp_path or 'the block'} holds experts), which "
-                        "spap does not prune")
+                        "spap prunes only in the families with an adapter of their own (Mixtral, Qwen2-MoE)")
     mlp_where = f" in {mlp_path}" if mlp_path else ""
     out_mlp = _child(mlp, MLP_OUT_NAMES, mlp_path)
     if out_mlp is None or out_mlp[1] is out[1]:
@@ -652,7 +822,7 @@ def discover(model: nn.Module) -> Layout:
 
 
 ADAPTERS: dict[str, Callable[[nn.Module], Adapter]] = {
-    t: cls for cls in (LlamaFamily, OPT, GPT2) for t in cls.model_types
+    t: cls for cls in (LlamaFamily, OPT, GPT2, Mixtral, Qwen2Moe) for t in cls.model_types
 }
 
 
@@ -696,6 +866,14 @@ def check_model(model: nn.Module, caller: str) -> Adapter:
     if len(blocks) == 0:
         raise InvalidArgumentError(f"The 'model' argument of {caller} is a {name} with no decoder blocks "
                                    "(0 hidden layers): there is nothing to prune.")
+    if adapter.has_experts:
+        for i, block in enumerate(blocks):
+            mlp = getattr(block, "mlp", None)
+            problem = "it has a dense MLP (the config's mlp_only_layers or decoder_sparse_step)" \
+                if getattr(mlp, "experts", None) is None else _experts_problem(mlp.experts)
+            if problem is not None:
+                raise InvalidArgumentError(f"The 'model' argument of {caller} is a {name} whose block {i} spap cannot "
+                                           f"prune: {problem}; every block must hold a mixture of experts.")
     meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
     if meta is not None:
         raise InvalidArgumentError(f"The 'model' argument of {caller} has tensors on the meta device ({meta}): its "

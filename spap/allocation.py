@@ -171,7 +171,7 @@ def block_names(model: nn.Module, adapter: Adapter) -> list[str]:
 def uniform_counts(sparsities: Sequence[float], adapter: Adapter, kinds: Sequence[str]) -> list[dict[str, int]]:
     """Units each block prunes of every kind at its own target (the package's rounding rule)."""
     found = U.kinds(adapter, kinds)
-    return [{name: U.prune_count(s, kind.count(block)) for name, kind in found.items()}
+    return [{name: kind.prune_count(s, kind.count(block)) for name, kind in found.items()}
             for s, block in zip(sparsities, adapter.blocks())]
 
 

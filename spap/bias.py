@@ -33,6 +33,7 @@ from .units import kinds as unit_kinds
 
 # The config switch that may give a unit kind's output linear a bias in stock transformers.
 SWITCHES = {"mlp": "mlp_bias", "heads": "attention_bias"}
+WHAT = {"mlp": "MLP's output linear", "heads": "attention's output linear", "experts": "experts' down projection"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ def needed_switches(adapter: Adapter, kind_names: Sequence[str]) -> dict[str, tu
     names = {id(m): n for n, m in block.named_modules()}
     out: dict[str, tuple[str, BiasSwitch | None]] = {}
     for name, kind in unit_kinds(adapter, kind_names).items():
+        if name == "experts":  # 3-D parameters without a bias, which no config switch gives one
+            experts = kind.experts(block).module
+            out[name] = (f"{names[id(experts)]}.down_proj", None)
+            continue
         linear = kind.output_linear(block)
         if LinearView(linear).bias is not None:
             continue
@@ -97,9 +102,10 @@ def check_compensation(adapter: Adapter, kind_names: Sequence[str], methods: Seq
         if switch is None:
             raise InvalidArgumentError(
                 f"The {argument!r} argument of {caller} uses {compensating[0]!r}, which moves the pruned inputs' mean "
-                f"into the bias of the {'MLP' if name == 'mlp' else 'attention'}'s output linear ({linear}); this "
+                f"into the bias of the {WHAT[name]} ({linear}); this "
                 f"{adapter.config.model_type} model's {linear} has no bias and its config has no switch "
-                f"({SWITCHES[name]!r}) that gives it one in stock transformers, so the compensation would be lost. "
+                f"{'(' + repr(SWITCHES[name]) + ') ' if name in SWITCHES else ''}that gives it one in stock "
+                "transformers, so the compensation would be lost. "
                 "Use another method or structure.")
         switches.append(switch)
     return switches

@@ -252,6 +252,37 @@ class GramHooks:
         self._handles = []
 
 
+class ExpertGrams:
+    """A forward pre-hook on a block's experts module (:class:`spap.adapters.Experts`) that streams, for
+    every expert, the inputs of its down projection on the tokens routed to it into a float64 Gram
+    accumulator of its own (``accumulators[e]``, ``width`` inputs each).
+
+    Each input is scaled by the token's routing weight: the expert's output enters the block's output
+    multiplied by it, so ``H_e = Σ w² x xᵀ`` makes the expert's problem the error it adds to the block's
+    output.  An expert no calibration token is routed to keeps an empty accumulator
+    (``n_samples == 0``).  ``seconds`` as in :class:`GramHooks`.
+    """
+
+    def __init__(self, experts, device: torch.device, product_dtype: torch.dtype = torch.float64) -> None:
+        self.accumulators = [solvers.GramAccumulator(experts.width, device=device, product_dtype=product_dtype)
+                             for _ in range(experts.n)]
+        self.seconds = 0.0
+        self._sync = device.type == "cuda"
+        self._handle = experts.record(self._add)
+
+    def _add(self, e: int, tokens: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+        if self._sync:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        self.accumulators[e].add_batch(x * weight[:, None].to(x.dtype))
+        if self._sync:
+            torch.cuda.synchronize(x.device)
+        self.seconds += time.perf_counter() - start
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 def forward_pass(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device: torch.device,
                  offload: torch.device) -> list[torch.Tensor]:
     """One forward pass of ``batches`` through the decoder blocks, run as the prune runs it: the

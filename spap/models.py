@@ -315,18 +315,25 @@ WIDTHS_FORMAT = "spap-layer-widths"
 def layer_widths(model) -> dict | None:
     """Per-block widths read from the weights: ``{"intermediate_size": [int per block],
     "num_key_value_heads": [int per block] or None}`` (None where the family zeroes pruned heads instead
-    of removing them: OPT, GPT-2).  None for a model no adapter supports."""
+    of removing them: OPT, GPT-2).  A mixture-of-experts model adds ``"experts_intermediate_size"`` (the
+    channels of every expert, per block); its ``"intermediate_size"`` is the dense MLP's (Qwen2-MoE's shared
+    expert), None without one (Mixtral).  None for a model no adapter supports."""
     try:
         adapter = get_adapter(model)
     except InvalidArgumentError:
         return None
     w = units.widths(adapter)
-    return {"intermediate_size": w["mlp"], "num_key_value_heads": w["heads"]}
+    out = {"intermediate_size": w.get("mlp"), "num_key_value_heads": w["heads"]}
+    if "experts" in w:
+        out["experts_intermediate_size"] = w["experts"]
+    return out
 
 
 def _widths_match_config(model, widths: dict) -> bool:
     adapter = get_adapter(model)
-    if any(w != adapter.intermediate_size for w in widths["intermediate_size"]):
+    if any(w != adapter.intermediate_size for w in widths["intermediate_size"] or ()):
+        return False
+    if any(w != adapter.experts_width for w in widths.get("experts_intermediate_size", ())):
         return False
     return widths["num_key_value_heads"] is None or all(k == adapter.n_kv_heads for k in widths["num_key_value_heads"])
 
@@ -350,6 +357,9 @@ def save_pruned(model, tokenizer, path: str | Path, *, report=None) -> Path:
     widths = layer_widths(model)
     if widths is None:
         raise ValueError(f"The 'model' argument ({type(model).__name__}) is not a model spap supports.")
+    if "experts_intermediate_size" in widths:
+        raise ValueError(f"The 'model' argument is a {type(model).__name__}, a mixture of experts, whose pruned widths "
+                         "are the same in every block (prune_layerwise keeps them so): save it with spap.save_model.")
     manifest = {"format": WIDTHS_FORMAT, "version": 1, "model_type": model.config.model_type,
                 "num_layers": len(widths["intermediate_size"]), **widths}
     return _save_atomically(model, tokenizer, path, report=report, extra={WIDTHS_FILE: manifest})

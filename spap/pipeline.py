@@ -36,8 +36,8 @@ from . import bias as B
 from . import checkpoint as ckpt
 from . import selection
 from . import units as U
-from .adapters import Adapter, LinearView, get_adapter
-from .capture import (GramHooks, calibration_batches, capture_block_inputs, check_calibration, forward_pass,
+from .adapters import EXPERT_WIDTH_MULTIPLE, Adapter, LinearView, get_adapter
+from .capture import (ExpertGrams, GramHooks, calibration_batches, capture_block_inputs, check_calibration, forward_pass,
                       outside_blocks_on, run_block)
 from .checks import (Boolean, DistinctNames, Interval, InvalidArgumentError, NoneOr, Options, PathLike, check_table,
                      device as _device_arg, finite)
@@ -294,7 +294,7 @@ def forward_seconds(model: nn.Module, calib: Any, *, tokenizer=None, batch_size:
     Divide :attr:`PruneReport.seconds` by it for the prune's cost in forward passes.  Arguments as in
     :func:`prune_layerwise`; ``model`` is not changed (it is put back in its training mode).
     """
-    adapter = check_model(model, "forward_seconds")
+    adapter = check_model(model, "forward_seconds", experts=True)
     check_table("forward_seconds", {"batch_size": _CONSTRAINTS["batch_size"]}, {"batch_size": batch_size})
     device, offload = _devices(device, offload, "forward_seconds")
     batches = calibration_batches(calib, tokenizer, batch_size=batch_size)
@@ -345,7 +345,7 @@ def check_arguments(
     calls it before calibrating); raise :class:`solvers.InvalidArgumentError` naming the first bad one,
     and warn (``UserWarning`` naming 'sparsity') when the sparsity rounds to no unit.  The calibration
     ids are checked by :func:`spap.capture.check_calibration`.  Returns the run's :class:`BlockSettings`."""
-    adapter = check_model(model, "prune_layerwise")
+    adapter = check_model(model, "prune_layerwise", experts=True)
     parsed = PruneStructure.parse(structure)
     check_table("prune_layerwise", _CONSTRAINTS, locals())
     method_options = dict(method_options or {})
@@ -375,6 +375,8 @@ def check_arguments(
             raise InvalidArgumentError(f"The 'allocation' argument of prune_layerwise is 'knapsack', which allocates MLP "
                                        f"channels and key-value groups; structure {structure!r} needs 'uniform', 'owl' "
                                        "or per-block sparsities.")
+    if adapter.has_experts and "mlp" in parsed.units:
+        _check_experts(model, sparsities, allocation, target, candidates)
     _check_counts(adapter, parsed, sparsities)
     counts = A.uniform_counts(sparsities, adapter, parsed.units)
     if target == "dense" and propagate != "pruned":
@@ -414,15 +416,40 @@ def _settings(s: BlockSettings, model: nn.Module) -> dict:
     return out
 
 
+def _check_experts(model: nn.Module, sparsities: Sequence[float], allocation: A.Allocation, target: str,
+                   candidates: tuple[str, ...]) -> None:
+    """Refuse, naming the argument, what pruning the channels of a mixture of experts does not support:
+    widths that differ between blocks (the experts' width is one config field, and save_pruned does not
+    describe experts), the dense target (its cross products are not recorded per expert) and choosing
+    masks by loss (candidates)."""
+    name = type(model).__name__
+    what = f"of prune_layerwise prunes the experts' channels of {name}, a mixture of experts"
+    if not isinstance(allocation, A.Uniform) or len(set(sparsities)) > 1:
+        argument = "allocation" if not isinstance(allocation, A.Uniform) else "sparsity"
+        raise InvalidArgumentError(f"The {argument!r} argument {what}, which keeps the same width in every block: "
+                                   "use one sparsity for every block and allocation='uniform'.")
+    if target != "pruned":
+        raise InvalidArgumentError(f"The 'target' argument {what}; only target='pruned' is implemented for experts.")
+    if candidates:
+        raise InvalidArgumentError(f"The 'candidates' argument {what}; choosing masks by loss is not implemented for "
+                                   "experts. Use candidates=None.")
+
+
 def _check_counts(adapter: Adapter, parsed: PruneStructure, sparsities: Sequence[float]) -> None:
     """Refuse a target that rounds to every unit of a block (MLP channels, key-value groups) or every
     weight of a linear, and warn when it rounds to none (once per distinct target)."""
     # The fewest units round to all first, and to none first: checking the smallest count covers all.
     blocks = adapter.blocks()
     for sparsity in dict.fromkeys(sparsities):
-        if "mlp" in parsed.units:
-            width = min(U.kinds(adapter, ["mlp"])["mlp"].count(b) for b in blocks)
-            U.checked_prune_count(sparsity, width, units="MLP channels of a block", caller="prune_layerwise")
+        if "mlp" in parsed.units:  # the dense MLP's channels, and the experts' (channels per expert)
+            for name, kind in U.kinds(adapter, ["mlp"]).items():
+                width = min(kind.count(b) for b in blocks)
+                what = "MLP channels of a block" if name == "mlp" else "channels of an expert"
+                if U.checked_prune_count(sparsity, width, units=what, caller="prune_layerwise") and \
+                        kind.prune_count(sparsity, width) == 0:  # the experts' width keeps to a multiple of 8
+                    warnings.warn(f"The 'sparsity' argument of prune_layerwise is {sparsity}, which prunes no channel "
+                                  f"of an expert: the {width} channels kept round to the nearest multiple of "
+                                  f"{EXPERT_WIDTH_MULTIPLE}.", UserWarning, stacklevel=4)
         if isinstance(parsed.rows, solvers.Unstructured):
             d_out, d_in = U.smallest_linear(adapter)
             U.checked_prune_count(sparsity, d_out * d_in, units=f"weights of a {d_out}×{d_in} linear",
@@ -438,10 +465,12 @@ def _warn_few_tokens(adapter: Adapter, structure: PruneStructure, batches: list[
     tokens = sum(b.numel() for b in batches)
     kind_linear = {"mlp": "the MLP's output linear", "heads": "the attention's output linear"}
     linears = [(kind_linear[name], kind.output_linear(b)) for b in adapter.blocks()
-               for name, kind in U.kinds(adapter, structure.units).items()]
+               for name, kind in U.kinds(adapter, structure.units).items() if name != "experts"]
     if structure.rows is not None:
         linears += [(f"linear {name!r}", m) for b in adapter.blocks() for g in adapter.linear_groups(b)
                     for name, m in g.items()]
+    if not linears:  # Mixtral's MLP: only experts, each on the tokens routed to it
+        return
     what, widest = max(((n, LinearView(m).d_in) for n, m in linears), key=lambda t: t[1])
     if tokens < widest:
         warnings.warn(f"The 'calib' argument of prune_layerwise holds {tokens} tokens, fewer than the {widest} inputs "
@@ -558,7 +587,8 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
         stop = _HOOKS.stop_after_blocks
         if stop is not None and i + 1 - first >= stop and i + 1 < len(blocks):
             raise ckpt.Interrupted(f"stopped after block {i} (test hook)")
-    U.set_widths(adapter, {name: width for name, width in U.widths(adapter).items() if name in s.structure.units})
+    pruned = U.kinds(adapter, s.structure.units)  # "mlp" names the experts' channels too
+    U.set_widths(adapter, {name: width for name, width in U.widths(adapter).items() if name in pruned})
     model.train(was_training)
     report.params_after = count_parameters(model)
     report.seconds = time.perf_counter() - start
@@ -660,8 +690,11 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
         if s.structure.rows is not None:
             wanted = {next(iter(g)): next(iter(g.values())) for g in groups}
         for name, kind in kinds.items():
-            wanted[name] = kind.output_linear(block)
+            if name != "experts":  # the experts are no linears: their inputs are recorded per expert
+                wanted[name] = kind.output_linear(block)
         hooks = GramHooks(wanted, s.device, s.gram_dtype, cross=dense_hidden is not None)
+        expert_grams = ExpertGrams(kinds["experts"].experts(block), s.device, s.gram_dtype) if "experts" in kinds \
+            else None
         if dense_block is not block:
             paths = {id(m): n for n, m in block.named_modules()}
             copies = dict(dense_block.named_modules())
@@ -698,13 +731,16 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
                         dense_out.append(finite(out, f"output of block {index}").to(h.device))
         finally:
             hooks.remove()
+            if expert_grams is not None:
+                expert_grams.remove()
             for handle in extra:
                 handle.remove()
-        clock.add("forward", -hooks.seconds)
-        clock.add("gram", hooks.seconds)
+        gram_seconds = hooks.seconds + (expert_grams.seconds if expert_grams is not None else 0.0)
+        clock.add("forward", -gram_seconds)
+        clock.add("gram", gram_seconds)
         with clock.stage("solve"):
             stage_records, stage_kept = _solve_block(block, index, hooks.accumulators, groups, kinds, s, output_grams,
-                                                     scorer)
+                                                     scorer, expert_grams)
         records += stage_records
         kept.update(stage_kept)
     del dense_block
@@ -723,11 +759,16 @@ def _stages(structure: PruneStructure) -> list[tuple[str, ...]]:
 
 
 def _solve_block(block: nn.Module, index: int, grams: dict, groups: list, kinds: dict,
-                 s: BlockSettings, output_grams: dict, scorer: selection.TailScorer | None):
+                 s: BlockSettings, output_grams: dict, scorer: selection.TailScorer | None,
+                 expert_grams: ExpertGrams | None = None):
     """Solve one block's problems from its Gram matrices and write the solutions into it; returns
-    ``(records, kept)`` (see :func:`_prune_block`)."""
+    ``(records, kept)`` (see :func:`_prune_block`).  The experts (``expert_grams``, one accumulator per
+    expert) are solved by :func:`_solve_experts`."""
     records, kept = [], {}
-    for key, acc in grams.items():
+    accumulators = list(grams.items())
+    if expert_grams is not None:
+        accumulators += [(f"expert {e}", acc) for e, acc in enumerate(expert_grams.accumulators)]
+    for key, acc in accumulators:
         if not torch.isfinite(acc.H).all():
             raise FloatingPointError(f"NaN or Inf in the calibration inputs of block {index} ({key}).")
     if s.structure.rows is not None:
@@ -745,6 +786,10 @@ def _solve_block(block: nn.Module, index: int, grams: dict, groups: list, kinds:
                 view.set_weight(sol.weight)
                 records.append(LayerRecord.from_solution(index, name, sol, p))
     for name, kind in kinds.items():
+        if name == "experts":
+            expert_records, kept[name] = _solve_experts(kind, block, index, expert_grams.accumulators, s)
+            records += expert_records
+            continue
         # counts by the one rounding rule (units.prune_count), checked by check_arguments
         target = {"n_prune": s.counts[index][name]}
         p = _group_problem(LinearView(kind.output_linear(block)), grams[name], kind.column_groups(block), s, **target)
@@ -760,6 +805,33 @@ def _solve_block(block: nn.Module, index: int, grams: dict, groups: list, kinds:
             record.seconds, record.selection = sum(chosen["seconds"].values()), chosen
         records.append(record)
     return records, kept
+
+
+def _solve_experts(kind: U.ExpertChannels, block: nn.Module, index: int, accumulators: list, s: BlockSettings):
+    """Solve every expert's problem (its down projection ``(hidden, width)`` on the Gram matrix of the
+    tokens routed to it, pruning ``s.counts[index]["experts"]`` channels) and write the solutions into the
+    experts (:func:`spap.selection.write_expert_units`); returns ``(records, kept)``, one record per
+    expert (target ``"experts.E"``) and the kept channels ``(experts, kept)``.
+
+    An expert no calibration token reached has no Gram matrix: its problem is posed on the identity
+    (every input alike, so the mask follows the down projection's column norms, as magnitude pruning's).
+    The loss-aware metric (``output_metric``) does not apply to experts: their problems use the plain
+    reconstruction error."""
+    experts = kind.experts(block)
+    structure = kind.column_groups(block)
+    solutions, records = [], []
+    for e, acc in enumerate(accumulators):
+        W = experts.down(e)
+        if acc.n_samples > 0:
+            data = dict(gram=acc.H, input_mean=acc.mean, n_samples=acc.n_samples)
+        else:
+            data = dict(gram=torch.eye(experts.width, dtype=torch.float64, device=acc.H.device))
+        p = solvers.LayerProblem(W, structure=structure, n_prune=s.counts[index]["experts"], damp=s.damp,
+                                 damp_mode=s.damp_mode, **data)
+        solution = _solve(p, s.method, s.method_options, None)
+        solutions.append(solution)
+        records.append(LayerRecord.from_solution(index, f"experts.{e}", solution, p))
+    return records, selection.write_expert_units(kind, block, solutions).cpu()
 
 
 def _propagate(adapter: Adapter, block: nn.Module, index: int, hidden: list[torch.Tensor], block_kwargs: list[dict],
@@ -808,12 +880,15 @@ def _output_grams(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor
     modules, diagonal = {}, set()
     for i, block in enumerate(adapter.blocks()):
         for name, kind in U.kinds(adapter, s.structure.units).items():
-            modules[i, name] = kind.output_linear(block)
+            if name != "experts":  # the experts' problems use the plain error (no linear to take G at)
+                modules[i, name] = kind.output_linear(block)
         if s.structure.rows is not None:
             for g in adapter.linear_groups(block):
                 for name, module in g.items():
                     modules[i, name] = module
                     diagonal.add((i, name))
+    if not modules:  # Mixtral's "mlp": only experts, whose problems use the plain error
+        return {}
     if s.output_metric == "diag":
         diagonal = set(modules)
     grams = output_gradient_grams(model, batches, modules, diagonal=diagonal, n_sequences=s.metric_windows,

@@ -151,6 +151,24 @@ def write_units(kind: UnitKind, block: nn.Module, solution: solvers.Solution) ->
     return idx
 
 
+def write_expert_units(kind, block: nn.Module, solutions: Sequence[solvers.Solution]) -> torch.Tensor:
+    """Write one column-group solution per expert (``solutions[e]`` for expert ``e`` of
+    :class:`spap.units.ExpertChannels` ``kind``) into ``block``: every expert's down projection, then only
+    the kept channels of every expert (rows of both halves of ``gate_up_proj``, columns of ``down_proj``).
+    Every solution must keep as many channels (the parameters stay rectangular; ``ValueError``
+    otherwise) and carry no bias (experts have none).  Returns the kept channels ``(experts, kept)``."""
+    kept = [torch.nonzero(sol.keep).flatten() for sol in solutions]
+    if len({k.numel() for k in kept}) > 1 or any(sol.bias is not None for sol in solutions):
+        raise ValueError("The expert solutions must keep as many channels each and carry no bias; got "
+                         f"{[k.numel() for k in kept]} channels kept.")
+    experts = kind.experts(block)
+    for e, sol in enumerate(solutions):
+        experts.set_down(e, sol.weight)
+    idx = torch.stack(kept)
+    kind.keep(block, idx)
+    return idx
+
+
 def choose(problem: solvers.LayerProblem, block: nn.Module, kind: UnitKind, methods: Sequence[str], method: str,
            method_options: dict, scorer: TailScorer,
            solve: Callable[..., solvers.Solution] = solvers.solve) -> tuple[solvers.Solution, dict]:

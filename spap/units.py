@@ -28,11 +28,11 @@ from torch.utils.hooks import RemovableHandle
 
 import solvers
 
-from .adapters import Adapter, LinearView
+from .adapters import EXPERT_WIDTH_MULTIPLE, Adapter, LinearView
 from .adapters import check_model as adapters_check_model
 from .checks import InvalidArgumentError
 
-UNIT_KINDS = ("mlp", "heads")
+UNIT_KINDS = ("mlp", "heads")  # what a structure names; "mlp" also names the experts' channels (ExpertChannels)
 STRUCTURES = ("mlp", "heads", "mlp+heads", "unstructured", "N:M")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -104,6 +104,10 @@ class UnitKind:
     def dense_count(self) -> int:
         """Units per block as the config states them."""
         raise NotImplementedError
+
+    def prune_count(self, sparsity: float, n: int) -> int:
+        """Units of ``n`` that ``sparsity`` prunes in one block (:func:`prune_count`)."""
+        return prune_count(sparsity, n)
 
     def linears(self, block: nn.Module) -> list[nn.Module]:
         """Every distinct linear holding the units' weights, input linears first."""
@@ -220,10 +224,80 @@ class KVGroups(UnitKind):
         out.weight[:, _spans(dropped, self.columns_per_unit).to(out.weight.device)] = 0
 
 
+class ExpertChannels(UnitKind):
+    """Channels of the experts of a mixture-of-experts MLP (:class:`spap.adapters.Experts`): channel ``c``
+    of expert ``e`` is rows ``c`` and ``width + c`` of ``gate_up_proj[e]`` and column ``c`` of
+    ``down_proj[e]``.  Each expert is its own layer problem (its down projection on the tokens routed to
+    it); every expert keeps as many channels, so :meth:`count` is the channels *per expert* and the
+    kept indices are ``(experts, kept)``.  The experts are no linear layers: :meth:`output_linear`,
+    :meth:`input_rows` and :meth:`gate` do not apply (the pipeline and :func:`verify` use :meth:`experts`)."""
+
+    name = "experts"
+
+    @property
+    def columns_per_unit(self) -> int:
+        return 1
+
+    def experts(self, block: nn.Module):
+        return self.adapter.experts(block)
+
+    def output_linear(self, block):
+        raise NotImplementedError("the experts are no linear layers; use ExpertChannels.experts")
+
+    def input_rows(self, block):
+        raise NotImplementedError("the experts are no linear layers; use ExpertChannels.experts")
+
+    def linears(self, block):
+        return []
+
+    def count(self, block: nn.Module) -> int:
+        return self.experts(block).width
+
+    def dense_count(self) -> int:
+        return self.adapter.experts_width
+
+    def prune_count(self, sparsity: float, n: int) -> int:
+        """Channels of each expert's ``n`` that ``sparsity`` prunes: :func:`prune_count`, then, when ``n`` is
+        a multiple of :data:`spap.adapters.EXPERT_WIDTH_MULTIPLE` (8), the kept width rounded to the nearest
+        multiple of it (at least one multiple): transformers' default experts kernel (grouped_mm) fails on
+        rows that do not span a multiple of 16 bytes, in the model and in its stock reload."""
+        pruned = prune_count(sparsity, n)
+        step = EXPERT_WIDTH_MULTIPLE
+        if n % step or pruned == 0:
+            return pruned
+        kept = max(step, step * int((n - pruned) / step + 0.5))
+        return n - kept
+
+    def params_per_unit(self, block: nn.Module) -> int:
+        """Parameters of one channel in every expert (its rows of gate and up, its column of down)."""
+        experts = self.experts(block)
+        return 3 * experts.n * experts.hidden
+
+    def column_groups(self, block: nn.Module) -> solvers.ColumnGroups:
+        return solvers.channels(self.count(block))
+
+    def keep(self, block: nn.Module, idx: torch.Tensor) -> None:
+        """Keep channels ``idx[e]`` of every expert ``e`` (``(experts, k)``; ``(k,)``: the same in all)."""
+        self.experts(block).keep(idx)
+
+    def gate(self, block, multiplier):
+        raise NotImplementedError("the experts' channels cannot be gated by a hook on a linear")
+
+
 def kinds(adapter: Adapter, names: Sequence[str] = UNIT_KINDS) -> dict[str, UnitKind]:
-    """The unit kinds ``names`` (among ``"mlp"``, ``"heads"``) of ``adapter``'s model, by name."""
-    classes = {"mlp": MLPChannels, "heads": KVGroups}
-    return {name: classes[name](adapter) for name in names}
+    """The unit kinds ``names`` (among ``"mlp"``, ``"heads"``, ``"experts"``) of ``adapter``'s model, by
+    name.  In a mixture-of-experts family ``"mlp"`` stands for every MLP channel: the experts'
+    (``"experts"``) and, where the block has one (Qwen2-MoE's shared expert), the dense MLP's."""
+    classes = {"mlp": MLPChannels, "heads": KVGroups, "experts": ExpertChannels}
+    out: dict[str, UnitKind] = {}
+    for name in names:
+        if name == "mlp" and adapter.has_experts:
+            if adapter.dense_mlp:
+                out["mlp"] = MLPChannels(adapter)
+            out["experts"] = ExpertChannels(adapter)
+        else:
+            out[name] = classes[name](adapter)
+    return out
 
 
 def prune_count(sparsity: float, n: int) -> int:
@@ -247,12 +321,14 @@ def smallest_linear(adapter: Adapter) -> tuple[int, int]:
 
 def keep(adapter: Adapter, block: nn.Module, kept: Mapping[str, torch.Tensor]) -> None:
     """Keep, in ``block``, the units ``kept[kind]`` (sorted indices) of each kind named."""
-    for name, kind in kinds(adapter, [k for k in UNIT_KINDS if k in kept]).items():
-        kind.keep(block, kept[name])
+    for name, kind in kinds(adapter, [k for k in (*UNIT_KINDS, "experts") if k in kept]).items():
+        if name in kept:
+            kind.keep(block, kept[name])
 
 
 def widths(adapter: Adapter) -> dict[str, list[int] | None]:
-    """Units per block, read from the weights: ``{"mlp": [...], "heads": [...]}``; ``"heads"`` is None
+    """Units per block, read from the weights: ``{"mlp": [...], "heads": [...]}`` (and ``"experts"``, the
+    channels per expert, in a mixture-of-experts family; no ``"mlp"`` without a dense MLP); ``"heads"`` is None
     where the family zeroes pruned heads instead of removing them (the weights then show no width)."""
     blocks = adapter.blocks()
     return {name: [kind.count(b) for b in blocks] if kind.shrinks else None for name, kind in kinds(adapter).items()}
@@ -271,6 +347,9 @@ def set_widths(adapter: Adapter, per_block: Mapping[str, Sequence[int] | None]) 
     mlp = per_block.get("mlp")
     if mlp is not None and len(set(mlp)) == 1:
         adapter.set_intermediate_size(mlp[0])
+    experts = per_block.get("experts")
+    if experts is not None and len(set(experts)) == 1:
+        adapter.set_experts_width(experts[0])
 
 
 def check_uniform(adapter: Adapter, dense: Mapping[str, int], name: str, what: str) -> None:
@@ -304,11 +383,15 @@ VERIFY_TOKENS = 8  # random tokens of the one forward pass behind verify()
 _UNIT_NAMES = {"mlp": "MLP channel", "heads": "key-value group"}
 
 
-def check_model(model: nn.Module, caller: str) -> Adapter:
+def check_model(model: nn.Module, caller: str, *, experts: bool = False) -> Adapter:
     """:func:`spap.adapters.check_model`, and for a layout found by structure (a :class:`Discovered`
     adapter) :func:`verify` once per model: an unknown or mismatching layout is refused, naming the
-    'model' argument of ``caller``, before any work."""
+    'model' argument of ``caller``, before any work.  A mixture-of-experts model is refused unless
+    ``experts`` (the callers that prune experts: :func:`spap.prune_layerwise`)."""
     adapter = adapters_check_model(model, caller)
+    if adapter.has_experts and not experts:
+        raise InvalidArgumentError(f"The 'model' argument of {caller} is a {type(model).__name__}, whose MLPs are "
+                                   f"mixtures of experts, which {caller} does not prune; spap.prune_layerwise does.")
     if adapter.discovered and not adapter.layout.verified:
         verify(adapter, caller)
         adapter.layout.verified = True
@@ -322,7 +405,8 @@ def verify(adapter: Adapter, caller: str = "prune_layerwise") -> None:
     One forward pass of :data:`VERIFY_TOKENS` random tokens records block 0's call arguments and the
     last block's output; :meth:`Adapter.logits` of that output must give the model's logits.  Then, on a
     float64 copy of block 0 run on the recorded input, for the MLP channel and then the key-value group
-    whose output-projection columns weigh most: the block with that unit removed (:meth:`UnitKind.keep`,
+    whose output-projection columns weigh most (in a mixture-of-experts family, the dense MLP's if it has
+    one, and the experts: :func:`_experts_match`): the block with that unit removed (:meth:`UnitKind.keep`,
     as the pipeline removes it) must compute what the block computes when that unit's columns of the
     output projection's input are zeroed by a hook (:meth:`UnitKind.gate`), and zeroing them must change
     the output.  A :class:`Discovered` adapter removes pruned heads (``shrink_heads`` True) when that
@@ -341,7 +425,9 @@ def verify(adapter: Adapter, caller: str = "prune_layerwise") -> None:
             f"modules taken for its head ({', '.join(type(m).__name__ for m in adapter.head())}) applied to the last "
             "block's output do not give the model's logits.")
     problems = []
-    if not _unit_matches(kinds(adapter, ["mlp"])["mlp"], block, call, problems):
+    mlp = kinds(adapter, ["mlp"])
+    if ("mlp" in mlp and not _unit_matches(mlp["mlp"], block, call, problems)) or \
+            ("experts" in mlp and not _experts_match(mlp["experts"], block, call, problems)):
         raise InvalidArgumentError(f"The 'model' argument of {caller} is a {name} whose layout spap found does not "
                                    f"match block 0: {problems[-1]}.")
     if adapter.n_kv_heads < 2:  # nothing to prune, nothing to check: the count reads from the weights if it can
@@ -400,10 +486,21 @@ def _float64(x):
     return x
 
 
+def _float64_twin(block: nn.Module) -> nn.Module:
+    """A float64 copy of ``block`` in eval mode; experts modules in it run transformers' eager experts loop
+    (the grouped_mm one has no float64 kernel; both compute the same sum)."""
+    twin = copy.deepcopy(block).double().eval()
+    for m in twin.modules():
+        if hasattr(m, "gate_up_proj") and getattr(m, "config", None) is not None:
+            m.config = copy.copy(m.config)  # the copy's own: the model keeps its implementation
+            m.config._experts_implementation = "eager"
+    return twin
+
+
 def _unit_matches(kind: UnitKind, block: nn.Module, call, problems: list[str]) -> bool:
     """Whether removing one unit from a float64 copy of ``block`` computes what zeroing its input to the
     output projection computes (and zeroing changes the output); else a sentence in ``problems``."""
-    twin = copy.deepcopy(block).double().eval()
+    twin = _float64_twin(block)
     args, kwargs = _float64(call[0]), _float64(call[1])
 
     def run() -> torch.Tensor:
@@ -442,5 +539,68 @@ def _unit_matches(kind: UnitKind, block: nn.Module, call, problems: list[str]) -
     if not error <= 1e-6 * effect:
         problems.append(f"{mode} {what} changed the block's output by {error:.3g}, zeroing its input to the output "
                         f"projection by {effect:.3g}: the rows or columns taken for it are not its own")
+        return False
+    return True
+
+
+def _experts_match(kind: ExpertChannels, block: nn.Module, call, problems: list[str]) -> bool:
+    """On a float64 copy of ``block`` run on the recorded call: whether the experts' inputs as the pipeline
+    records them (:meth:`spap.adapters.Experts.routed`, weighted and summed through each down projection)
+    give the experts module's output, and whether removing one channel of every expert (its heaviest
+    column of the down projection; :meth:`ExpertChannels.keep`) computes what zeroing those columns
+    computes (and zeroing them changes the output); else a sentence in ``problems``."""
+    twin = _float64_twin(block)
+    args, kwargs = _float64(call[0]), _float64(call[1])
+    experts = kind.experts(twin)
+    where = next(p for p, m in twin.named_modules() if m is experts.module)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            out = twin(*args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def compare(module, a, kw, output):
+        rebuilt = torch.zeros_like(output)
+        for e, tokens, x, weight in experts.routed(a, kw):
+            rebuilt.index_add_(0, tokens, (x @ experts.down(e).T) * weight[:, None].to(x.dtype))
+        seen["error"] = (rebuilt - output).abs().max()
+        seen["scale"] = output.abs().max()
+
+    handle = experts.module.register_forward_hook(compare, with_kwargs=True)
+    try:
+        dense = run()
+    finally:
+        handle.remove()
+    if not float(seen["error"]) <= 1e-9 * max(float(seen["scale"]), 1e-30):
+        problems.append(f"the experts' inputs recomputed from the call of {where} do not give its output (off by "
+                        f"{float(seen['error']):.3g}): its routing or its gate_up_proj/down_proj are not as spap reads them")
+        return False
+    down = experts.module.down_proj.data
+    n, width = experts.n, experts.width
+    heaviest = down.square().sum(1).argmax(1)  # (n,): every expert's channel with the heaviest down column
+    saved = down.clone()
+    down[torch.arange(n), :, heaviest] = 0
+    zeroed = run()
+    down.copy_(saved)
+    effect = float((dense - zeroed).abs().max())
+    if not effect > 0:
+        problems.append(f"zeroing one column of every expert's down projection in {where} changed nothing (the "
+                        "experts are not on the block's path)")
+        return False
+    keep = torch.stack([torch.tensor([c for c in range(width) if c != int(heaviest[e])]) for e in range(n)])
+    kind.keep(twin, keep)
+    try:
+        pruned = run()
+    except (RuntimeError, ValueError, IndexError) as e:
+        problems.append(f"removing one channel of every expert of {where} makes the block fail "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]})")
+        return False
+    error = float((pruned - zeroed).abs().max()) if pruned.shape == zeroed.shape else float("inf")
+    if not error <= 1e-6 * effect:
+        problems.append(f"removing one channel of every expert of {where} (its rows of gate_up_proj, its column of "
+                        f"down_proj) changed the block's output by {error:.3g}, zeroing its column of down_proj by "
+                        f"{effect:.3g}: the rows or columns taken for it are not its own")
         return False
     return True

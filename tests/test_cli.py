@@ -164,12 +164,12 @@ def test_info_on_a_found_layout_and_refusal_before_loading(tmp_path, capsys, mon
     _model("phi3").save_pretrained(tmp_path / "phi3")
     main(["info", str(tmp_path / "phi3")])
     assert "model_type='phi3', adapter Discovered" in capsys.readouterr().out
-    config = transformers.MixtralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                        num_key_value_heads=2, num_local_experts=4, **COMMON)
+    config = transformers.Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                         num_attention_heads=4, num_key_value_heads=2, num_experts=4, **COMMON)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
     loads = []
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a))
     with pytest.raises(SystemExit) as e:
         main(["info", str(tmp_path / "moe")])
     assert e.value.code == 2 and not loads
-    assert "'mixtral' model, which spap cannot prune (found a mixture-of-experts MLP" in capsys.readouterr().err
+    assert "'qwen3_moe' model, which spap cannot prune (found a mixture-of-experts MLP" in capsys.readouterr().err

@@ -91,14 +91,15 @@ def test_a_layout_that_does_not_match_is_refused_before_calibration(monkeypatch)
 
 
 @pytest.mark.parametrize("config", [
-    transformers.MixtralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                               num_local_experts=4, **COMMON),
-    transformers.Qwen2MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                                shared_expert_intermediate_size=64, num_experts=4, num_attention_heads=4,
-                                num_key_value_heads=2, **COMMON),
-], ids=["mixtral", "qwen2_moe"])
-def test_mixture_of_experts_is_refused(config):
-    with pytest.raises(ValueError, match="found a mixture-of-experts MLP in block 0"):
+    transformers.Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                                num_attention_heads=4, num_key_value_heads=2, **COMMON),
+    transformers.OlmoeConfig(hidden_size=64, intermediate_size=32, num_experts=4, num_attention_heads=4,
+                             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, **COMMON),
+], ids=["qwen3_moe", "olmoe"])
+def test_mixture_of_experts_without_an_adapter_is_refused(config):
+    """Mixtral and Qwen2-MoE have adapters (tests/test_moe.py); other mixtures of experts are not found."""
+    with pytest.raises(ValueError, match="found a mixture-of-experts MLP in block 0.*only in the families with an "
+                                         "adapter of their own"):
         get_adapter(_built(config))
 
 

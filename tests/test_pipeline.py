@@ -36,11 +36,17 @@ def _configs():
         "falcon": transformers.FalconConfig(hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_kv_heads=2,
                                             new_decoder_architecture=True, bias=True, **COMMON),  # per KV group
         "starcoder2": transformers.Starcoder2Config(**LLAMA_LIKE),  # c_fc/c_proj, biases; removes pruned heads
+        # mixtures of experts: 4 experts of 32 channels, 2 per token; Qwen2-MoE adds a shared expert of 64
+        "mixtral": transformers.MixtralConfig(**{**LLAMA_LIKE, "intermediate_size": 32}, num_local_experts=4,
+                                              num_experts_per_tok=2),
+        "qwen2_moe": transformers.Qwen2MoeConfig(moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                                 num_experts=4, num_experts_per_tok=2, **LLAMA_LIKE),
     }
     return out
 
 
 DISCOVERED = ("phi3", "gpt_neox", "falcon", "starcoder2")
+MOE = ("mixtral", "qwen2_moe")
 
 
 CONFIGS = _configs()
@@ -78,10 +84,22 @@ def test_structure_runs_with_exact_sparsity_and_reloads(name, structure, tmp_pat
     model = _model(name)
     adapter = get_adapter(model)
     width, kv = adapter.intermediate_size, adapter.n_kv_heads
+    experts_width = adapter.experts_width if adapter.has_experts else None
+    routers = {n: p.clone() for n, p in model.named_parameters() if ".gate." in n or "shared_expert_gate" in n}
+    experts = {n: p.clone() for n, p in model.named_parameters() if ".experts." in n}
     dense = {n: LinearView(m).weight.clone() for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+             if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and "shared_expert_gate" not in n}
     model, report = spap.prune_layerwise(model, _ids(), 0.5, structure=structure, progress=False)
-    if "mlp" in structure:
+    # routers (Mixtral's and Qwen2-MoE's gate, Qwen2-MoE's shared_expert_gate) are never changed
+    assert all(torch.equal(p, model.get_parameter(n)) for n, p in routers.items())
+    if adapter.has_experts and "mlp" in structure:  # every expert keeps half its channels
+        assert adapter.experts_width == experts_width // 2
+        for block in adapter.blocks():
+            e = adapter.experts(block)
+            assert (e.width, tuple(e.module.gate_up_proj.shape)) == (experts_width // 2, (4, experts_width, 64))
+    elif adapter.has_experts:  # row structures and heads leave the experts alone
+        assert all(torch.equal(p, model.get_parameter(n)) for n, p in experts.items())
+    if "mlp" in structure and adapter.dense_mlp:
         assert adapter.intermediate_size == width // 2
         for block in adapter.blocks():
             assert LinearView(adapter.mlp_out(block)).d_in == width // 2

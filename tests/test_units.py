@@ -19,7 +19,11 @@ from .test_pipeline import CONFIGS, _model
 def test_params_per_unit_is_what_removing_one_unit_removes(name, kind_name):
     model = _model(name)
     adapter = get_adapter(model)
-    kind = units.kinds(adapter, [kind_name])[kind_name]
+    for kind in units.kinds(adapter, [kind_name]).values():  # "mlp": the experts' channels too
+        _check_params_per_unit(model, adapter, kind)
+
+
+def _check_params_per_unit(model, adapter, kind):
     block = adapter.blocks()[0]
     n = kind.count(block)
     assert n == kind.dense_count()
@@ -41,13 +45,23 @@ def test_a_zero_gate_computes_what_the_shrunk_block_computes(name):
     adapter = get_adapter(model)
     block = adapter.blocks()[1]
     kinds = units.kinds(adapter)
-    keep = {t: torch.tensor([0] + list(range(2, k.dense_count()))) for t, k in kinds.items()}
+    # one unit dropped (unit 1); in every expert 8 channels (1 to 8), which keeps the width a multiple of 8,
+    # as transformers' grouped_mm experts kernel needs
+    dropped = {t: 8 if t == "experts" else 1 for t in kinds}
+    keep = {t: torch.tensor([0] + list(range(1 + dropped[t], k.dense_count()))) for t, k in kinds.items()}
     masks = {t: torch.isin(torch.arange(k.dense_count()), keep[t]) for t, k in kinds.items()}
-    handles = [k.gate(block, lambda m=masks[t]: m) for t, k in kinds.items()]
+    handles = [k.gate(block, lambda m=masks[t]: m) for t, k in kinds.items() if t != "experts"]
+    saved = None
+    if "experts" in kinds:  # no linear to gate: zero channel 1's column of every expert's down projection
+        down = adapter.experts(block).module.down_proj.data
+        saved = down.clone()
+        down[:, :, 1:9] = 0
     with torch.no_grad():
         gated = model(ids).logits
     for h in handles:
         h.remove()
+    if saved is not None:
+        adapter.experts(block).module.down_proj.data.copy_(saved)
     units.keep(adapter, block, keep)
     with torch.no_grad():
         shrunk = model(ids).logits
