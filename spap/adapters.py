@@ -124,6 +124,15 @@ class Experts:
         """Expert ``e``'s down projection ``(hidden, width)``: the weight of its layer problem (a view)."""
         return self.module.down_proj.data[e]
 
+    def gate_up(self, e: int) -> torch.Tensor:
+        """Expert ``e``'s fused ``[gate; up]`` projection ``(2·width, hidden)`` (a view)."""
+        return self.module.gate_up_proj.data[e]
+
+    def set_gate_up(self, e: int, W: torch.Tensor) -> None:
+        """Replace expert ``e``'s ``[gate; up]`` projection (same shape), keeping dtype and device."""
+        g = self.module.gate_up_proj.data
+        g[e].copy_(W.to(dtype=g.dtype, device=g.device))
+
     def set_down(self, e: int, W: torch.Tensor) -> None:
         """Replace expert ``e``'s down projection (same shape), keeping dtype and device."""
         d = self.module.down_proj.data
@@ -146,9 +155,10 @@ class Experts:
             m.intermediate_dim = idx.shape[1]
 
     def routed(self, args: tuple, kwargs: dict):
-        """For every expert that the call ``module(*args, **kwargs)`` routes tokens to: ``(e, tokens, x,
-        weight)``, the token indices ``(t,)``, the inputs of its down projection ``(t, width)`` and the
-        routing weights ``(t,)``.  Computed from the call arguments (hidden states ``(tokens, hidden)``,
+        """For every expert that the call ``module(*args, **kwargs)`` routes tokens to: ``(e, tokens, h, x,
+        weight)``, the token indices ``(t,)``, their hidden states (the inputs of its ``[gate; up]``
+        projection) ``(t, hidden)``, the inputs of its down projection ``(t, width)`` and the routing
+        weights ``(t,)``.  Computed from the call arguments (hidden states ``(tokens, hidden)``,
         top-k expert indices and weights ``(tokens, k)``) as the module computes them."""
         names = ("hidden_states", "top_k_index", "top_k_weights")
         hidden, index, weights = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
@@ -157,11 +167,12 @@ class Experts:
             tokens, slot = torch.where(index == e)
             if tokens.numel() == 0:
                 continue
-            gate, up = nn.functional.linear(hidden[tokens].to(gate_up.dtype), gate_up[e]).chunk(2, dim=-1)
-            yield e, tokens, self.module.act_fn(gate) * up, weights[tokens, slot]
+            h = hidden[tokens].to(gate_up.dtype)
+            gate, up = nn.functional.linear(h, gate_up[e]).chunk(2, dim=-1)
+            yield e, tokens, h, self.module.act_fn(gate) * up, weights[tokens, slot]
 
-    def record(self, fn: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]):
-        """Call ``fn(e, tokens, x, weight)`` (see :meth:`routed`) for every expert on every forward call
+    def record(self, fn: Callable[..., None]):
+        """Call ``fn(e, tokens, h, x, weight)`` (see :meth:`routed`) for every expert on every forward call
         of the module, from a forward pre-hook; returns its handle."""
         def hook(module, args, kwargs):
             with torch.no_grad():

@@ -255,7 +255,8 @@ class GramHooks:
 class ExpertGrams:
     """A forward pre-hook on a block's experts module (:class:`spap.adapters.Experts`) that streams, for
     every expert, the inputs of its down projection on the tokens routed to it into a float64 Gram
-    accumulator of its own (``accumulators[e]``, ``width`` inputs each).
+    accumulator of its own (``accumulators[e]``, ``width`` inputs each) and, with ``inputs``, the inputs
+    of its ``[gate; up]`` projection (the routed hidden states) into ``input_accumulators[e]``.
 
     Each input is scaled by the token's routing weight: the expert's output enters the block's output
     multiplied by it, so ``H_e = Σ w² x xᵀ`` makes the expert's problem the error it adds to the block's
@@ -263,18 +264,24 @@ class ExpertGrams:
     (``n_samples == 0``).  ``seconds`` as in :class:`GramHooks`.
     """
 
-    def __init__(self, experts, device: torch.device, product_dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, experts, device: torch.device, product_dtype: torch.dtype = torch.float64, *,
+                 inputs: bool = False) -> None:
+        self.experts = experts
         self.accumulators = [solvers.GramAccumulator(experts.width, device=device, product_dtype=product_dtype)
                              for _ in range(experts.n)]
+        self.input_accumulators = [solvers.GramAccumulator(experts.hidden, device=device, product_dtype=product_dtype)
+                                   for _ in range(experts.n)] if inputs else None
         self.seconds = 0.0
         self._sync = device.type == "cuda"
         self._handle = experts.record(self._add)
 
-    def _add(self, e: int, tokens: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    def _add(self, e: int, tokens: torch.Tensor, h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
         if self._sync:
             torch.cuda.synchronize(x.device)
         start = time.perf_counter()
         self.accumulators[e].add_batch(x * weight[:, None].to(x.dtype))
+        if self.input_accumulators is not None:
+            self.input_accumulators[e].add_batch(h * weight[:, None].to(h.dtype))
         if self._sync:
             torch.cuda.synchronize(x.device)
         self.seconds += time.perf_counter() - start

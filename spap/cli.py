@@ -433,8 +433,13 @@ def cmd_info(args) -> None:
     _check_loaded(args, model, tokenizer)
     a = get_adapter(model)
     print(f"model: {type(model).__name__} (model_type={model.config.model_type!r}, adapter {type(a).__name__})")
-    mlp = widths(a)["mlp"]
-    mlp_text = f"MLP width {mlp[0]}" if len(set(mlp)) == 1 else f"MLP widths {min(mlp)}-{max(mlp)} (per block: {mlp})"
+    per_block = widths(a)
+    texts = []
+    for key, what in (("mlp", "MLP"), ("experts", f"{a.experts(a.blocks()[0]).n if a.has_experts else 0} experts'")):
+        w = per_block.get(key)  # a mixture of experts: the experts' width, and a dense MLP's where it has one
+        if w is not None:
+            texts.append(f"{what} width {w[0]}" if len(set(w)) == 1 else f"{what} widths {min(w)}-{max(w)} (per block: {w})")
+    mlp_text = "; ".join(texts)
     print(f"blocks: {len(a.blocks())}; hidden {model.config.hidden_size}; {mlp_text}; "
           f"heads {a.n_heads} ({a.n_kv_heads} key-value, head_dim {a.head_dim})")
     print(f"parameters: {count_parameters(model):,}")

@@ -183,7 +183,9 @@ def prune_layerwise(
     method : str, default "spap"
         A registered solver (``solvers.available_methods()``).
     structure : {"mlp", "heads", "mlp+heads", "unstructured", "N:M"}, default "mlp"
-        ``"mlp"`` prunes intermediate channels (rows of gate/up or fc1, columns of down or fc2);
+        ``"mlp"`` prunes intermediate channels (rows of gate/up or fc1, columns of down or fc2; in a
+        mixture of experts every expert's channels, each expert solved on the tokens routed to it, as many
+        kept in every expert, the routers unchanged: docs/extending.md);
         ``"heads"`` prunes whole key-value groups (all query heads of a KV head, and the KV head), which
         keeps grouped-query attention valid (OPT and GPT-2, whose head_dim is derived from the hidden
         size, keep their shapes and store the pruned heads as zeros); ``"mlp+heads"`` prunes the heads
@@ -356,6 +358,9 @@ def check_arguments(
                  if w not in switches]
     if isinstance(parsed.rows, solvers.NM):
         widths = {LinearView(m).d_in for g in adapter.linear_groups(adapter.blocks()[0]) for m in g.values()}
+        if adapter.has_experts:  # the experts' [gate; up] and down projections read hidden and width inputs
+            experts = adapter.experts(adapter.blocks()[0])
+            widths |= {experts.hidden, experts.width}
         if any(w % parsed.rows.m for w in widths):
             raise InvalidArgumentError(f"The 'structure' argument {structure!r} needs every linear's input width to be "
                                        f"a multiple of {parsed.rows.m}; this model's widths are {sorted(widths)}.")
@@ -693,8 +698,9 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
             if name != "experts":  # the experts are no linears: their inputs are recorded per expert
                 wanted[name] = kind.output_linear(block)
         hooks = GramHooks(wanted, s.device, s.gram_dtype, cross=dense_hidden is not None)
-        expert_grams = ExpertGrams(kinds["experts"].experts(block), s.device, s.gram_dtype) if "experts" in kinds \
-            else None
+        expert_grams = None
+        if "experts" in kinds or (s.structure.rows is not None and adapter.has_experts):
+            expert_grams = ExpertGrams(adapter.experts(block), s.device, s.gram_dtype, inputs=s.structure.rows is not None)
         if dense_block is not block:
             paths = {id(m): n for n, m in block.named_modules()}
             copies = dict(dense_block.named_modules())
@@ -785,6 +791,8 @@ def _solve_block(block: nn.Module, index: int, grams: dict, groups: list, kinds:
                 sol = _solve(p, s.method, s.method_options, _metric(p, s, output_grams.get(name)))
                 view.set_weight(sol.weight)
                 records.append(LayerRecord.from_solution(index, name, sol, p))
+        if expert_grams is not None:
+            records += _solve_expert_rows(index, expert_grams, s)
     for name, kind in kinds.items():
         if name == "experts":
             expert_records, kept[name] = _solve_experts(kind, block, index, expert_grams.accumulators, s)
@@ -832,6 +840,30 @@ def _solve_experts(kind: U.ExpertChannels, block: nn.Module, index: int, accumul
         solutions.append(solution)
         records.append(LayerRecord.from_solution(index, f"experts.{e}", solution, p))
     return records, selection.write_expert_units(kind, block, solutions).cpu()
+
+
+def _solve_expert_rows(index: int, grams: ExpertGrams, s: BlockSettings) -> list[LayerRecord]:
+    """Unstructured and N:M on every expert: its ``[gate; up]`` projection ``(2·width, hidden)`` on the
+    Gram matrix of its routed hidden states and its down projection ``(hidden, width)`` on that of its
+    down-projection inputs (both weighted by the routing weight, both from the block's one pass, as the
+    dense linears are); an expert no token reached is posed on the identity.  Returns one record per
+    weight (targets ``"experts.E.gate_up"``, ``"experts.E.down"``)."""
+    experts = grams.experts
+    records = []
+    for e in range(experts.n):
+        for part, W, acc, write in (("gate_up", experts.gate_up(e), grams.input_accumulators[e], experts.set_gate_up),
+                                    ("down", experts.down(e), grams.accumulators[e], experts.set_down)):
+            if acc.n_samples > 0:
+                data = dict(gram=acc.H, input_mean=acc.mean, n_samples=acc.n_samples)
+            else:
+                data = dict(gram=torch.eye(W.shape[1], dtype=torch.float64, device=acc.H.device))
+            target = {} if isinstance(s.structure.rows, solvers.NM) else \
+                {"n_prune": U.prune_count(s.block_sparsity[index], W.numel())}
+            p = solvers.LayerProblem(W, structure=s.structure.rows, damp=s.damp, damp_mode=s.damp_mode, **data, **target)
+            solution = _solve(p, s.method, s.method_options, None)
+            write(e, solution.weight)
+            records.append(LayerRecord.from_solution(index, f"experts.{e}.{part}", solution, p))
+    return records
 
 
 def _propagate(adapter: Adapter, block: nn.Module, index: int, hidden: list[torch.Tensor], block_kwargs: list[dict],

@@ -5,7 +5,9 @@ A *unit* is what structured pruning removes as a whole:
 - an **MLP channel** (``"mlp"``): one column of the MLP's output linear (down_proj, fc2, c_proj) and
   the matching row, with its bias entry, of every input linear (gate_proj and up_proj, fc1, c_fc);
 - a **key-value group** (``"heads"``): one key-value head (its rows of k and v) and the query heads
-  that share it (their rows of q and their columns of the attention's output linear).
+  that share it (their rows of q and their columns of the attention's output linear);
+- an **expert channel** (``"experts"``, pruned by the structure ``"mlp"`` in a mixture of experts): one
+  channel of one expert (:class:`ExpertChannels`), every expert keeping as many.
 
 Every method that removes units goes through this module: the layer-wise pipeline, GISP (scores and
 masks), DDP (gates), checkpoints and :func:`spap.load_pruned` (re-applying kept units).  Where the
@@ -316,6 +318,7 @@ def smallest_linear(adapter: Adapter) -> tuple[int, int]:
     """``(d_out, d_in)`` of the linear with the fewest weights over every block: where a fraction of
     weights rounds to all of them, or to none, first."""
     shapes = [LinearView(m).weight.shape for b in adapter.blocks() for g in adapter.linear_groups(b) for m in g.values()]
+    shapes += [adapter.experts(b).down(0).shape for b in adapter.blocks() if adapter.has_experts]
     return tuple(min(shapes, key=lambda shape: shape[0] * shape[1]))
 
 
@@ -563,7 +566,7 @@ def _experts_match(kind: ExpertChannels, block: nn.Module, call, problems: list[
 
     def compare(module, a, kw, output):
         rebuilt = torch.zeros_like(output)
-        for e, tokens, x, weight in experts.routed(a, kw):
+        for e, tokens, _, x, weight in experts.routed(a, kw):
             rebuilt.index_add_(0, tokens, (x @ experts.down(e).T) * weight[:, None].to(x.dtype))
         seen["error"] = (rebuilt - output).abs().max()
         seen["scale"] = output.abs().max()

@@ -176,3 +176,11 @@ def test_a_block_without_experts_is_refused():
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="'model'.*block 1 spap cannot prune: it has a dense MLP"):
         spap.prune_layerwise(model, _ids(), 0.5, progress=False)
+
+
+def test_info_describes_the_experts(tmp_path, capsys):
+    from spap.cli import main
+
+    _model("qwen2_moe").save_pretrained(tmp_path / "moe")
+    main(["info", str(tmp_path / "moe")])
+    assert "MLP width 64; 4 experts' width 32; heads 4" in capsys.readouterr().out

@@ -97,8 +97,16 @@ def test_structure_runs_with_exact_sparsity_and_reloads(name, structure, tmp_pat
         for block in adapter.blocks():
             e = adapter.experts(block)
             assert (e.width, tuple(e.module.gate_up_proj.shape)) == (experts_width // 2, (4, experts_width, 64))
-    elif adapter.has_experts:  # row structures and heads leave the experts alone
+    elif adapter.has_experts and structure == "heads":  # heads leave the experts alone
         assert all(torch.equal(p, model.get_parameter(n)) for n, p in experts.items())
+    elif adapter.has_experts:  # every expert's [gate; up] and down projection, rows of (d_out, d_in)
+        for block in adapter.blocks():
+            e = adapter.experts(block)
+            for W in [e.gate_up(i) for i in range(e.n)] + [e.down(i) for i in range(e.n)]:
+                if structure == "2:4":
+                    assert bool(((W.reshape(W.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+                else:
+                    assert int((W == 0).sum()) >= W.numel() // 2
     if "mlp" in structure and adapter.dense_mlp:
         assert adapter.intermediate_size == width // 2
         for block in adapter.blocks():
