@@ -1,7 +1,8 @@
 """Architecture adapters: where each model family keeps its decoder blocks, MLP and attention linears.
 
 One adapter per family, chosen from ``config.model_type`` (never from a hub name), in the spirit of
-SliceGPT's model adapters.  The pipeline only talks to this interface, so a new architecture is one new
+SliceGPT's model adapters; the mixture-of-experts families (:class:`Mixtral`, :class:`Qwen2Moe`) also
+describe their experts (:class:`Experts`).  The pipeline only talks to this interface, so a new architecture is one new
 adapter registered in :data:`ADAPTERS` and nothing else.  Any other decoder-only model gets a
 :class:`Discovered` adapter: its block list, attention and MLP linears are found by their structure
 (:func:`discover`), and :func:`spap.units.verify` checks the layout on the model itself before a run.
@@ -466,9 +467,9 @@ class Mixtral(LlamaFamily):
         raise NotImplementedError("Mixtral has no dense MLP; its channels are the experts' (experts())")
 
     def mlp_tail(self, block):
-        return None
+        return None  # the MLP's output is the experts', not one output linear's
 
-    def linear_groups(self, block):
+    def linear_groups(self, block):  # the experts are no linears (the pipeline solves them per expert)
         a = self.attention(block)
         return [{"q": a.q, "k": a.k, "v": a.v}, {"o": a.o}]
 
@@ -477,7 +478,8 @@ class Qwen2Moe(LlamaFamily):
     """Qwen2-MoE: Qwen2's attention; the MLP is a mixture of experts (``mlp.gate`` the router,
     ``mlp.experts`` of ``moe_intermediate_size`` channels each) plus a shared expert, an ordinary gated MLP
     (``mlp.shared_expert``, ``shared_expert_intermediate_size`` channels) whose output is scaled by the
-    router-like linear ``mlp.shared_expert_gate``; neither router is changed.  Every block must hold
+    router-like linear ``mlp.shared_expert_gate``; neither router is changed (the default
+    :meth:`linear_groups` holds the attention and the shared expert only).  Every block must hold
     experts (``mlp_only_layers`` empty, ``decoder_sparse_step`` 1)."""
 
     model_types = ("qwen2_moe",)
@@ -494,10 +496,7 @@ class Qwen2Moe(LlamaFamily):
         return block.mlp.shared_expert.down_proj
 
     def mlp_tail(self, block):
-        return None
-
-    def linear_groups(self, block):
-        return super().linear_groups(block)  # attention and the shared expert; shared_expert_gate stays
+        return None  # the MLP's output adds the experts' to the shared expert's
 
 
 # --- structural discovery: every other decoder-only model ------------------------------------------------

@@ -83,7 +83,9 @@ def test_an_expert_without_tokens_is_solved_on_the_identity():
     settings = pipeline.check_arguments(model, 0.5, structure="mlp", progress=False)
     kind = units.kinds(adapter, ["mlp"])["experts"]
     experts = kind.experts(block)
-    accumulators = ExpertGrams(experts, torch.device("cpu")).accumulators  # hook removed with the object
+    grams = ExpertGrams(experts, torch.device("cpu"))
+    grams.remove()  # filled by hand below
+    accumulators = grams.accumulators
     gen = torch.Generator().manual_seed(0)
     for e in range(3):
         accumulators[e].add_batch(torch.randn(64, 32, generator=gen))
