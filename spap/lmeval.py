@@ -123,7 +123,8 @@ def lmeval_zeroshot(model: nn.Module, tokenizer, tasks: str | Sequence[str] = "a
         manager = TaskManager(include_path=tmp, include_defaults=True)
         with torch.no_grad():
             out = lm_eval.simple_evaluate(model=lm, tasks=[f"spap_{n}" for n in names], task_manager=manager,
-                                          num_fewshot=0, limit=limit, log_samples=False, verbosity="ERROR")
+                                          num_fewshot=0, limit=limit, log_samples=False, bootstrap_iters=0,
+                                          verbosity="ERROR")
     results = {}
     for name in names:
         r = out["results"][f"spap_{name}"]
