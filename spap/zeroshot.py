@@ -273,17 +273,18 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: Sequence[tuple[str, st
         tokens = tuple((context_ids + continuation_ids)[-(limit + 1):][:-1])
         needs.append((rows.setdefault(tokens, len(rows)), continuation_ids))
     inputs = list(rows)
-    deepest = [0] * len(inputs)  # per row: how many final positions some request reads
-    for row, ids in needs:
-        deepest[row] = max(deepest[row], len(ids))
+    readers: list[list[int]] = [[] for _ in inputs]  # per row: the requests read from it
+    for request, (row, _) in enumerate(needs):
+        readers[row].append(request)
+    deepest = [max(len(needs[q][1]) for q in qs) for qs in readers]  # per row: final positions read
     order = sorted(range(len(inputs)), key=lambda r: (-len(inputs[r]), r))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    logprobs: dict[int, torch.Tensor] = {}  # row -> (deepest, vocab) log-probabilities of its last positions
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=desc, unit="batch")
     keep = "logits_to_keep" in _forward_arguments(model)
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(needs)
     was_training = model.training
     model.eval()
     try:
@@ -299,16 +300,14 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: Sequence[tuple[str, st
                 logits = model(input_ids=x.to(device), use_cache=False, **kwargs).logits
                 offset = start if keep else 0
                 for i, r in enumerate(batch):
-                    rows_logits = logits[i, lengths[i] - deepest[r] - offset : lengths[i] - offset]
-                    logprobs[r] = torch.log_softmax(rows_logits.float(), dim=-1).cpu()
+                    end = lengths[i] - offset
+                    logprobs = torch.log_softmax(logits[i, end - deepest[r] : end].float(), dim=-1).cpu()
+                    for q in readers[r]:
+                        target = torch.tensor(needs[q][1])
+                        lp = logprobs[deepest[r] - len(target):]
+                        out[q] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
     finally:
         model.train(was_training)
-    out = []
-    for row, ids in needs:
-        lp = logprobs[row][deepest[row] - len(ids):]
-        target = torch.tensor(ids)
-        ll = float(lp.gather(1, target[:, None]).sum())
-        out.append((ll, bool((lp.argmax(-1) == target).all())))
     return out
 
 
