@@ -154,7 +154,9 @@ def _jsonl(path: Path) -> list[dict]:
 def _choices_item(context: str, choices: Sequence[str], gold: int, norm: bool) -> Item:
     if not 0 <= gold < len(choices):
         raise ValueError(f"gold index {gold} outside the {len(choices)} choices")
-    return Item(tuple((context, " " + c) for c in choices), gold, tuple(len(c) for c in choices) if norm else None)
+    # An empty choice would divide by zero (the harness gets -inf or NaN there); it counts as one character.
+    return Item(tuple((context, " " + c) for c in choices), gold,
+                tuple(max(len(c), 1) for c in choices) if norm else None)
 
 
 def _piqa(questions: Path, labels: Path) -> list[Item]:
