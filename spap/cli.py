@@ -3,6 +3,7 @@
     spap demo                                              # the README's main job
     spap prune smollm2 --sparsity 0.3 --out pruned/        # any HF directory or .gguf file
     spap eval pruned/ --max-windows 40
+    spap eval pruned/ --tasks piqa,arc_easy --limit 100    # zero-shot accuracy instead of perplexity
     spap info smollm2
 """
 
@@ -70,8 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_pruning(p)
     _add_calibration(p, 64, 1024)
 
-    p = sub.add_parser("eval", help="WikiText-2 perplexity and tokens/second")
+    p = sub.add_parser("eval", help="WikiText-2 perplexity and tokens/second, or zero-shot accuracy (--tasks)")
     p.add_argument("model")
+    p.add_argument("--tasks", help="zero-shot accuracy instead of perplexity: 'all' or a comma list of piqa, arc_easy, "
+                                   "arc_challenge, hellaswag, winogrande, boolq, lambada_openai")
+    p.add_argument("--limit", type=int, help="with --tasks: the first N items of each task (default all)")
+    p.add_argument("--batch-size", type=int, default=8, help="with --tasks: rows per forward pass (default 8)")
     p.add_argument("--text", default="wikitext", help="wikitext (WikiText-2 test rows) or a text/.json/.jsonl file")
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--max-windows", type=int, default=40)
@@ -108,6 +113,10 @@ def _validate(args) -> None:
     for name in ("n", "seqlen", "batch_size", "max_windows"):
         if hasattr(args, name) and getattr(args, name) <= 0:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        raise InvalidArgumentError(f"--limit must be >= 1; got {args.limit}")
+    if getattr(args, "limit", None) is not None and getattr(args, "tasks", None) is None:
+        raise InvalidArgumentError("--limit counts zero-shot items; it needs --tasks")
     if args.command == "eval" and args.seqlen < 2:
         raise InvalidArgumentError(f"--seqlen must be at least 2 (one predicted token); got {args.seqlen}")
     if hasattr(args, "eval_windows") and args.eval_windows < (1 if args.command == "demo" else 0):
@@ -195,6 +204,18 @@ def _check_text_files(args) -> dict[str, str]:
                 raise InvalidArgumentError(f"--{name}: {e}") from None
     if args.command == "demo" or getattr(args, "eval_windows", 0) > 0:
         needs.setdefault(WIKITEXT_FILE, "--eval-windows")
+    if getattr(args, "tasks", None) is not None:
+        from .zeroshot import TASK_FILES, task_names
+
+        try:
+            names = task_names(args.tasks)
+        except InvalidArgumentError:
+            raise InvalidArgumentError(f"--tasks must be 'all' or a comma list of distinct names from "
+                                       f"{', '.join(TASK_FILES)}; got {args.tasks!r}") from None
+        needs.pop(WIKITEXT_FILE, None)  # --tasks replaces the perplexity
+        for name in names:
+            for file in TASK_FILES[name]:
+                needs.setdefault(file, f"--tasks {name}")
     return needs
 
 
@@ -255,7 +276,8 @@ def _check_config(args, config: dict) -> None:
                  None)
     if limit is None:
         return
-    lengths = {"--seqlen": getattr(args, "seqlen", None)}
+    # --tasks replaces the perplexity windows of eval: its --seqlen is unused then.
+    lengths = {"--seqlen": getattr(args, "seqlen", None) if getattr(args, "tasks", None) is None else None}
     if getattr(args, "eval_windows", 0) > 0:
         lengths[f"--eval-windows (windows of {EVAL_SEQLEN} tokens)"] = EVAL_SEQLEN
     for name, length in lengths.items():
@@ -406,6 +428,13 @@ def cmd_eval(args) -> None:
 
     model, tokenizer = _load(args.model, device=args.device or "cpu")
     _check_loaded(args, model, tokenizer)
+    if args.tasks is not None:
+        from .zeroshot import table, zeroshot
+
+        results = zeroshot(model, tokenizer, args.tasks, limit=args.limit, batch_size=args.batch_size,
+                           device=args.device, data_dir=args.data_dir, progress=True)
+        print(table(results))
+        return
     if args.text != "wikitext":
         _check_text_length(args.text, tokenizer, args.seqlen)
     ppl = _wikitext_ppl(model, tokenizer, args.max_windows, args.data_dir, args.seqlen, args.text)

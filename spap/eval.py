@@ -1,4 +1,5 @@
-"""Evaluation: perplexity with the standard protocol, and generation speed."""
+"""Evaluation: perplexity with the standard protocol, zero-shot accuracy (:mod:`spap.zeroshot`), and
+generation speed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from .zeroshot import TASKS, TaskResult, table as zeroshot_table, zeroshot
+
+__all__ = ["perplexity", "throughput", "tokens_per_second", "zeroshot", "zeroshot_table", "TaskResult", "TASKS"]
 
 
 def perplexity(model: nn.Module, tokenizer, text_or_rows: str | Sequence[str], *, seqlen: int = 2048,

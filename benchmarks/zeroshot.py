@@ -1,0 +1,95 @@
+"""Zero-shot accuracy of SmolLM2-135M, dense and pruned to MLP-channel sparsities with the package defaults.
+
+Each sparsity runs on a freshly loaded model: 0 is the dense model; any other value prunes it first with
+``spap.prune_layerwise(model, calib, sparsity)`` (SPAP, MLP channels) on the quick protocol's
+calibration (64 windows of 1024 tokens of C4 documents ``[:500]``, seed 0), then scores the tasks with
+``spap.eval.zeroshot`` on the first ``--limit`` items of each.  Prints one table per sparsity and a
+summary of mean accuracy; ``--json`` writes every result after each sparsity (with date, threads and
+wall times), and a sparsity already in that file is not run again.
+
+    SPAP_DATA_DIR=../shared/data python benchmarks/zeroshot.py --limit 20                    # a quick look
+    SPAP_DATA_DIR=../shared/data python benchmarks/zeroshot.py --limit 500 --sparsities 0 0.3 0.5 --json zs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import spap
+from spap.zeroshot import TASKS, TaskResult, table, task_names, zeroshot
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default="all", help=f"'all' or a comma list from {', '.join(TASKS)}")
+    parser.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0], help="0 = dense (default 0)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--data-dir", default=None, help="default $SPAP_DATA_DIR or ../shared/data")
+    parser.add_argument("--json", type=Path, default=None, help="write (and resume from) this JSON file")
+    args = parser.parse_args(argv)
+    names = task_names(args.tasks)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1; got {args.limit}")
+    if not all(0 <= s < 1 for s in args.sparsities):
+        parser.error(f"--sparsities must be in [0, 1); got {args.sparsities}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
+    for sparsity in args.sparsities:
+        done = [r for r in runs if r["sparsity"] == sparsity and r["limit"] == args.limit and r["tasks"] == list(names)]
+        if done:
+            print(f"sparsity {sparsity}: cached in {args.json}")
+            continue
+        start = time.perf_counter()
+        model, tokenizer = spap.load_model("smollm2")
+        prune_s = 0.0
+        if sparsity > 0:
+            calib = spap.data.calibration_set("c4", tokenizer, n=64, seqlen=1024, seed=0, path=args.data_dir)
+            model, report = spap.prune_layerwise(model, calib, sparsity=sparsity)
+            prune_s = report.seconds
+        t0 = time.perf_counter()
+        results = zeroshot(model, tokenizer, names, limit=args.limit, batch_size=args.batch_size,
+                           data_dir=args.data_dir, progress=True)
+        eval_s = time.perf_counter() - t0
+        print(f"\nSmolLM2-135M, {'dense' if sparsity == 0 else f'{sparsity:.0%} MLP channels (spap)'}, "
+              f"first {args.limit or 'all'} items per task")
+        print(table(results))
+        runs.append({"sparsity": sparsity, "limit": args.limit, "tasks": list(names),
+                     "results": {k: dataclasses.asdict(v) for k, v in results.items()},
+                     "prune_s": prune_s, "eval_s": eval_s, "wall_s": time.perf_counter() - start,
+                     "threads": torch.get_num_threads(), "machine": platform.machine(),
+                     "date": datetime.date.today().isoformat(), "torch": torch.__version__})
+        if args.json:
+            args.json.write_text(json.dumps(runs, indent=1) + "\n")
+    _summary(runs, names, args.limit)
+
+
+def _summary(runs: list[dict], names: tuple[str, ...], limit: int | None) -> None:
+    """acc (acc_norm) per task and the mean acc, one column per sparsity."""
+    runs = sorted((r for r in runs if r["limit"] == limit and r["tasks"] == list(names)), key=lambda r: r["sparsity"])
+    if len(runs) < 2:
+        return
+    print("\nacc (acc_norm), %")
+    print(f"{'task':<16}" + "".join(f"{'sparsity ' + format(r['sparsity'], 'g'):>18}" for r in runs))
+    for name in names:
+        cells = []
+        for r in runs:
+            res = TaskResult(**r["results"][name])
+            cells.append(f"{100 * res.acc:.2f}" + (f" ({100 * res.acc_norm:.2f})" if res.acc_norm is not None else ""))
+        print(f"{name:<16}" + "".join(f"{c:>18}" for c in cells))
+    print(f"{'mean acc':<16}" + "".join(
+        f"{100 * sum(r['results'][n]['acc'] for n in names) / len(names):>18.2f}" for r in runs))
+
+
+if __name__ == "__main__":
+    main()
