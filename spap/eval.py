@@ -3,6 +3,7 @@ generation speed."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -73,16 +74,18 @@ def throughput(model: nn.Module, *, prompt_len: int = 128, new_tokens: int = 32,
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
+    # transformers 5 names the key-value cache `cache` (argument and output); `past_key_values` before.
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out: dict[str, list[float]] = {"prefill": [], "decode": []}
     with torch.no_grad():
         for i in range(warmup + repeats):
             t0 = clock()
             res = model(input_ids=x, use_cache=True)
             t1 = clock()
-            past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
+            past, nxt = res[key], res.logits[:, -1:].argmax(-1)
             for _ in range(new_tokens):
-                res = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
+                res = model(input_ids=nxt, use_cache=True, **{key: past})
+                past, nxt = res[key], res.logits[:, -1:].argmax(-1)
             t2 = clock()
             if i >= warmup:
                 out["prefill"].append(batch * prompt_len / (t1 - t0))
