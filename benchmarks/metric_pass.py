@@ -85,7 +85,7 @@ def main(argv=None) -> None:
             subprocess.run([sys.executable, __file__, "--worker", name, "--out", out, "--sequences", str(args.sequences),
                             "--seqlen", str(args.seqlen), "--threads", str(args.threads)], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            result = torch.load(out)
+            result = torch.load(out, weights_only=True)
             grams = result["grams"]
             reference = reference or grams
             result["row"]["max_rel_diff"] = max(float((grams[k] - reference[k]).abs().max() / reference[k].abs().max())
