@@ -4,14 +4,15 @@
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine, from the repository root
 #   SMOKE=1 DEVICE=cpu bash benchmarks/gpu_check.sh   # the same steps at toy sizes, to check the script on a CPU
 #
-# Steps (each prints its command, output, exit status and seconds; logs and JSON go to $OUT):
+# Steps, most important first, each stopped at its own time limit (each prints its command, output, exit
+# status and seconds; logs and JSON go to $OUT):
 #   1. tests     the CUDA tests (pytest -m gpu): solvers, CG refit and the pipeline on CUDA (a model that
 #                starts on the host or on the device, offload, resume)
-#   2. floors    GEMM rates, Gram accumulation and the H⁻¹ factorization against them (SmolLM2 and 8B widths)
-#   3. scaling   every solver on factor-model layers from SmolLM2's down_proj shape to the 8B and 70B shapes
-#   4. smollm2   the whole prune of a SmolLM2-135M-shaped model (random weights: the real GGUF does not
+#   2. llama8b   one Llama-3-8B-shaped block, 64 x 2048 tokens: time, peak device memory, floor
+#   3. smollm2   the whole prune of a SmolLM2-135M-shaped model (random weights: the real GGUF does not
 #                travel) at 30% MLP channels, 64 x 1024 tokens, with one forward pass as the floor
-#   5. llama8b   one Llama-3-8B-shaped block, 64 x 2048 tokens: time, peak device memory, floor
+#   4. floors    GEMM rates, Gram accumulation and the H⁻¹ factorization against them (SmolLM2 and 8B widths)
+#   5. scaling   spap, obs and admm on the SmolLM2 and 8B down_proj shapes
 # Real SmolLM2 perplexities need the GGUF and ../shared/data, which a bare GPU machine lacks.
 # Nothing here fails on slow timings: timings are printed, never asserted.
 set -u
@@ -23,36 +24,41 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 failed=0
 
-step() {
-    local name=$1
-    shift
+step() {  # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS, log to $OUT/NAME.log
+    local name=$1 limit=$2
+    shift 2
     echo "== $name: $*"
     local start
     start=$(date +%s)
-    "$@" 2>&1 | tee "$OUT/$name.log"
+    timeout --kill-after 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 124 ] && echo "== $name: stopped at its limit of $limit s"
     echo "== $name: exit $rc, $(( $(date +%s) - start )) s"
     [ "$rc" -eq 0 ] || failed=1
 }
 
-$PY -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" \
-    | tee "$OUT/machine.log"
+$PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__,
+'| cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" | tee "$OUT/machine.log"
+# pytest-timeout, where installed, stops one hung test instead of the whole step.
+TEST_LIMIT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")
 if [ "$SMOKE" = 1 ]; then
-    step tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_refit.py
-    step floors "$PY" benchmarks/floors.py --device "$DEVICE" --widths 64 128 --tokens 256 --gemm 256 --repeats 1
-    step scaling "$PY" benchmarks/scaling.py --device "$DEVICE" --methods spap wanda_sp --shapes smollm2-down \
-        --timeout 300 --json "$OUT/scaling.json"
-    step smollm2 "$PY" benchmarks/dry_run.py --shape tiny --device "$DEVICE" --n 4 --seqlen 32 --quiet \
-        --json "$OUT/smollm2.json"
-    step llama8b "$PY" benchmarks/dry_run.py --shape tiny --blocks 1 --device "$DEVICE" --n 4 --seqlen 32 --quiet \
+    step tests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu $TEST_LIMIT tests/test_refit.py
+    step llama8b 120 "$PY" benchmarks/dry_run.py --shape tiny --blocks 1 --device "$DEVICE" --n 4 --seqlen 32 --quiet \
         --json "$OUT/llama8b.json"
-else
-    step tests "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
-    step floors "$PY" benchmarks/floors.py --device "$DEVICE" --widths 576 1536 4096 14336 --repeats 3
-    step scaling "$PY" benchmarks/scaling.py --device "$DEVICE" --shapes all --timeout 240 --json "$OUT/scaling.json"
-    step smollm2 "$PY" benchmarks/dry_run.py --shape smollm2-135m --device "$DEVICE" --n 64 --seqlen 1024 --quiet \
+    step smollm2 120 "$PY" benchmarks/dry_run.py --shape tiny --device "$DEVICE" --n 4 --seqlen 32 --quiet \
         --json "$OUT/smollm2.json"
-    step llama8b "$PY" benchmarks/dry_run.py --shape llama3-8b --blocks 1 --device "$DEVICE" --n 64 --seqlen 2048 \
+    step floors 60 "$PY" benchmarks/floors.py --device "$DEVICE" --widths 64 128 --tokens 256 --gemm 256 --repeats 1
+    step scaling 120 "$PY" benchmarks/scaling.py --device "$DEVICE" --methods spap wanda_sp --shapes smollm2-down \
+        --timeout 60 --json "$OUT/scaling.json"
+else
+    # Most important first, each time-boxed, so that the whole script fits in 7 minutes of a 15-minute device lease.
+    step tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu $TEST_LIMIT tests
+    step llama8b 130 "$PY" benchmarks/dry_run.py --shape llama3-8b --blocks 1 --device "$DEVICE" --n 64 --seqlen 2048 \
         --quiet --json "$OUT/llama8b.json"
+    step smollm2 70 "$PY" benchmarks/dry_run.py --shape smollm2-135m --device "$DEVICE" --n 64 --seqlen 1024 --quiet \
+        --json "$OUT/smollm2.json"
+    step floors 20 "$PY" benchmarks/floors.py --device "$DEVICE" --widths 576 1536 4096 14336 --repeats 3
+    step scaling 50 "$PY" benchmarks/scaling.py --device "$DEVICE" --methods spap obs admm \
+        --shapes smollm2-down llama3-8b-down --timeout 20 --json "$OUT/scaling.json"
 fi
 exit $failed

@@ -874,7 +874,9 @@ def _propagate(adapter: Adapter, block: nn.Module, index: int, hidden: list[torc
             if tail is not None:
                 # `hidden` holds the residuals entering the MLP and `mlp_inputs` the inputs of its output
                 # linear (first pass): only the pruned output linear is left to compute.
-                x = mlp_inputs[b].index_select(-1, kept["mlp"].to(mlp_inputs[b].device)).to(device)
+                # selected on the compute device: on the host, index_select of a wide bfloat16 tensor
+                # costs more than moving all its columns (docs/performance.md, "On a GPU")
+                x = mlp_inputs[b].to(device).index_select(-1, kept["mlp"].to(device))
                 mlp_inputs[b] = None
                 out = tail[1](h.to(device), adapter.mlp_out(block)(x))
             else:
