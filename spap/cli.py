@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .checks import InvalidArgumentError
+from .distributed import RankFailed
 
 STRUCTURE_HELP = "mlp, heads, mlp+heads, unstructured, or N:M such as 2:4"
 
@@ -32,7 +34,9 @@ def _add_calibration(p: argparse.ArgumentParser, n: int, seqlen: int) -> None:
     p.add_argument("--calib-field", default="text",
                    help="the documents' field in .jsonl/.json objects, or column of a .parquet file or saved dataset "
                         "(default text)")
-    p.add_argument("--n", type=int, default=n, help=f"calibration windows (default {n})")
+    p.add_argument("--n", "--calib-windows", dest="n", type=int, default=n,
+                   help=f"calibration windows (default {n}; write --calib-windows under torchrun, whose own options "
+                        "take --n for a prefix)")
     p.add_argument("--seqlen", type=int, default=seqlen, help=f"tokens per window (default {seqlen})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="shared data folder (default $SPAP_DATA_DIR or ../shared/data)")
@@ -355,7 +359,7 @@ def _calibration(args, tokenizer) -> torch.Tensor:
                            text_field=args.calib_field)
 
 
-def _prune(args, model, tokenizer, checkpoint_dir=None, resume=False, calib=None):
+def _prune(args, model, tokenizer, checkpoint_dir=None, resume=False, calib=None, progress: bool = True):
     from .pipeline import prune_layerwise
 
     calib = _calibration(args, tokenizer) if calib is None else calib
@@ -364,7 +368,7 @@ def _prune(args, model, tokenizer, checkpoint_dir=None, resume=False, calib=None
         damp=args.damp,
         method_options=_options(args.option),
         batch_size=args.batch_size, device=args.device, propagate="dense" if args.dense_propagation else "pruned",
-        output_metric=_output_metric(args), checkpoint_dir=checkpoint_dir, resume=resume,
+        output_metric=_output_metric(args), checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
         restore_on_failure=False,  # the command line drops the model on failure: no CPU copy to undo it
     )
 
@@ -394,11 +398,52 @@ def _load(source, **kwargs):
     return _quiet(load_model, source, **kwargs)
 
 
+def _process_group(args) -> tuple[int, int] | None:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (NCCL on ``cuda``, each rank on the
+    GPU of its ``LOCAL_RANK``; gloo on ``cpu``) and return ``(rank, world)``; None otherwise."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if args.resume:
+        raise InvalidArgumentError("--resume is single-process only; it cannot run under torchrun")
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world
+
+
 def cmd_prune(args) -> None:
-    from .models import layer_widths, save_model, save_pruned
+    group = _process_group(args)
+    try:
+        _prune_command(args, group)
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _prune_command(args, group: tuple[int, int] | None) -> None:
+    from .distributed import shard
 
     model, tokenizer = _load(args.model)
     partial = _partial(Path(args.out))
+    if group is not None:  # each rank its consecutive shard of the calibration windows; no checkpoints
+        rank, world = group
+        _check_loaded(args, model, tokenizer)
+        calib = _calibration(args, tokenizer)
+        if len(calib) < world:
+            raise InvalidArgumentError(f"--n {args.n} gives fewer calibration windows than the {world} processes")
+        model, report = _prune(args, model, tokenizer, calib=calib[shard(len(calib), world, rank)], progress=rank == 0)
+        if rank == 0:
+            _finish(args, model, tokenizer, report, partial)
+        return
     _check_loaded(args, model, tokenizer, checkpoint_dir=str(partial))
     if args.overwrite and partial.exists():
         print(f"spap: --overwrite: deleting the interrupted run in {partial}", file=sys.stderr)
@@ -407,6 +452,13 @@ def cmd_prune(args) -> None:
         else:
             partial.unlink()
     model, report = _prune(args, model, tokenizer, checkpoint_dir=str(partial), resume=args.resume)
+    _finish(args, model, tokenizer, report, partial)
+
+
+def _finish(args, model, tokenizer, report, partial: Path) -> None:
+    """Evaluate (``--eval-windows``), save atomically, print the summary."""
+    from .models import layer_widths, save_model, save_pruned
+
     if args.eval_windows:
         report.settings["wikitext_ppl"] = _wikitext_ppl(model, tokenizer, args.eval_windows, args.data_dir)
     widths = layer_widths(model)
@@ -516,6 +568,9 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         print(f"spap: error: {_one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RankFailed as e:  # another torchrun process failed: its own traceback says why
+        print(f"spap: error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _one_line(error: BaseException) -> str:

@@ -34,6 +34,7 @@ import solvers
 from . import allocation as A
 from . import bias as B
 from . import checkpoint as ckpt
+from . import distributed as D
 from . import selection
 from . import units as U
 from .adapters import EXPERT_WIDTH_MULTIPLE, Adapter, LinearView, get_adapter
@@ -100,6 +101,7 @@ class BlockSettings:
     block_sparsity: tuple[float, ...] = ()
     counts: tuple[dict[str, int], ...] = ()
     bias_switches: tuple[B.BiasSwitch, ...] = ()
+    ranks: D.Ranks | None = None  # under a process group of several ranks (spap.distributed)
 
 
 @dataclass
@@ -277,6 +279,8 @@ def prune_layerwise(
     batches = calibration_batches(calib, tokenizer, batch_size=batch_size)
     check_calibration(batches, model, "prune_layerwise")
     _warn_few_tokens(get_adapter(model), settings.structure, batches)
+    ranks = D.ranks(sum(len(b) for b in batches))  # None without a process group of several ranks
+    settings = dataclasses.replace(settings, ranks=ranks)
     snapshot = _Snapshot(model, get_adapter(model)) if restore_on_failure else None
     try:
         return _run(model, batches, settings, checkpoint_dir, resume, progress)
@@ -369,6 +373,8 @@ def check_arguments(
     device, offload = _devices(device, offload, "prune_layerwise")
     sparsities = A.block_sparsities(sparsity, A.block_names(model, adapter))
     allocation = A.parse_allocation(allocation)
+    if D.active():
+        _check_distributed(adapter, checkpoint_dir, candidates, allocation)
     if not isinstance(allocation, A.Uniform):
         if not isinstance(sparsity, numbers.Real):
             raise InvalidArgumentError(f"The 'allocation' argument of prune_layerwise is {allocation.name!r}, which "
@@ -402,6 +408,22 @@ def check_arguments(
         arguments = {k: v for k, v in _settings(settings, model).items() if k != "model_type"}
         ckpt.check_settings(checkpoint_dir, dict(arguments, device=device.type))
     return settings
+
+
+def _check_distributed(adapter: Adapter, checkpoint_dir: str | None, candidates: tuple[str, ...],
+                       allocation: A.Allocation) -> None:
+    """Refuse, under a process group of several ranks, the options its data-parallel run does not have."""
+    where = "under a torch.distributed process group of several ranks"
+    if checkpoint_dir is not None:
+        raise InvalidArgumentError(f"The 'checkpoint_dir' argument of prune_layerwise must be None {where} "
+                                   "(checkpoints and resume are single-process only).")
+    if candidates:
+        raise InvalidArgumentError(f"The 'candidates' argument of prune_layerwise must be None {where}.")
+    if not isinstance(allocation, A.Uniform):
+        raise InvalidArgumentError(f"The 'allocation' argument of prune_layerwise must be 'uniform' {where} "
+                                   "(per-block sparsities are accepted).")
+    if adapter.has_experts:
+        raise InvalidArgumentError(f"prune_layerwise does not prune mixture-of-experts models {where}.")
 
 
 def _settings(s: BlockSettings, model: nn.Module) -> dict:
@@ -534,6 +556,9 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     device, offload, propagate = s.device, s.offload, s.propagate
     B.add_biases(adapter, s.bias_switches)  # zero biases: outputs unchanged; undone with the snapshot
     settings = dict(_settings(s, model), n_batches=len(batches), calib_tokens=sum(b.numel() for b in batches))
+    r = s.ranks
+    if r is not None:  # this rank's batches and tokens, and the whole run's
+        settings.update(ranks=r.world, calib_sequences=sum(r.sequences))
 
     # --- run --------------------------------------------------------------------------------------
     report = PruneReport(settings=settings, params_before=count_parameters(model))
@@ -546,8 +571,11 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     clock = _Clock(device)
     output_grams = {}
     if s.output_metric is not None:
-        with clock.stage("metric"):
+        with clock.stage("metric"), D.step(r, "the output metric's pass"):
             output_grams = _output_grams(model, adapter, batches, s)
+        if r is not None:
+            with clock.stage("metric"):
+                D.all_reduce_sum(r, [G for grams in output_grams.values() for G in grams.values()])
     report.metric_seconds = clock.seconds.get("metric", 0.0)
     if not isinstance(s.allocation, A.Uniform):  # per-block counts from the dense model (again on resume)
         with clock.stage("allocation"):
@@ -559,7 +587,8 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
                 first, hidden, kwargs, records, dense_hidden = ckpt.load(checkpoint_dir, run, adapter, device)
                 report.layers.extend(records)
     if not resume:
-        with clock.stage("inputs"), outside_blocks_on(model, blocks, device):
+        with clock.stage("inputs"), D.step(r, "capturing the first block's inputs"), \
+                outside_blocks_on(model, blocks, device):
             hidden, kwargs = capture_block_inputs(model, blocks, batches, device, offload)
         # The dense model's stream, for the error-correcting target (identical until a block is pruned).
         dense_hidden = [h.clone() for h in hidden] if s.target == "dense" else None
@@ -580,7 +609,7 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
                                                        output_grams.get(i), scorer, clock)
         report.layers.extend(records)
         if propagate == "pruned":
-            with clock.stage("propagate"):
+            with clock.stage("propagate"), D.step(r, f"propagating through block {i}"):
                 _propagate(adapter, block, i, hidden, kwargs[i], kept, mlp_inputs, tail, device, offload)
         block.to(offload if device.type == "cuda" else device)
         if device.type == "cuda":
@@ -720,7 +749,7 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
             extra.append(wanted["mlp"].register_forward_pre_hook(stop_at_mlp_out))
         last = k == len(stages) - 1
         try:
-            with torch.no_grad(), clock.stage("forward"):
+            with torch.no_grad(), clock.stage("forward"), D.step(s.ranks, f"the forward pass of block {index}"):
                 for b, h in enumerate(hidden):
                     if dense_hidden is not None:
                         hooks.recording = True
@@ -744,6 +773,9 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
         gram_seconds = hooks.seconds + (expert_grams.seconds if expert_grams is not None else 0.0)
         clock.add("forward", -gram_seconds)
         clock.add("gram", gram_seconds)
+        if s.ranks is not None:  # every rank's tokens in every problem
+            with clock.stage("gram"):
+                D.reduce_accumulators(s.ranks, list(hooks.accumulators.values()))
         with clock.stage("solve"):
             stage_records, stage_kept = _solve_block(block, index, hooks.accumulators, groups, kinds, s, output_grams,
                                                      scorer, expert_grams)
@@ -777,42 +809,82 @@ def _solve_block(block: nn.Module, index: int, grams: dict, groups: list, kinds:
     for key, acc in accumulators:
         if not torch.isfinite(acc.H).all():
             raise FloatingPointError(f"NaN or Inf in the calibration inputs of block {index} ({key}).")
+    # Every solution is written after all are solved: each problem reads only its own linear, so solving
+    # them in any order (or on several ranks) gives what solving and writing one by one gives.  A job poses
+    # its problem only when it is solved, so that one problem's factorizations are held at a time.
+    jobs: list[_Job] = []
     if s.structure.rows is not None:
         for g in groups:
             acc = grams[next(iter(g))]
             for name, module in g.items():
-                view = LinearView(module)
-                # counts, not the fraction: check_arguments already refused or warned about the rounding
-                target = {} if isinstance(s.structure.rows, solvers.NM) else \
-                    {"n_prune": U.prune_count(s.block_sparsity[index], view.weight.numel())}
-                p = solvers.LayerProblem(_fitted_weight(view, acc, s), acc.H, s.structure.rows, damp=s.damp,
-                                         damp_mode=s.damp_mode, input_mean=acc.mean, n_samples=acc.n_samples,
-                                         **target)
-                sol = _solve(p, s.method, s.method_options, _metric(p, s, output_grams.get(name)))
-                view.set_weight(sol.weight)
-                records.append(LayerRecord.from_solution(index, name, sol, p))
-        if expert_grams is not None:
-            records += _solve_expert_rows(index, expert_grams, s)
+                def pose(view=LinearView(module), acc=acc, name=name):
+                    # counts, not the fraction: check_arguments already refused or warned about the rounding
+                    target = {} if isinstance(s.structure.rows, solvers.NM) else \
+                        {"n_prune": U.prune_count(s.block_sparsity[index], view.weight.numel())}
+                    p = solvers.LayerProblem(_fitted_weight(view, acc, s), acc.H, s.structure.rows, damp=s.damp,
+                                             damp_mode=s.damp_mode, input_mean=acc.mean, n_samples=acc.n_samples,
+                                             **target)
+                    return p, _metric(p, s, output_grams.get(name))
+                jobs.append(_Job(name, s.structure.rows, pose, lambda sol, view=LinearView(module): view.set_weight(sol.weight)))
     for name, kind in kinds.items():
         if name == "experts":
-            expert_records, kept[name] = _solve_experts(kind, block, index, expert_grams.accumulators, s)
-            records += expert_records
             continue
-        # counts by the one rounding rule (units.prune_count), checked by check_arguments
-        target = {"n_prune": s.counts[index][name]}
-        p = _group_problem(LinearView(kind.output_linear(block)), grams[name], kind.column_groups(block), s, **target)
-        metric = _metric(p, s, output_grams.get(name))
-        if scorer is None:
-            sol, chosen = _solve(p, s.method, s.method_options, metric), None
-        else:
-            sol, chosen = selection.choose(p, block, kind, s.candidates, s.method, s.method_options, scorer,
-                                           solve=lambda q, m, **o: _solve(q, m, o, metric))
-        kept[name] = selection.write_units(kind, block, sol).cpu()
-        record = LayerRecord.from_solution(index, name, sol, p)
+        def pose(kind=kind, name=name):
+            # counts by the one rounding rule (units.prune_count), checked by check_arguments
+            p = _group_problem(LinearView(kind.output_linear(block)), grams[name], kind.column_groups(block), s,
+                               n_prune=s.counts[index][name])
+            return p, _metric(p, s, output_grams.get(name))
+        jobs.append(_Job(name, kind.column_groups(block), pose, lambda sol, kind=kind, name=name: kept.__setitem__(
+            name, selection.write_units(kind, block, sol).cpu())))
+    solutions, choices = _solve_jobs(jobs, block, kinds, index, s, scorer)
+    for job, sol, chosen in zip(jobs, solutions, choices):
+        job.write(sol)
+        record = LayerRecord.from_solution(index, job.name, sol, job)
         if chosen is not None:
             record.seconds, record.selection = sum(chosen["seconds"].values()), chosen
         records.append(record)
+    if expert_grams is not None and s.structure.rows is not None:
+        records += _solve_expert_rows(index, expert_grams, s)
+    if "experts" in kinds:
+        expert_records, kept["experts"] = _solve_experts(kinds["experts"], block, index, expert_grams.accumulators, s)
+        records += expert_records
     return records, kept
+
+
+@dataclass
+class _Job:
+    """One problem of a block: its target's name and structure, ``pose()`` → ``(problem, metric)`` and
+    ``write(solution)``, which writes the solution into the block."""
+
+    name: str
+    structure: Any
+    pose: Any
+    write: Any
+
+
+def _solve_jobs(jobs: list[_Job], block: nn.Module, kinds: dict, index: int, s: BlockSettings,
+                scorer: selection.TailScorer | None) -> tuple[list[solvers.Solution], list[dict | None]]:
+    """Solve a block's problems ``jobs``; returns the solutions and, with ``scorer`` (``candidates``), each
+    choice (else None).  Under a process group of several ranks each problem is posed and solved by one
+    rank (:meth:`spap.distributed.Ranks.owner`) and broadcast, so every rank returns the same solutions."""
+    def solve(job):
+        p, metric = job.pose()
+        if scorer is None or job.name not in kinds:
+            return _solve(p, s.method, s.method_options, metric), None
+        return selection.choose(p, block, kinds[job.name], s.candidates, s.method, s.method_options, scorer,
+                                solve=lambda q, m, **o: _solve(q, m, o, metric))
+
+    r = s.ranks
+    if r is None:
+        pairs = [solve(job) for job in jobs]
+        return [sol for sol, _ in pairs], [chosen for _, chosen in pairs]
+    mine = {}
+    with D.step(r, f"solving block {index}"):
+        for j, job in enumerate(jobs):
+            if r.owner(j, index) == r.rank:
+                mine[j] = solve(job)[0]
+    device = next(block.parameters()).device
+    return [D.to_device(D.broadcast(r, mine.get(j), r.owner(j, index)), device) for j in range(len(jobs))], [None] * len(jobs)
 
 
 def _solve_experts(kind: U.ExpertChannels, block: nn.Module, index: int, accumulators: list, s: BlockSettings):
@@ -925,7 +997,10 @@ def _output_grams(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor
         return {}
     if s.output_metric == "diag":
         diagonal = set(modules)
-    grams = output_gradient_grams(model, batches, modules, diagonal=diagonal, n_sequences=s.metric_windows,
+    n_sequences = s.metric_windows
+    if s.ranks is not None:  # the run's first metric_windows sequences: those of them this rank holds
+        n_sequences = max(0, min(n_sequences - s.ranks.offset, s.ranks.sequences[s.ranks.rank]))
+    grams = output_gradient_grams(model, batches, modules, diagonal=diagonal, n_sequences=n_sequences,
                                   device=s.device, blocks=adapter.blocks())
     per_block: dict[int, dict[str, torch.Tensor]] = {}
     for (i, name), G in grams.items():

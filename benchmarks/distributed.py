@@ -1,0 +1,145 @@
+"""One process against several: the same SmolLM2 prune under ``torchrun``, its time, memory and masks.
+
+    python benchmarks/distributed.py                                   # 1 and 2 gloo processes on the CPU
+    python benchmarks/distributed.py --procs 1 2 --windows 32 --seqlen 512 --json distributed.json
+    python benchmarks/distributed.py --device cuda --procs 1 2 4       # NCCL, one GPU per process
+
+For each process count the script launches itself under ``python -m torch.distributed.run`` (a single
+process runs without a process group).  Every rank loads SmolLM2-135M, takes its consecutive shard of the
+``--windows`` C4 calibration windows (docs[:500], seed 0) and runs ``spap.prune_layerwise`` on it, with batches of
+``--batch-size`` sequences (a rank's batches are then the single process's).  Rank 0 gathers each rank's
+wall time and peak memory (host RSS; CUDA peak on a GPU) and the pruned weights.  The table compares
+every run with the single process: identical masks (the same weights pruned, the same MLP channels kept)
+and the largest weight difference.  Timings are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _arguments(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts (default 1 2)")
+    p.add_argument("--windows", type=int, default=16, help="calibration windows in all (default 16)")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--sparsity", type=float, default=0.3)
+    p.add_argument("--structure", default="mlp")
+    p.add_argument("--output-metric", default="auto", choices=["auto", "full", "diag", "none"])
+    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per process)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per process (default: the cores divided by the processes)")
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one rank, write its result there
+    return p.parse_args(argv)
+
+
+def _worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import spap
+    from spap.data import calibration_set
+    from spap.distributed import shard
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    device = args.device
+    if world > 1:
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    model, tok = spap.load_model("smollm2")
+    calib = calibration_set("c4", tok, n=args.windows, seqlen=args.seqlen, seed=0)
+    start = time.perf_counter()
+    model, report = spap.prune_layerwise(model, calib[shard(len(calib), world, rank)], args.sparsity,
+                                         structure=args.structure, batch_size=args.batch_size, device=device,
+                                         output_metric=None if args.output_metric == "none" else args.output_metric,
+                                         progress=rank == 0 and sys.stderr.isatty())
+    seconds = time.perf_counter() - start
+    row = {"rank": rank, "seconds": seconds, "prune_seconds": report.seconds,
+           "peak_rss_gib": report.peak_memory.get("rss", 0) / 2**30,
+           "peak_cuda_gib": report.peak_memory.get("cuda", 0) / 2**30,
+           "stage_seconds": report.stage_seconds}
+    rows = [row]
+    if world > 1:
+        rows = [None] * world
+        dist.all_gather_object(rows, row)
+    if rank == 0:
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        torch.save({"ranks": rows, "state": state, "params_after": report.params_after}, args.worker)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _launch(args, procs: int, out: Path) -> float:
+    common = [str(Path(__file__).resolve()), "--worker", str(out), "--windows", str(args.windows), "--seqlen", str(args.seqlen),
+              "--batch-size", str(args.batch_size), "--sparsity", str(args.sparsity), "--structure", args.structure,
+              "--output-metric", args.output_metric, "--device", args.device, "--threads", str(args.threads)]
+    command = [sys.executable, *common] if procs == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *common]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    return time.perf_counter() - start
+
+
+def compare(reference: dict, state: dict) -> dict:
+    """Whether ``state`` prunes what ``reference`` prunes (same shapes, same zero weights) and the largest
+    absolute weight difference."""
+    import torch
+
+    same = reference.keys() == state.keys() and all(
+        reference[k].shape == state[k].shape and torch.equal(reference[k] == 0, state[k] == 0) for k in reference)
+    diff = max((float((reference[k].double() - state[k].double()).abs().max()) for k in reference
+                if same and reference[k].numel()), default=float("nan"))
+    return {"same_masks": same, "max_abs_diff": diff}
+
+
+def main(argv=None) -> list[dict]:
+    args = _arguments(argv)
+    if args.worker:
+        _worker(args)
+        return []
+    import torch
+
+    rows, reference = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for procs in args.procs:
+            out = Path(tmp) / f"procs{procs}.pt"
+            wall = _launch(args, procs, out)
+            result = torch.load(out, weights_only=True)
+            reference = reference if reference is not None else result["state"]
+            ranks = result["ranks"]
+            row = {"procs": procs, "wall_s": wall, "prune_s": max(r["prune_seconds"] for r in ranks),
+                   "peak_rss_gib_per_rank": [r["peak_rss_gib"] for r in ranks],
+                   "peak_cuda_gib_per_rank": [r["peak_cuda_gib"] for r in ranks],
+                   "stage_seconds_rank0": ranks[0]["stage_seconds"], "params_after": result["params_after"],
+                   **compare(reference, result["state"])}
+            rows.append(row)
+    print(f"SmolLM2-135M, {args.structure} {args.sparsity:.0%}, {args.windows} x {args.seqlen} C4 tokens in all, "
+          f"batch {args.batch_size}, device {args.device}")
+    print(f"{'procs':>5} {'prune s':>8} {'wall s':>7} {'peak RSS GiB per rank':>24} {'same masks':>10} {'max |dW|':>9}")
+    for r in rows:
+        rss = " ".join(f"{x:.2f}" for x in r["peak_rss_gib_per_rank"])
+        print(f"{r['procs']:>5} {r['prune_s']:>8.1f} {r['wall_s']:>7.1f} {rss:>24} {str(r['same_masks']):>10} "
+              f"{r['max_abs_diff']:>9.2e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""One rank of a data-parallel prune of a tiny model, for tests/test_distributed.py.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT STRUCTURE [--fail-rank R]
+
+Each rank prunes the same tiny random Llama (:func:`tiny_model`) on its consecutive shard of
+:func:`calibration` and writes ``OUT/rank{r}.pt``: the pruned state dict and the report's per-layer records,
+or the error it stopped with.  ``--fail-rank R`` makes rank ``R`` fail while propagating through block 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+
+import spap
+import spap.pipeline
+from spap.distributed import shard
+
+METRIC_WINDOWS = 3  # fewer than one rank's shard: the metric's sequences all come from rank 0
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=3, vocab_size=128,
+                                      max_position_embeddings=64)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def calibration(n: int = 8, seqlen: int = 32) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+def prune(model, calib, structure: str, **options):
+    """The prune both the ranks and the single-process reference run (batches of 2 sequences, so that each
+    rank's batches are the reference's; float64 Gram products)."""
+    return spap.prune_layerwise(model, calib, 0.5, structure=structure, batch_size=2, gram_dtype=torch.float64,
+                                device="cpu", metric_windows=METRIC_WINDOWS, progress=False, **options)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("structure")
+    parser.add_argument("--fail-rank", type=int)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.fail_rank == rank:
+        propagate = spap.pipeline._propagate
+
+        def failing(adapter, block, index, *rest):
+            if index == 1:
+                raise ValueError(f"planted failure on rank {rank}")
+            return propagate(adapter, block, index, *rest)
+
+        spap.pipeline._propagate = failing
+    model = tiny_model()
+    calib = calibration()
+    result = {}
+    try:
+        model, report = prune(model, calib[shard(len(calib), world, rank)], args.structure)
+        result.update(records=[(r.block, r.target, r.kept, r.total) for r in report.layers], settings=report.settings)
+    except Exception as error:  # noqa: BLE001 - the test reads what each rank stopped with
+        result.update(error=f"{type(error).__name__}: {error}")
+    result["state"] = model.state_dict()
+    torch.save(result, Path(args.out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+    if "error" in result:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Data-parallel pruning under torch.distributed: two gloo processes on the CPU give the single-process
+result, and a failure on one rank stops both (spap.distributed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import spap
+from spap.checks import InvalidArgumentError
+from spap.distributed import shard
+from tests import distributed_worker as worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env.update(extra)
+    return env
+
+
+def _torchrun(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=600)
+
+
+def _ranks(tmp_path: Path, structure: str, *extra: str):
+    run = _torchrun([str(ROOT / "tests" / "distributed_worker.py"), str(tmp_path), structure, *extra])
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return run, results
+
+
+def test_shards_are_consecutive_and_cover_every_item():
+    for n in range(0, 12):
+        for world in range(1, 5):
+            slices = [shard(n, world, r) for r in range(world)]
+            assert [i for s in slices for i in range(n)[s]] == list(range(n))
+            assert max(s.stop - s.start for s in slices) - min(s.stop - s.start for s in slices) <= 1
+
+
+@pytest.mark.parametrize("structure", ["mlp", "mlp+heads", "unstructured", "2:4"])
+def test_two_processes_give_the_single_process_result(structure, tmp_path):
+    """Each rank prunes on half of the calibration windows; both end with the model one process prunes on
+    all of them: the same shapes and masks, the same weights to round-off, the same report."""
+    reference, report = worker.prune(worker.tiny_model(), worker.calibration(), structure)
+    run, results = _ranks(tmp_path, structure)
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = reference.state_dict()
+    for result in results:
+        assert "error" not in result
+        assert result["records"] == [(r.block, r.target, r.kept, r.total) for r in report.layers]
+        assert result["settings"]["ranks"] == 2 and result["settings"]["calib_sequences"] == 8
+        assert result["state"].keys() == expected.keys()
+        for key, value in expected.items():
+            got = result["state"][key]
+            assert got.shape == value.shape, key
+            assert torch.equal(got == 0, value == 0), key  # the same weights pruned
+            torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_failure_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1 fails in block 1; rank 0 stops with an error naming it instead of waiting, and both models are
+    restored to the dense weights (restore_on_failure)."""
+    run, results = _ranks(tmp_path, "mlp", "--fail-rank", "1")
+    assert run.returncode != 0
+    assert results[1]["error"] == "ValueError: planted failure on rank 1"
+    assert results[0]["error"].startswith("RankFailed: rank 1 of 2 failed while propagating through block 1: "
+                                          "ValueError: planted failure on rank 1")
+    dense = worker.tiny_model().state_dict()
+    for result in results:
+        for key, value in dense.items():
+            assert torch.equal(result["state"][key], value), key
+
+
+def test_options_without_a_data_parallel_run_are_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(spap.distributed, "active", lambda: True)
+    model = worker.tiny_model()
+    for options, named in [(dict(checkpoint_dir=str(tmp_path)), "'checkpoint_dir'"),
+                           (dict(allocation="owl"), "'allocation'"),
+                           (dict(candidates=("spap", "obs")), "'candidates'")]:
+        with pytest.raises(InvalidArgumentError, match=named):
+            spap.prune_layerwise(model, worker.calibration(), 0.5, **options)
+
+
+def _cli(tiny_model_dir: Path, out: Path, failing_rank: int | None = None, single: bool = False):
+    args = ["-m", "spap", "prune", str(tiny_model_dir / "model"), "--calib", str(tiny_model_dir / "calib.txt"),
+            "--calib-windows", "4", "--seqlen", "32", "--sparsity", "0.5", "--device", "cpu", "--out", str(out)]
+    env = _env()
+    if failing_rank is not None:  # a sitecustomize that plants a failure in block 1 of that rank
+        site = out.parent / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(
+            "import os\n"
+            f"if os.environ.get('RANK') == '{failing_rank}':\n"
+            "    import spap.pipeline as p\n"
+            "    real = p._propagate\n"
+            "    def failing(adapter, block, index, *rest):\n"
+            "        if index == 1:\n"
+            "            raise ValueError('planted failure')\n"
+            "        return real(adapter, block, index, *rest)\n"
+            "    p._propagate = failing\n")
+        env = _env(PYTHONPATH=os.pathsep.join([str(site), env["PYTHONPATH"]]))
+    if single:
+        return subprocess.run([sys.executable, *args, "--batch-size", "2"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+    return _torchrun(args, env)
+
+
+def test_torchrun_command_line_saves_the_single_process_model(tiny_model_dir, tmp_path):
+    run = _cli(tiny_model_dir, tmp_path / "two")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("saved to") == 1  # rank 0 alone saves and prints
+    single = _cli(tiny_model_dir, tmp_path / "one", single=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = safetensors.torch.load_file(tmp_path / "two" / "model.safetensors")
+    one = safetensors.torch.load_file(tmp_path / "one" / "model.safetensors")
+    assert two.keys() == one.keys()
+    for key in one:
+        assert two[key].shape == one[key].shape, key
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_torchrun_command_line_failure_leaves_no_output(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    run = _cli(tiny_model_dir, out, failing_rank=1)
+    assert run.returncode != 0
+    assert "planted failure" in run.stderr and "rank 1 of 2 failed" in run.stderr
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_two_processes_keep_the_single_process_masks():
+    """SmolLM2 at 30% MLP channels (loss-aware metric on), 8 C4 windows of 128 tokens: two gloo processes
+    prune the same MLP channels as one.  One thread per process in both runs: a float32 GEMM on two
+    threads sums in another order, and that round-off alone can flip a near tie."""
+    from tests.helpers import benchmark_module
+
+    rows = benchmark_module("distributed").main(["--procs", "1", "2", "--windows", "8", "--seqlen", "128",
+                                                 "--threads", "1"])
+    assert [r["procs"] for r in rows] == [1, 2]
+    assert rows[1]["same_masks"] and rows[1]["params_after"] == rows[0]["params_after"]
+    assert rows[1]["max_abs_diff"] < 1e-3
