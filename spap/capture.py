@@ -191,8 +191,13 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
-    """One block's output for one batch (the first element when the block returns a tuple)."""
-    out = block(hidden.to(device), **kwargs)
+    """One block's output for one batch (see :func:`block_output`)."""
+    return block_output(block(hidden.to(device), **kwargs))
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states a decoder block returned: the first element when it returns a tuple (older
+    transformers' blocks, and families that also return attention weights or a cache)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import LinearView, get_adapter
+from .capture import block_output
 
 
 def output_gradient_grams(model: nn.Module, batches: list[torch.Tensor], modules: dict[Hashable, nn.Module], *,
@@ -91,7 +92,7 @@ def output_gradient_grams(model: nn.Module, batches: list[torch.Tensor], modules
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_hook(
             lambda m, args, out, i=i: bad_blocks.append(i) if not torch.isfinite(
-                out[0] if isinstance(out, (tuple, list)) else out).all() else None))
+                block_output(out)).all() else None))
     handles.append(blocks[-1].register_forward_hook(_stop_at_last_block))  # after the NaN check
     sequences = [row for b in batches for row in b][:n_sequences]  # batches are (batch, seq)
     embed = model.get_input_embeddings()
@@ -127,7 +128,7 @@ class _LastBlockOutput(Exception):
 
 
 def _stop_at_last_block(module, args, output):
-    raise _LastBlockOutput(output[0] if isinstance(output, (tuple, list)) else output)
+    raise _LastBlockOutput(block_output(output))
 
 
 def _head_loss_gradient(adapter, hidden: torch.Tensor, ids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:

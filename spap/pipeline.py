@@ -20,8 +20,11 @@ import contextlib
 import copy
 import dataclasses
 import numbers
+import os
+import tempfile
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -506,12 +509,17 @@ def _warn_few_tokens(adapter: Adapter, structure: PruneStructure, batches: list[
 
 
 class _Snapshot:
-    """What undoing a run on ``model`` needs: a CPU copy of every decoder block's parameters and buffers
-    (with their devices and ``requires_grad`` flags), every block module's plain attributes (shapes such
-    as ``in_features`` and head counts), every module's training flag and the config's fields.
+    """What undoing a run on ``model`` needs: a copy of every decoder block's parameters and buffers (with
+    their devices and ``requires_grad`` flags), every block module's plain attributes (shapes such as
+    ``in_features`` and head counts), every module's training flag and the config's fields.
 
-    :meth:`restore` puts back the original ``Parameter`` objects holding the copied values, so
-    references to the model's parameters taken before the run stay valid.
+    The copied values are written to a temporary file and mapped back (``torch.load(mmap=True)``), so
+    they take disk, not memory, until :meth:`restore` reads them; the file's name is removed at once, so
+    the operating system frees it when the snapshot goes.  The original ``Parameter`` objects are held
+    by weak references only: the run replaces pruned parameters by smaller ones, and a strong reference
+    would keep every original weight in memory until the end.  :meth:`restore` puts back an original
+    ``Parameter`` that is still referenced elsewhere (so references taken before the run stay valid),
+    holding the copied values, and a new one otherwise.
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter) -> None:
@@ -519,34 +527,58 @@ class _Snapshot:
         self.config = copy.deepcopy(vars(model.config))
         self.training = [(m, m.training) for m in model.modules()]
         self.modules = []
-        for m in adapter.blocks().modules():
-            params = {name: (p, p.requires_grad, p.device, p.detach().to("cpu", copy=True))
-                      for name, p in m._parameters.items() if p is not None}
-            buffers = {name: (b.device, b.detach().to("cpu", copy=True)) for name, b in m._buffers.items() if b is not None}
-            params.update({name: None for name, p in m._parameters.items() if p is None})  # e.g. a bias added later
+        values: dict[str, torch.Tensor] = {}
+        for k, m in enumerate(adapter.blocks().modules()):
+            params = {}
+            for name, p in m._parameters.items():
+                if p is None:  # e.g. a bias added later
+                    params[name] = None
+                    continue
+                values[f"{k}.p.{name}"] = p.detach()
+                params[name] = (weakref.ref(p), p.requires_grad, p.device)
+            buffers = {}
+            for name, b in m._buffers.items():
+                if b is not None:
+                    values[f"{k}.b.{name}"] = b.detach()
+                    buffers[name] = b.device
             plain = {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, type(None)))}
             self.modules.append((m, params, buffers, plain))
+        self.values = _on_disk(values)
 
     def restore(self) -> None:
         with torch.no_grad():
-            for m, params, buffers, plain in self.modules:
+            for k, (m, params, buffers, plain) in enumerate(self.modules):
                 for name in [n for n in m._parameters if n not in params]:
                     del m._parameters[name]
                 for name, entry in params.items():
                     if entry is None:
                         m._parameters[name] = None
                         continue
-                    p, requires_grad, device, saved = entry
-                    p.data = saved.to(device)
-                    p.requires_grad_(requires_grad)
+                    ref, requires_grad, device = entry
+                    saved = self.values[f"{k}.p.{name}"].to(device, copy=True)
+                    p = ref()
+                    if p is None:
+                        p = nn.Parameter(saved, requires_grad=requires_grad)
+                    else:
+                        p.data = saved
+                        p.requires_grad_(requires_grad)
                     m._parameters[name] = p
-                for name, (device, saved) in buffers.items():
-                    m._buffers[name] = saved.to(device)
+                for name, device in buffers.items():
+                    m._buffers[name] = self.values[f"{k}.b.{name}"].to(device, copy=True)
                 vars(m).update(plain)
         vars(self.model.config).clear()
         vars(self.model.config).update(self.config)
         for m, training in self.training:
             m.training = training
+
+
+def _on_disk(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Host copies of ``tensors`` backed by a temporary file (memory-mapped, read when used) instead of
+    memory.  The file is unlinked at once; its pages live as long as the returned tensors."""
+    with tempfile.TemporaryDirectory(prefix="spap-snapshot-", ignore_cleanup_errors=True) as folder:
+        path = os.path.join(folder, "snapshot.pt")
+        torch.save(tensors, path)
+        return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
 
 
 def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkpoint_dir: str | None, resume: bool,

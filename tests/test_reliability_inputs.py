@@ -261,7 +261,7 @@ def _snapshot(model, ids):
         "state": _state(model),
         "config": model.config.to_dict(),
         "shapes": {k: tuple(p.shape) for k, p in model.named_parameters()},
-        "params": [id(p) for p in model.parameters()],
+        "params": list(model.parameters()),  # held, as a caller's optimizer would hold them
         "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
         "training": [m.training for m in model.modules()],
         "logits": logits,
@@ -272,7 +272,7 @@ def _assert_as_before(model, before, ids):
     after = _snapshot(model, ids)
     assert after["config"] == before["config"]
     assert after["shapes"] == before["shapes"]
-    assert after["params"] == before["params"]  # the same Parameter objects
+    assert all(a is b for a, b in zip(after["params"], before["params"], strict=True))  # the same Parameter objects
     assert after["requires_grad"] == before["requires_grad"]
     assert after["training"] == before["training"]
     assert after["state"].keys() == before["state"].keys()
