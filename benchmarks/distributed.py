@@ -2,7 +2,7 @@
 
     python benchmarks/distributed.py                                   # 1 and 2 gloo processes on the CPU
     python benchmarks/distributed.py --procs 1 2 --windows 32 --seqlen 512 --json distributed.json
-    python benchmarks/distributed.py --device cuda --procs 1 2 4       # NCCL, one GPU per process
+    python benchmarks/distributed.py --device cuda --procs 1 2 4       # NCCL, one GPU per process (not yet run)
 
 For each process count the script launches itself under ``python -m torch.distributed.run`` (a single
 process runs without a process group).  Every rank loads SmolLM2-135M, takes its consecutive shard of the

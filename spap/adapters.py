@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -834,6 +834,12 @@ def discover(model: nn.Module) -> Layout:
 ADAPTERS: dict[str, Callable[[nn.Module], Adapter]] = {
     t: cls for cls in (LlamaFamily, OPT, GPT2, Mixtral, Qwen2Moe) for t in cls.model_types
 }
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states a decoder block returned: the first element when it returns a tuple (older
+    transformers' blocks, and families that also return attention weights or a cache)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def get_adapter(model: nn.Module) -> Adapter:

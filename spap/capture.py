@@ -17,7 +17,7 @@ from torch import nn
 
 import solvers
 
-from .adapters import LinearView
+from .adapters import LinearView, block_output
 from .checks import InvalidArgumentError
 
 
@@ -194,11 +194,6 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torc
     """One block's output for one batch (see :func:`block_output`)."""
     return block_output(block(hidden.to(device), **kwargs))
 
-
-def block_output(out: Any) -> torch.Tensor:
-    """The hidden states a decoder block returned: the first element when it returns a tuple (older
-    transformers' blocks, and families that also return attention weights or a cache)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class GramHooks:

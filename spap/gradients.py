@@ -25,8 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import LinearView, get_adapter
-from .capture import block_output
+from .adapters import LinearView, block_output, get_adapter
 
 
 def output_gradient_grams(model: nn.Module, batches: list[torch.Tensor], modules: dict[Hashable, nn.Module], *,
