@@ -195,7 +195,6 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torc
     return block_output(block(hidden.to(device), **kwargs))
 
 
-
 class GramHooks:
     """Forward pre-hooks that stream the inputs of some linears into float64 Gram accumulators.
 

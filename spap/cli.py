@@ -439,7 +439,8 @@ def _prune_command(args, group: tuple[int, int] | None) -> None:
         _check_loaded(args, model, tokenizer)
         calib = _calibration(args, tokenizer)
         if len(calib) < world:
-            raise InvalidArgumentError(f"--n {args.n} gives fewer calibration windows than the {world} processes")
+            raise InvalidArgumentError(f"--calib-windows (--n) {args.n} gives fewer calibration windows than the "
+                                       f"{world} processes")
         model, report = _prune(args, model, tokenizer, calib=calib[shard(len(calib), world, rank)], progress=rank == 0)
         if rank == 0:
             _finish(args, model, tokenizer, report, partial)

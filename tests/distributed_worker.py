@@ -43,6 +43,19 @@ def prune(model, calib, structure: str, **options):
                                 device="cpu", metric_windows=METRIC_WINDOWS, progress=False, **options)
 
 
+def plant_failure(rank: int) -> None:
+    """Make this process fail with ``ValueError("planted failure on rank R")`` while propagating through
+    block 1 (the worker's ``--fail-rank``; the command-line test's ``sitecustomize``)."""
+    propagate = spap.pipeline._propagate
+
+    def failing(adapter, block, index, *rest):
+        if index == 1:
+            raise ValueError(f"planted failure on rank {rank}")
+        return propagate(adapter, block, index, *rest)
+
+    spap.pipeline._propagate = failing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -53,14 +66,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.fail_rank == rank:
-        propagate = spap.pipeline._propagate
-
-        def failing(adapter, block, index, *rest):
-            if index == 1:
-                raise ValueError(f"planted failure on rank {rank}")
-            return propagate(adapter, block, index, *rest)
-
-        spap.pipeline._propagate = failing
+        plant_failure(rank)
     model = tiny_model()
     calib = calibration()
     result = {}

@@ -100,13 +100,8 @@ def _cli(tiny_model_dir: Path, out: Path, failing_rank: int | None = None, singl
         (site / "sitecustomize.py").write_text(
             "import os\n"
             f"if os.environ.get('RANK') == '{failing_rank}':\n"
-            "    import spap.pipeline as p\n"
-            "    real = p._propagate\n"
-            "    def failing(adapter, block, index, *rest):\n"
-            "        if index == 1:\n"
-            "            raise ValueError('planted failure')\n"
-            "        return real(adapter, block, index, *rest)\n"
-            "    p._propagate = failing\n")
+            "    from tests.distributed_worker import plant_failure\n"
+            f"    plant_failure({failing_rank})\n")
         env = _env(PYTHONPATH=os.pathsep.join([str(site), env["PYTHONPATH"]]))
     if single:
         return subprocess.run([sys.executable, *args, "--batch-size", "2"], cwd=ROOT, env=env, capture_output=True,
