@@ -108,7 +108,8 @@ def table(r: dict) -> str:
     blocks = r["block_s"]
     lines = [
         f"shape {r['shape']} {r['config']}",
-        f"device {r['device']}; {r['method']} on {r['structure']} at {r['sparsity']:.0%}; calibration {r['calibration']}",
+        f"device {r['device']}; {r['method']} on {r['structure']}"
+        + ("" if ":" in r["structure"] else f" at {r['sparsity']:.0%}") + f"; calibration {r['calibration']}",
         f"build (random bf16 weights on the host)  {r['build_s']:.1f} s",
         f"one forward pass through the blocks      {r['floor_s']:.1f} s",
         f"prune_layerwise, whole run               {r['total_s']:.1f} s ({r['total_s'] / r['floor_s']:.2f} x the forward pass)",

@@ -13,6 +13,10 @@
 #                travel) at 30% MLP channels, 64 x 1024 tokens, with one forward pass as the floor
 #   4. floors    GEMM rates, Gram accumulation and the H⁻¹ factorization against them (SmolLM2 and 8B widths)
 #   5. scaling   spap, obs and admm on the SmolLM2 and 8B down_proj shapes
+#   6. rows      where SPAP's unstructured and 2:4 time goes on the 8B gate_proj and down_proj shapes,
+#                next to ADMM and SparseGPT (benchmarks/row_phases.py)
+#   7. llama8b_rows  the 8B-shaped block at 50% unstructured
+# STEPS="tests rows" runs only the steps named (default: all, in this order).
 # Real SmolLM2 perplexities need the GGUF and ../shared/data, which a bare GPU machine lacks.
 # Nothing here fails on slow timings: timings are printed, never asserted.
 set -u
@@ -24,9 +28,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 failed=0
 
+STEPS=${STEPS:-tests llama8b smollm2 floors scaling rows llama8b_rows}
+
 step() {  # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS, log to $OUT/NAME.log
     local name=$1 limit=$2
     shift 2
+    case " $STEPS " in *" $name "*) ;; *) return ;; esac
     echo "== $name: $*"
     local start
     start=$(date +%s)
@@ -50,8 +57,11 @@ if [ "$SMOKE" = 1 ]; then
     step floors 60 "$PY" benchmarks/floors.py --device "$DEVICE" --widths 64 128 --tokens 256 --gemm 256 --repeats 1
     step scaling 120 "$PY" benchmarks/scaling.py --device "$DEVICE" --methods spap wanda_sp --shapes smollm2-down \
         --timeout 60 --json "$OUT/scaling.json"
+    step rows 60 "$PY" benchmarks/row_phases.py --device "$DEVICE" --shape 64 128 --structure 2:4
+    step llama8b_rows 120 "$PY" benchmarks/dry_run.py --shape tiny --blocks 1 --device "$DEVICE" --n 4 --seqlen 32 \
+        --structure unstructured --sparsity 0.5 --quiet --json "$OUT/llama8b_rows.json"
 else
-    # Most important first, each time-boxed, so that the whole script fits in 7 minutes of a 15-minute device lease.
+    # Most important first, each time-boxed, the limits add up to 12 minutes; STEPS picks a part of them for a shorter lease.
     step tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu $TEST_LIMIT tests
     step llama8b 130 "$PY" benchmarks/dry_run.py --shape llama3-8b --blocks 1 --device "$DEVICE" --n 64 --seqlen 2048 \
         --quiet --json "$OUT/llama8b.json"
@@ -60,5 +70,9 @@ else
     step floors 20 "$PY" benchmarks/floors.py --device "$DEVICE" --widths 576 1536 4096 14336 --repeats 3
     step scaling 50 "$PY" benchmarks/scaling.py --device "$DEVICE" --methods spap obs admm \
         --shapes smollm2-down llama3-8b-down --timeout 20 --json "$OUT/scaling.json"
+    step rows 150 bash -c 'for shape in "14336 4096" "4096 14336"; do for structure in 0.5 2:4; do
+        "$0" benchmarks/row_phases.py --device "$1" --shape $shape --structure $structure || exit 1; done; done' "$PY" "$DEVICE"
+    step llama8b_rows 150 "$PY" benchmarks/dry_run.py --shape llama3-8b --blocks 1 --device "$DEVICE" --n 64 \
+        --seqlen 2048 --structure unstructured --sparsity 0.5 --quiet --json "$OUT/llama8b_rows.json"
 fi
 exit $failed

@@ -19,9 +19,10 @@ from .structure import NM, ColumnGroups, Unstructured
 def keep_largest(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Boolean mask of the ``n_keep`` largest entries of a 1-D tensor (ties: lower index wins).
 
-    By selection, not sorting: the ``n_keep``-th largest value (``kthvalue``, linear time) splits the
-    entries above it, kept, from those equal to it, kept in index order until the count is reached.
-    A full stable sort of a 576×1536 layer took six times as long, and SPAP projects every iteration.
+    The ``n_keep``-th largest value splits the entries above it, kept, from those equal to it, kept in
+    index order until the count is reached.  On the host it is found by selection (``kthvalue``, linear
+    time; a full stable sort of a 576×1536 layer took six times as long, and SPAP projects every
+    iteration); on CUDA by a radix sort, which is the faster of the two there.
     """
     n = scores.numel()
     if n_keep >= n:
@@ -32,7 +33,12 @@ def keep_largest(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
         keep = torch.zeros_like(scores, dtype=torch.bool)
         keep[torch.argsort(scores, descending=True, stable=True)[:n_keep]] = True
         return keep
-    threshold = torch.kthvalue(scores, n - n_keep + 1).values
+    if scores.is_cuda:
+        # CUDA's kthvalue selects within one thread block: 0.5 s on an 8B gate_proj's 58.7M scores, where
+        # a device-wide radix sort takes milliseconds (benchmarks/row_phases.py, docs/performance.md).
+        threshold = torch.sort(scores).values[n - n_keep]
+    else:
+        threshold = torch.kthvalue(scores, n - n_keep + 1).values
     keep = scores > threshold
     short = n_keep - int(keep.sum())
     if short:
@@ -57,6 +63,33 @@ def keep_largest_per_row(scores: torch.Tensor, n_keep: torch.Tensor | int, *, ti
     rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
     if isinstance(n_keep, torch.Tensor):
         return rank < n_keep.to(scores.device)[:, None]
+    return rank < n_keep
+
+
+def keep_largest_in_groups(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Boolean mask of the ``n_keep`` largest entries along the last axis of ``scores`` (groups of ``m``):
+    a stable descending sort's choice (ties: lower index; NaN counts as the largest).
+
+    On CUDA, for ``m ≤ 8``, each entry's rank is counted from all ``m²`` comparisons of its group, a few
+    elementwise passes: a sort along an axis of 4 took 60% of SPAP's 2:4 solve of an 8B gate_proj there
+    (``benchmarks/row_phases.py``).  On the host the sort is the faster of the two.
+    """
+    if scores.shape[-1] > 8 or not scores.is_cuda:
+        top = torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :n_keep]
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+    return _keep_by_rank_count(scores, n_keep)
+
+
+def _keep_by_rank_count(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """:func:`keep_largest_in_groups` by counting each entry's rank in its group (``m²`` comparisons)."""
+    m = scores.shape[-1]
+    nan = torch.isnan(scores)
+    a, b = scores.unsqueeze(-1), scores.unsqueeze(-2)  # a: the entry ranked, b: the others of its group
+    a_nan, b_nan = nan.unsqueeze(-1), nan.unsqueeze(-2)
+    above = (b > a) | (b_nan & ~a_nan)
+    tied = (b == a) | (b_nan & a_nan)
+    earlier = torch.ones(m, m, dtype=torch.bool, device=scores.device).tril(-1)  # [i, j]: j before i
+    rank = (above | (tied & earlier)).sum(-1)
     return rank < n_keep
 
 
@@ -149,11 +182,7 @@ def project(problem: LayerProblem, scores: torch.Tensor, *, per_row: bool = Fals
         return keep_largest(scores, problem.n_units - problem.n_pruned_target)
     if isinstance(s, NM):
         d_out, d_in = scores.shape
-        blocks = scores.reshape(d_out, d_in // s.m, s.m)
-        top = torch.argsort(blocks, dim=-1, descending=True, stable=True)[..., : s.n]
-        keep = torch.zeros_like(blocks, dtype=torch.bool)
-        keep.scatter_(-1, top, True)
-        return keep.reshape(d_out, d_in)
+        return keep_largest_in_groups(scores.reshape(d_out, d_in // s.m, s.m), s.n).reshape(d_out, d_in)
     assert isinstance(s, Unstructured)
     if per_row:
         # Prune the ``counts[i]`` smallest of row i; among equal scores the lower index goes first.

@@ -17,14 +17,16 @@ Both steps minimize ``F_ρ`` exactly, so ``F_ρ`` never increases at fixed ``ρ`
 geometrically from ``rho0`` to ``rho_max`` (ρ→∞ enforces the constraint); then the mask is refit exactly
 and improved by :func:`solvers.swap.swap_search` to a 1-swap local optimum.
 
-Unstructured and N:M.  The same penalty idea with a split variable ``Z`` in the structure set::
+Unstructured and N:M.  The same penalty idea with a split variable ``Z`` in the structure set and a
+scaled multiplier ``U`` of the constraint ``Ŵ = Z`` (the augmented Lagrangian)::
 
-    ½ tr((Ŵ−W) H_d (Ŵ−W)ᵀ) + ρ/2 ‖(Ŵ − Z) D^{1/2}‖²_F
+    ½ tr((Ŵ−W) H_d (Ŵ−W)ᵀ) + ρ/2 ‖(Ŵ − Z + U) D^{1/2}‖²_F
 
-Ŵ-step: ``Ŵ (H_d + ρD) = W H_d + ρ Z D`` (one Cholesky per ρ); Z-step: the exact projection of ``Ŵ``
-onto the structure in the ``D``-weighted norm (keep the largest ``D_j Ŵ_ij²``).  Then the exact per-row
-refit of the final support, improved row by row by :func:`solvers.row_swap.row_swap_search` to a 1-swap
-local optimum (swaps inside a row; N:M: inside a group of ``M``).
+Ŵ-step: ``Ŵ (H_d + ρD) = W H_d + ρ (Z − U) D`` (one Cholesky per ρ); Z-step: the exact projection of
+``Ŵ + U`` onto the structure in the ``D``-weighted norm (keep the largest ``D_j (Ŵ+U)_ij²``); then
+``U ← U + Ŵ − Z``.  Then the exact per-row refit of the final support, optionally improved row by row by
+:func:`solvers.row_swap.row_swap_search` to a 1-swap local optimum (swaps inside a row; N:M: inside a
+group of ``M``).
 
 Cost for an ``m×n`` layer: ``O(n³)`` once (inverse), ``O(|P|³ + m|P|n)`` per column iteration,
 ``O(n²d + mnd)`` per swap.  Derivations and the experiments behind the defaults: ``docs/method.md``.
@@ -46,8 +48,8 @@ from .row_swap import row_swap_search
 from .swap import swap_search
 
 _OPTIONS = {
-    "rho0": Interval(float, 0.0, None, closed="neither"),
-    "rho_max": Interval(float, 0.0, None, closed="neither"),
+    "rho0": NoneOr(Interval(float, 0.0, None, closed="neither")),
+    "rho_max": NoneOr(Interval(float, 0.0, None, closed="neither")),
     "steps": NoneOr(Interval(int, 1, None)),
     "gradual": Boolean(),
     "max_inner": Interval(int, 1, None),
@@ -57,6 +59,11 @@ _OPTIONS = {
     "guard": Boolean(),
     "kernel": Options(kernels.KERNELS),
 }
+
+
+# Defaults per structure (docs/method.md §7.3).  Rows: ρ 0.5 → 0.5·1.3⁴ over 5 values, 3 rounds each.
+_COLUMN_SCHEDULE = {"rho0": 0.01, "rho_max": 100.0, "steps": 5}
+_ROW_SCHEDULE = {"rho0": 0.5, "rho_max": 0.5 * 1.3**4, "steps": 5}
 
 
 def rho_schedule(rho0: float, rho_max: float, steps: int) -> list[float]:
@@ -82,8 +89,8 @@ def prune_schedule(k: int, steps: int, gradual: bool) -> list[int]:
 def spap(
     problem: LayerProblem,
     *,
-    rho0: float = 0.01,
-    rho_max: float = 100.0,
+    rho0: float | None = None,
+    rho_max: float | None = None,
     steps: int | None = None,
     gradual: bool = True,
     max_inner: int = 3,
@@ -97,20 +104,24 @@ def spap(
 
     Parameters
     ----------
-    rho0, rho_max : float, default 0.01 and 100
+    rho0, rho_max : float, optional
         First and last penalty parameter.  The penalty weights are ``1/[H⁻¹]_jj``, so ``ρ`` is unitless:
-        a lone penalized column shrinks by about ``1/(1+ρ)`` in the Ŵ-step.
+        a lone penalized column shrinks by about ``1/(1+ρ)`` in the Ŵ-step.  Default 0.01 and 100 for
+        column groups; 0.5 and ``0.5·1.3⁴`` (about 1.43) for unstructured and N:M, whose multiplier keeps
+        the constraint's pull so that ρ need not grow large (``docs/method.md`` §6).
     steps : int, optional
-        Number of penalty parameters, geometric between ``rho0`` and ``rho_max``.  Default 5 for column
-        groups, where the swap search finishes the job (on the 30 SmolLM2 down_proj layers 5 steps end
-        at the same mean error as 10, in less time), and 10 for unstructured and N:M (without a row swap
-        search, 5 steps raised the error by 3-7% on real o_proj/k_proj layers, unstructured 50%).
-        Measured by ``python benchmarks/down_proj.py --grid`` and ``--row-steps``; ``docs/method.md`` §7.3.
+        Number of penalty parameters, geometric between ``rho0`` and ``rho_max``.  Default 5.  For column
+        groups the swap search finishes the job (on the 30 SmolLM2 down_proj layers 5 steps end at the
+        same mean error as 10, in less time; ``python benchmarks/down_proj.py --grid``).  The row
+        schedule was chosen on the layers of two SmolLM2 blocks and checked on three others
+        (``python benchmarks/down_proj.py --row-grid``; ``docs/method.md`` §7.3).
     gradual : bool, default True
         Raise the number of pruned units along the cubic ramp ``k(1 − (1 − t/T)³)`` (all ``k`` by the last
-        step) instead of pruning ``k`` from the first step.
+        step; for unstructured and N:M, by the last round) instead of pruning ``k`` from the first step.
     max_inner : int, default 3
-        Alternating (Ŵ, s) rounds per step; a step ends early when the mask stops changing.
+        Alternating (Ŵ, s) rounds per step.  Column groups: a step ends early when the mask stops
+        changing.  Unstructured and N:M: every round runs (the multiplier moves even when the mask does
+        not), so a solve is ``steps·max_inner`` rounds.
     swap : bool, default True
         Finish with an exact 1-swap local search: over column groups of equal size
         (:func:`solvers.swap.swap_search`), or, for unstructured and N:M when ``row_swap`` is on, row by
@@ -131,12 +142,15 @@ def spap(
         (``tests/test_kernels.py``, ``tests/test_row_swap.py``).
     """
     columns = isinstance(problem.structure, ColumnGroups)
-    steps = steps if steps is not None else (5 if columns else 10)
+    default = _COLUMN_SCHEDULE if columns else _ROW_SCHEDULE
+    rho0 = default["rho0"] if rho0 is None else rho0
+    rho_max = default["rho_max"] if rho_max is None else rho_max
+    steps = default["steps"] if steps is None else steps
     schedule = rho_schedule(rho0, rho_max, steps)
-    counts = prune_schedule(problem.n_pruned_target, steps, gradual)
     if columns:
+        counts = prune_schedule(problem.n_pruned_target, steps, gradual)
         return _spap_columns(problem, schedule, counts, max_inner, swap, max_swaps, guard, kernel)
-    return _spap_rows(problem, schedule, counts, max_inner, guard, swap and row_swap, max_swaps, kernel)
+    return _spap_rows(problem, schedule, max_inner, gradual, guard, swap and row_swap, max_swaps, kernel)
 
 
 # --- column groups ---------------------------------------------------------------------------------
@@ -266,37 +280,39 @@ def _project_count(problem: LayerProblem, scores: torch.Tensor, n_pruned: int) -
     return project(problem, scores)
 
 
-def _spap_rows(problem: LayerProblem, schedule, counts, max_inner: int, guard: bool, swap: bool = True,
+def _spap_rows(problem: LayerProblem, schedule, max_inner: int, gradual: bool, guard: bool, swap: bool = True,
                max_swaps: int = 10_000, kernel: str = "auto"):
     W, H = problem.W64, problem.hessian
-    if problem.n_pruned_target == 0:
+    k = problem.n_pruned_target
+    if k == 0:
         return W.clone(), torch.ones_like(W, dtype=torch.bool), {"iterations": 0}
     c = 1.0 / problem.hessian_inverse.diagonal()
     WH = W @ H
-    keep = torch.ones_like(W, dtype=torch.bool)
-    W_hat = W
-    penalized = []
-    iterations = 0
-    for rho, k_t in zip(schedule, counts):
+    rounds = len(schedule) * max_inner
+    counts = prune_schedule(k, rounds, gradual)
+    # Scaled multiplier U of the constraint Ŵ = Z: it keeps the pull of the weights already pruned, so a
+    # weight the fit wants back can return while ρ is still moderate (a pure penalty freezes the mask
+    # once ρ is large; docs/method.md §6).
+    keep = _project_count(problem, W * W * c, counts[0])
+    Z = W * keep
+    U = torch.zeros_like(W)
+    residual: list[float] = []
+    t = 0
+    for i, rho in enumerate(schedule):
+        if i:
+            U *= schedule[i - 1] / rho  # the multiplier ρU is unchanged by a new ρ
         L = cholesky(H + rho * torch.diag(c), what="the penalty system")
-        values: list[float] = []
-        for inner in range(max_inner):
-            new_keep = _project_count(problem, W_hat * W_hat * c, k_t)  # Z-step: exact projection
-            moved = int((new_keep != keep).sum())
-            keep = new_keep
-            if inner > 0 and moved == 0:
-                break
-            Z = W_hat * keep
-            # W-step: Ŵ (H + ρC) = W H + ρ Z C, one Cholesky per ρ shared by every row.
-            W_hat = torch.cholesky_solve((WH + rho * Z * c).T, L).T
-            iterations += 1
-            # (Ŵ − W) H = ρ (Z − Ŵ) C by the W-step's equation: the penalized objective without a product
-            gap = (Z - W_hat) * c
-            values.append(0.5 * rho * float(((W_hat - W) * gap).sum()) + 0.5 * rho * float(((Z - W_hat) * gap).sum()))
-        penalized.append(values)
-    keep = _project_count(problem, W_hat * W_hat * c, problem.n_pruned_target)
-    stats = {"iterations": iterations, "rho": list(schedule), "pruned_per_step": list(counts), "penalized_objective": penalized}
-    W_hat = refit_rows(problem, keep, start=W_hat)  # the last iterate is close: CG starts there
+        for _ in range(max_inner):
+            # Ŵ-step: Ŵ (H + ρC) = W H + ρ (Z − U) C, one Cholesky per ρ shared by every row.
+            W_hat = torch.cholesky_solve((WH + rho * (Z - U) * c).T, L).T
+            S = W_hat + U
+            keep = _project_count(problem, S * S * c, counts[t])  # Z-step: exact projection
+            Z = S * keep
+            U = S - Z
+            residual.append(float((((W_hat - Z) ** 2) * c).sum().sqrt()))
+            t += 1
+    stats = {"iterations": t, "rho": list(schedule), "pruned_per_step": counts, "constraint_residual": residual}
+    W_hat = refit_rows(problem, keep, start=Z)  # the last iterate is close: CG starts there
     if guard:
         # The OBS-score mask's refit only matters if it beats the penalty mask's: its refit stops as soon
         # as its objective provably cannot (refit_rows_below), which is usually after a few iterations.

@@ -34,8 +34,10 @@ def test_cg_row_refit_is_the_direct_refit(seed, d_out, d_in, kind, warm, cap, mo
     direct = refit_module.refit_rows(p, keep, method="cholesky")
     cg = refit_module.refit_rows(p, keep, start=start, method="cg")
     assert bool((cg[~keep] == 0).all())
-    assert math.isclose(p.objective(cg), p.objective(direct), rel_tol=1e-10, abs_tol=1e-14)
-    assert kept_gradient(p, cg, keep) < 1e-6
+    # The stop bounds the excess by _CG_RTOL of the objective (twice that: round-off).
+    assert math.isclose(p.objective(cg), p.objective(direct), rel_tol=2 * refit_module._CG_RTOL, abs_tol=1e-14)
+    # CG stops on the objective's excess (a fraction _CG_RTOL of it): the gradient is of its square root.
+    assert kept_gradient(p, cg, keep) < 10 * math.sqrt(refit_module._CG_RTOL)
 
 
 def test_row_refit_refuses_an_unknown_method():
@@ -44,16 +46,17 @@ def test_row_refit_refuses_an_unknown_method():
         solvers.refit_rows(p, torch.ones(3, 8, dtype=torch.bool), method="lu")
 
 
+@pytest.mark.parametrize("device", DEVICES)  # the host selects by kthvalue, CUDA by a sort
 @settings(max_examples=200, deadline=None)
 @given(values=st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.0, float("inf"), float("-inf"), float("nan")]), min_size=1,
                        max_size=40), data=st.data())
-def test_keep_largest_selects_as_a_stable_sort(values, data):
+def test_keep_largest_selects_as_a_stable_sort(device, values, data):
     """Selection by the k-th value gives the stable sort's mask, ties to the lower index, NaN first."""
     scores = torch.tensor(values, dtype=torch.float64)
     k = data.draw(st.integers(0, len(values)))
     expected = torch.zeros(len(values), dtype=torch.bool)
     expected[torch.argsort(scores, descending=True, stable=True)[:k]] = True
-    assert torch.equal(solvers.masks.keep_largest(scores, k), expected)
+    assert torch.equal(solvers.masks.keep_largest(scores.to(device), k).cpu(), expected)
 
 
 @pytest.mark.parametrize("d_in", [24, 512])  # the direct solve, and conjugate gradients (from 512 inputs)
@@ -78,3 +81,21 @@ def test_cg_row_refit_runs_on_every_device(device):
     assert cg.device.type == device
     direct = solvers.refit_rows(p, keep, method="cholesky")
     assert math.isclose(p.objective(cg), p.objective(direct), rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=200, deadline=None)
+@given(m=st.sampled_from([2, 4, 8, 16]), data=st.data())
+def test_keep_largest_in_groups_selects_as_a_stable_sort(device, m, data):
+    """The top N of each group of M is the stable descending sort's (ties to the lower index, NaN
+    first), both as chosen on the device and by the rank count that CUDA uses."""
+    values = st.sampled_from([0.0, 1.0, 2.0, float("inf"), float("-inf"), float("nan"), -1.5])
+    rows = data.draw(st.integers(1, 3))
+    scores = torch.tensor(data.draw(st.lists(values, min_size=rows * 2 * m, max_size=rows * 2 * m)),
+                          dtype=torch.float64).reshape(rows, 2, m)
+    n = data.draw(st.integers(0, m))
+    expected = torch.zeros_like(scores, dtype=torch.bool)
+    expected.scatter_(-1, torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :n], True)
+    assert torch.equal(solvers.masks.keep_largest_in_groups(scores.to(device), n).cpu(), expected)
+    if m <= 8:  # the rank count that CUDA uses, on this device too
+        assert torch.equal(solvers.masks._keep_by_rank_count(scores.to(device), n).cpu(), expected)
