@@ -43,8 +43,6 @@ from solvers.synthetic import make_problem
 COLUMN_METHODS = ["spap", "obs", "admm", "wanda_sp", "wanda_sp+refit", "flap", "flap+refit", "magnitude", "magnitude+refit"]
 ROW_METHODS = ["spap", "sparsegpt", "admm", "wanda", "magnitude"]
 SPARSITIES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
-LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
 def run_method(problem: solvers.LayerProblem, spec: str) -> dict[str, dict]:
@@ -172,7 +170,7 @@ def suite_sweep(args) -> list[dict]:
 def suite_rows(args) -> list[dict]:
     real_layers, data, _ = _real(args)
     blocks = args.row_blocks[:1] if args.quick else args.row_blocks
-    linears = ["self_attn.o_proj", "mlp.down_proj"] if args.quick else LINEARS
+    linears = ["self_attn.o_proj", "mlp.down_proj"] if args.quick else real_layers.LINEARS
     rows = []
     for layer in blocks:
         for linear in linears:

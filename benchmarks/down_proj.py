@@ -14,12 +14,13 @@ and seconds per layer and a summary.  ``--grid`` runs the experiment behind SPAP
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 
 import torch
 
 import solvers
-from real_layers import load, n_layers, problem
+from real_layers import LINEARS, load, n_layers, problem
 
 BASELINES = {"magnitude+refit": ("magnitude", {"refit": True}), "wanda+refit": ("wanda", {"refit": True})}
 
@@ -112,19 +113,17 @@ def grid(layers, sparsity: float, names: list[str] | None = None, data: dict | N
               f"{statistics.mean(secs):>9.3f}{max(secs):>8.3f}", flush=True)
 
 
-ALL_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-
-
 def row_grid(blocks: list[int], linears: list[str], rho0s: list[float], data: dict | None = None) -> None:
     """SPAP's first penalty parameter on unstructured 50% and 2:4 problems, against ADMM.
 
-    Each ``rho0`` runs SPAP's row schedule (5 values of ρ growing 1.3× each, 3 rounds each: ``rho_max =
-    rho0·1.3⁴``); the table sums the relative errors and the seconds over the linears of every block
-    (``H⁻¹`` is computed before the clock starts).
+    Each ``rho0`` runs SPAP's row schedule with its ρ range kept (5 values of ρ growing 1.3× each, 3
+    rounds each: ``rho_max = rho0·1.3⁴``); the table sums the relative errors and the seconds over the
+    linears of every block (``H⁻¹`` is computed before the clock starts).
     """
     data = data if data is not None else load()
-    settings = {f"spap rho0={r:g}": ("spap", {"rho0": r, "rho_max": r * 1.3**4}) for r in rho0s}
+    default = importlib.import_module("solvers.penalty")._ROW_SCHEDULE
+    growth = default["rho_max"] / default["rho0"]
+    settings = {f"spap rho0={r:g}": ("spap", {"rho0": r, "rho_max": r * growth}) for r in rho0s}
     settings["admm"] = ("admm", {})
     totals: dict = {}
     for block in blocks:
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     data = load()  # the captured Gram matrices, loaded once for whichever experiment runs
     layers = args.layers if args.layers is not None else list(range(n_layers(data)))
     if args.row_grid is not None:
-        row_grid(layers, args.row_grid or ALL_LINEARS, args.rho0, data)
+        row_grid(layers, args.row_grid or LINEARS, args.rho0, data)
         return
     if args.grid:
         print(f"SPAP settings on SmolLM2-135M down_proj, {args.sparsity:.0%} channels, torch threads {torch.get_num_threads()}")

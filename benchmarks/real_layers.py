@@ -29,6 +29,10 @@ import torch
 import solvers
 
 # Linear whose input Gram is captured -> the linears sharing that input.
+# Every linear of a block, in the model's order.
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
 SHARED_INPUTS = {
     "self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "self_attn.o_proj": ("self_attn.o_proj",),

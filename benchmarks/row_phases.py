@@ -28,7 +28,7 @@ from collections import defaultdict
 import torch
 
 import solvers
-from solvers.synthetic import make_problem
+from solvers.synthetic import make_inputs, make_problem
 
 penalty = importlib.import_module("solvers.penalty")  # the module, not the registered function
 
@@ -62,13 +62,8 @@ def correlated_problem(d_out: int, d_in: int, structure: solvers.Structure, targ
     """``make_problem(kind="correlated")``'s distribution, drawn on ``device`` (an 8B layer's 14336 inputs
     would take minutes on the host)."""
     gen = torch.Generator(device).manual_seed(seed)
-    f64 = {"dtype": torch.float64, "device": device}
-    Z = torch.randn(d_in, 2 * d_in, generator=gen, **f64)
-    U, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, **f64))
-    sigma = torch.logspace(0, -decades, d_in, **f64)
-    scale = torch.exp(torch.empty(d_in, **f64).uniform_(0, 4.6, generator=gen))
-    X = scale[:, None] * (U * sigma) @ Z
-    W = torch.randn(d_out, d_in, generator=gen, **f64)
+    X = make_inputs(d_in, 2 * d_in, "correlated", decades=decades, generator=gen)
+    W = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64, device=device)
     return solvers.LayerProblem(W, X @ X.T, structure, damp=0.01, **target)
 
 

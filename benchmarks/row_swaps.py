@@ -28,11 +28,9 @@ import torch
 
 import solvers
 from solvers import kernels
-from real_layers import load, problem
+from real_layers import LINEARS, load, problem
 from solvers.row_swap import row_swap_search
 
-LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 METHODS = {"spap": ("spap", {}), "spap+row_swap": ("spap", {"row_swap": True}), "admm": ("admm", {})}
 
 

@@ -22,16 +22,23 @@ from .structure import Structure, channels
 KINDS = ("random", "correlated")
 
 
-def make_inputs(d_in: int, n_samples: int, kind: str = "random", *, seed: int = 0) -> torch.Tensor:
-    """Calibration inputs ``X`` of shape ``(d_in, n_samples)``, float64, for ``kind`` in :data:`KINDS`."""
+def make_inputs(d_in: int, n_samples: int, kind: str = "random", *, seed: int = 0, decades: float = 3.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Calibration inputs ``X`` of shape ``(d_in, n_samples)``, float64, for ``kind`` in :data:`KINDS`.
+
+    ``decades``: the orders of magnitude the ``"correlated"`` singular values span.  ``generator``: draw
+    from it, on its device, instead of a new host generator seeded with ``seed`` (large inputs are
+    faster to draw and multiply on a GPU).
+    """
     check("kind", kind, Options(KINDS), "make_inputs")
-    gen = torch.Generator().manual_seed(seed)
-    Z = torch.randn(d_in, n_samples, generator=gen, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed) if generator is None else generator
+    f64 = {"dtype": torch.float64, "device": gen.device}
+    Z = torch.randn(d_in, n_samples, generator=gen, **f64)
     if kind == "random":
         return Z
-    U, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, dtype=torch.float64))
-    sigma = torch.logspace(0, -3, d_in, dtype=torch.float64)
-    scale = torch.exp(torch.empty(d_in, dtype=torch.float64).uniform_(0, 4.6, generator=gen))
+    U, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, **f64))
+    sigma = torch.logspace(0, -decades, d_in, **f64)
+    scale = torch.exp(torch.empty(d_in, **f64).uniform_(0, 4.6, generator=gen))
     return scale[:, None] * (U * sigma) @ Z
 
 
