@@ -18,7 +18,7 @@ from .validation import InvalidArgumentError
 from .refit import refit, refit_columns, refit_rows, refit_rows_below
 from .target import corrected_weight
 from .metric import OutputMetric, solve_in_metric
-from .allocation import choose_counts, outlier_sparsities, removal_costs, round_to_budget
+from .allocation import choose_counts, outlier_sparsities, removal_costs, round_to_budget, row_removal_costs
 
 # Importing a solver module registers it.
 from . import scores as _scores  # noqa: F401,E402
@@ -56,6 +56,7 @@ __all__ = [
     "OutputMetric",
     "solve_in_metric",
     "removal_costs",
+    "row_removal_costs",
     "choose_counts",
     "outlier_sparsities",
     "round_to_budget",

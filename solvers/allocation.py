@@ -9,6 +9,8 @@ SPDY does for per-layer sparsity, Frantar & Alistarh 2022).
 The costs come from one greedy OBS path per layer problem (:func:`removal_costs`): removing units one at
 a time with exact updates gives the exact (damped) error of that path's mask at *every* count, from one
 factorization.  It is an upper bound of each count's optimum, tight where the greedy path is good.
+For unstructured rows the menu comes from SparseGPT sweeps at each level, sharing one factorization
+(:func:`row_removal_costs`).
 
 OWL (Yin et al. 2024) gives less pruning to layers with more outliers (:func:`outlier_sparsities`);
 :func:`round_to_budget` turns per-layer fractions into integer counts with an exact total.
@@ -25,7 +27,8 @@ import torch
 
 from .problem import LayerProblem
 from .registry import solve
-from .structure import ColumnGroups
+from .sparsegpt import inverse_cholesky_upper, sweep
+from .structure import ColumnGroups, Unstructured
 from .validation import InvalidArgumentError
 
 
@@ -56,6 +59,43 @@ def removal_costs(problem: LayerProblem, max_prune: int) -> np.ndarray:
     path = dataclasses.replace(problem, sparsity=None, n_prune=max_prune)
     steps = solve(path, "obs", per_step=1).stats["step_costs"]  # each exact: one group, current state
     costs[1:] = np.maximum.accumulate(np.cumsum(np.maximum(steps, 0.0)))
+    return costs
+
+
+def row_removal_costs(problem: LayerProblem, n_prunes: Sequence[int]) -> np.ndarray:
+    """The damped error of SparseGPT's solution at each count of pruned weights (unstructured rows).
+
+    Parameters
+    ----------
+    problem : LayerProblem
+        An unstructured problem; its own target is ignored.  For a loss-aware cost pass the problem of
+        ``R W`` with a diagonal metric ``R`` (rows stay rows): the error is then the metric's.
+    n_prunes : sequence of int
+        Counts of weights to prune, each in ``[0, d_out·d_in]``.
+
+    Returns
+    -------
+    float64 array, ``costs[j]`` the damped objective ``½ tr(ΔW H_d ΔWᵀ)`` of the SparseGPT sweep that
+    prunes ``n_prunes[j]`` weights (``0`` for a count of 0).
+
+    The sweeps share one factorization of ``H_d``; each is ``O(d_out·d_in²)``.  A sweep is an upper
+    bound of its count's optimum and far cheaper than an exact row solve, which is what a menu of levels
+    per layer needs (SPAP then solves the chosen count).
+    """
+    if not isinstance(problem.structure, Unstructured):
+        raise InvalidArgumentError(f"row_removal_costs needs an unstructured problem; got {problem.structure!r}.")
+    total = problem.weight.numel()
+    counts = [int(k) for k in n_prunes]
+    if any(not 0 <= k <= total for k in counts):
+        raise InvalidArgumentError(f"The 'n_prunes' argument of row_removal_costs must hold counts in [0, {total}]; "
+                                   f"got {counts}.")
+    costs = np.zeros(len(counts))
+    if not any(counts):
+        return costs
+    U = inverse_cholesky_upper(problem.hessian)
+    for j, k in enumerate(counts):
+        if k:
+            costs[j] = float(sweep(problem, U, k)[2].sum())
     return costs
 
 

@@ -78,27 +78,35 @@ def sparsegpt(problem: LayerProblem, *, blocksize: int = 128, refit: bool = Fals
     ``O(d_in³)`` for ``U`` and ``O(d_out·d_in²)`` for the sweep (half of it in the block products); the
     per-column loop is ``d_in`` small vector updates.
     """
+    k = problem.n_pruned_target
+    if k == 0:
+        W = problem.W64.clone()
+        return W, torch.ones_like(W, dtype=torch.bool), {"iterations": 0, "obs_loss": 0.0}
+    W_hat, keep, loss, stats = sweep(problem, inverse_cholesky_upper(problem.hessian), k, blocksize, kernel)
+    if refit:
+        W_hat = refit_rows(problem, keep)
+        stats["refit"] = True
+    return W_hat, keep, stats
+
+
+def sweep(problem: LayerProblem, U: torch.Tensor, k: int, blocksize: int = 128, kernel: str = "auto"
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """One SparseGPT sweep of ``problem`` pruning ``k`` weights (unstructured; N:M ignores ``k``), given
+    ``U`` (:func:`inverse_cholesky_upper` of ``problem.hessian``), so that several counts share one
+    factorization: ``(W_hat, keep, per-row loss, stats)``.  The per-row losses sum to the damped objective
+    of ``W_hat`` (``problem.objective``) up to round-off."""
     s = problem.structure
     W = problem.W64.clone()
-    d_out, d_in = W.shape
-    k = problem.n_pruned_target
-    keep = torch.ones_like(W, dtype=torch.bool)
-    if k == 0:
-        return W, keep, {"iterations": 0, "obs_loss": 0.0}
-    U = inverse_cholesky_upper(problem.hessian)
+    d_in = W.shape[1]
     if isinstance(s, NM):
         blocksize = -(-blocksize // s.m) * s.m
     edges = list(range(0, d_in, blocksize)) + [d_in]
     counts = block_prune_counts(k, d_in, edges) if isinstance(s, Unstructured) else None
     nm = (s.n, s.m) if isinstance(s, NM) else None
-    sweep = _sweep_numba if kernels.use_numba(kernel, W) else _sweep_torch
-    W_hat, keep, loss = sweep(W, U, edges, counts, nm)
-    stats = {"iterations": d_in, "obs_loss": float(loss.sum()), "blocksize": blocksize,
-             "kernel": "numba" if sweep is _sweep_numba else "torch"}
-    if refit:
-        W_hat = refit_rows(problem, keep)
-        stats["refit"] = True
-    return W_hat, keep, stats
+    run = _sweep_numba if kernels.use_numba(kernel, W) else _sweep_torch
+    W_hat, keep, loss = run(W, U, edges, counts, nm)
+    return W_hat, keep, loss, {"iterations": d_in, "obs_loss": float(loss.sum()), "blocksize": blocksize,
+                               "kernel": "numba" if run is _sweep_numba else "torch"}
 
 
 def _sweep_torch(W: torch.Tensor, U: torch.Tensor, edges: list[int], counts: list[int] | None,

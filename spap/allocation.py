@@ -12,7 +12,9 @@ of the uniform prune (``Σ_i ⌊s·n_i + ½⌋`` per unit kind):
 - :class:`Knapsack` (``"knapsack"``): each block's cost of removing ``p`` units is measured as the
   loss-aware error ``½ tr(ΔW H ΔWᵀ G)`` of its greedy OBS path (``solvers.removal_costs``; ``G`` the
   output-gradient Gram matrix, scaled so blocks compare in loss units), and one count per block is chosen
-  on a grid to minimise the summed cost under the exact budget (``solvers.choose_counts``).
+  on a grid to minimise the summed cost under the exact budget (``solvers.choose_counts``).  For
+  unstructured targets a level is one fraction for every linear of the block, and its cost the summed
+  loss-aware error of SparseGPT sweeps at that fraction (``solvers.row_removal_costs``, ``G`` diagonal).
 
 OWL and Knapsack read the dense model once, block by block over the first ``windows`` (16) calibration
 sequences, before the prune (:func:`allocate`).  Derivation and measurements: docs/method.md, "How much to prune where".
@@ -28,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,11 +83,19 @@ class Knapsack:
         No block removes more than this fraction of its units (and every block keeps one).
     windows : int >= 1 or None, default 16
         Calibration sequences the dense Gram matrices behind the costs are read from (None: all).
+    row_levels : int >= 1, default 32
+        Unstructured targets: block ``i`` prunes the fraction ``s + j / row_levels`` of every linear
+        (``j`` any integer), so the uniform choice is on the grid.
+    row_spread : float >= 0, default 0.25
+        Unstructured targets: block fractions stay within ``s ± row_spread`` (and in
+        ``[0, max_sparsity]``); each level on the grid costs one SparseGPT sweep per linear.
     """
 
     levels: int = 64
     max_sparsity: float = 0.9
     windows: int | None = 16
+    row_levels: int = 32
+    row_spread: float = 0.25
     name: ClassVar[str] = "knapsack"
 
 
@@ -98,7 +109,8 @@ _FIELDS: dict[type, dict] = {
     OWL: {"threshold": Interval(float, 0, None, closed="neither"), "spread": Interval(float, 0, None),
           "windows": NoneOr(Interval(int, 1, None))},
     Knapsack: {"levels": Interval(int, 1, None), "max_sparsity": Interval(float, 0, 1, closed="neither"),
-               "windows": NoneOr(Interval(int, 1, None))},
+               "windows": NoneOr(Interval(int, 1, None)), "row_levels": Interval(int, 1, None),
+               "row_spread": Interval(float, 0, None)},
 }
 
 
@@ -181,15 +193,17 @@ def allocate(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], al
              sparsity: float, kinds: Sequence[str], *, device: torch.device, offload: torch.device,
              output_grams: Mapping[int, Mapping[str, torch.Tensor]] | None = None, metric_kind: str = "full",
              metric_damp: float = 1.0, damp: float = 0.01, damp_mode: str = "mean",
-             gram_dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[tuple[float, ...], list[dict[str, int]]]:
+             gram_dtype: torch.dtype = torch.float32, rows: solvers.Structure | None = None,
+             progress: bool = False) -> tuple[tuple[float, ...], list[dict[str, int]]]:
     """Per-block targets for a model budget ``sparsity``: ``(sparsities, counts)``, one fraction per block
     (what row structures prune of every linear) and, per block, the units of every kind in ``kinds`` it
     prunes.  Unit counts add up exactly to the uniform prune's, per kind, and every block keeps at least
     one unit of each kind (OWL's rounding and the knapsack's grid stop at ``n − 1``).
 
     OWL and Knapsack run the dense model block by block over the rule's first ``windows`` calibration
-    sequences first; Knapsack also needs ``output_grams[block][kind]`` (``G``) and is for unit kinds only
-    (``prune_layerwise`` refuses it for row structures before any work).
+    sequences first; Knapsack also needs ``output_grams[block][name]`` (``G``: full for a unit kind's
+    output linear, the diagonal for every linear of an unstructured target ``rows``; ``prune_layerwise``
+    refuses it for N:M before any work).
     """
     blocks = adapter.blocks()
     uniform = uniform_counts([sparsity] * len(blocks), adapter, kinds)
@@ -210,7 +224,10 @@ def allocate(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], al
             for c, p in zip(counts, chosen):
                 c[name] = p
         return tuple(min(max(f, 0.0), 1 - 1e-9) for f in fractions), counts
-    # Knapsack (column structures only: prune_layerwise's check_arguments refuses row structures)
+    if rows is not None:  # Knapsack over one fraction per block (unstructured)
+        return _row_knapsack(model, adapter, batches, allocation, sparsity, uniform, device=device, offload=offload,
+                             output_grams=output_grams, metric_damp=metric_damp, damp=damp, damp_mode=damp_mode,
+                             gram_dtype=gram_dtype, progress=progress)
     def menus(i: int, block: nn.Module, grams: Mapping[str, solvers.GramAccumulator]):
         out = {}
         for name, kind in found.items():
@@ -246,12 +263,60 @@ def cost_problem(kind: U.UnitKind, block: nn.Module, acc: solvers.GramAccumulato
     damped, normalised metric of the masks and ``scale = mean(diag G)``, so that blocks compare in units
     of the loss."""
     W = LinearView(kind.output_linear(block)).weight.to(acc.H.device, torch.float64)
+    return solvers.LayerProblem(_in_loss_units(W, G, metric_kind, metric_damp), acc.H, kind.column_groups(block),
+                                n_prune=0, damp=damp, damp_mode=damp_mode)
+
+
+def _in_loss_units(W: torch.Tensor, G: torch.Tensor, metric_kind: str, metric_damp: float) -> torch.Tensor:
+    """``√scale · R W``: its plain layer error is ``½ tr(ΔW H ΔWᵀ G_d)·scale``, ``G_d`` the damped,
+    normalised metric of ``G`` and ``scale = mean(diag G)``."""
     G = G.to(W.device)
     metric = solvers.OutputMetric.from_gram(G, metric_kind, metric_damp)
     scale = float((G if G.ndim == 1 else G.diagonal()).mean())
-    R = metric.factor if metric.kind == "full" else torch.diag(metric.factor)
-    return solvers.LayerProblem(math.sqrt(scale) * (R @ W), acc.H, kind.column_groups(block), n_prune=0, damp=damp,
-                                damp_mode=damp_mode)
+    return math.sqrt(scale) * metric.apply(W)
+
+
+def row_levels(allocation: Knapsack, sparsity: float) -> list[float]:
+    """The block fractions an unstructured knapsack chooses from: ``s + j / row_levels`` within
+    ``s ± row_spread`` and ``[0, max_sparsity]`` (``s`` itself always among them)."""
+    step = 1.0 / allocation.row_levels
+    reach = int(math.floor(allocation.row_spread / step + 1e-9))
+    out = [sparsity + j * step for j in range(-reach, reach + 1)]
+    return [f for f in out if -1e-12 <= f <= max(allocation.max_sparsity, sparsity) + 1e-12]
+
+
+def _row_knapsack(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], allocation: Knapsack,
+                  sparsity: float, uniform: list[dict[str, int]], *, device: torch.device, offload: torch.device,
+                  output_grams: Mapping[int, Mapping[str, torch.Tensor]], metric_damp: float, damp: float,
+                  damp_mode: str, gram_dtype: torch.dtype, progress: bool) -> tuple[tuple[float, ...], list[dict[str, int]]]:
+    """One fraction per block for an unstructured target: each block's cost at every level of
+    :func:`row_levels` is the summed loss-aware error (diagonal ``G``) of SparseGPT sweeps of its linears
+    at that fraction; the levels are chosen under the exact budget in weights (the uniform prune's)."""
+    fractions = row_levels(allocation, sparsity)
+    at_uniform = fractions.index(sparsity)  # steps from the lowest level to the uniform one
+
+    def costs(i: int, block: nn.Module, grams: Mapping[str, solvers.GramAccumulator]) -> tuple[np.ndarray, int]:
+        total, size = np.zeros(len(fractions)), 0
+        for g in adapter.linear_groups(block):
+            acc = grams[next(iter(g))]
+            for name, module in g.items():
+                W = LinearView(module).weight.to(acc.H.device, torch.float64)
+                problem = solvers.LayerProblem(_in_loss_units(W, output_grams[i][name], "diag", metric_damp), acc.H,
+                                               solvers.Unstructured(), n_prune=0, damp=damp, damp_mode=damp_mode)
+                total += solvers.row_removal_costs(problem, [U.prune_count(f, W.numel()) for f in fractions])
+                size += W.numel()
+        return total, size
+
+    menu = _block_statistics(model, adapter, batches, device, offload, progress,
+                             hooks=lambda block: GramHooks(_group_heads(adapter, block), device, gram_dtype),
+                             statistic=costs)
+    # Block i at level j removes about (f_0 + j/row_levels)·size_i weights; counted from the lowest level
+    # in units of size_i/row_levels, that is j·size_i, and the uniform total Σ_i at_uniform·size_i keeps the
+    # parameter budget.
+    chosen = solvers.choose_counts([c for c, _ in menu], [[j * size for j in range(len(fractions))] for _, size in menu],
+                                   sum(at_uniform * size for _, size in menu))
+    picks = [fractions[p // size] for p, (_, size) in zip(chosen, menu)]
+    return tuple(picks), [dict(u) for u in uniform]
 
 
 def _group_heads(adapter: Adapter, block: nn.Module) -> dict[str, nn.Module]:

@@ -180,9 +180,9 @@ def prune_layerwise(
     allocation : {"uniform", "owl", "knapsack"} or a :mod:`spap.allocation` rule, default "uniform"
         How a float ``sparsity`` is spread over the blocks, removing exactly as many units (per kind) as the
         uniform prune: ``"uniform"`` every block alike; ``"owl"`` (Yin et al. 2024) less where the dense
-        block has more outlier weights; ``"knapsack"`` (MLP channels and heads only) one count per block
-        minimising the summed loss-aware cost of each block's removal path, measured on the dense model
-        (``spap.allocation.Knapsack``).  Pass ``spap.allocation.OWL(threshold=..., spread=...)`` or
+        block has more outlier weights; ``"knapsack"`` one count per block (MLP channels, heads; for
+        ``"unstructured"`` one fraction per block) minimising the summed loss-aware cost of each block's
+        removal, measured on the dense model (``spap.allocation.Knapsack``).  Pass ``spap.allocation.OWL(threshold=..., spread=...)`` or
         ``Knapsack(levels=..., max_sparsity=...)`` for other settings.  Non-uniform widths save with
         :func:`spap.save_pruned`.
     method : str, default "spap"
@@ -385,10 +385,10 @@ def check_arguments(
         if isinstance(parsed.rows, solvers.NM):
             raise InvalidArgumentError(f"The 'allocation' argument of prune_layerwise is {allocation.name!r}; structure "
                                        f"{structure!r} fixes every block's pattern, so only 'uniform' applies.")
-        if isinstance(allocation, A.Knapsack) and parsed.rows is not None:
-            raise InvalidArgumentError(f"The 'allocation' argument of prune_layerwise is 'knapsack', which allocates MLP "
-                                       f"channels and key-value groups; structure {structure!r} needs 'uniform', 'owl' "
-                                       "or per-block sparsities.")
+        if isinstance(allocation, A.Knapsack) and parsed.rows is not None and adapter.has_experts:
+            raise InvalidArgumentError(f"The 'allocation' argument of prune_layerwise is 'knapsack', whose unstructured "
+                                       f"costs cover a block's linears but not its experts ({type(model).__name__} is a "
+                                       "mixture of experts); use 'uniform', 'owl' or per-block sparsities.")
     if adapter.has_experts and "mlp" in parsed.units:
         _check_experts(model, sparsities, allocation, target, candidates)
     _check_counts(adapter, parsed, sparsities)
@@ -692,12 +692,13 @@ def _allocate(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], s
     start = time.perf_counter()
     grams = output_grams
     if isinstance(s.allocation, A.Knapsack) and not grams:  # the costs need G even when the masks do not
-        grams = _output_grams(model, adapter, batches, dataclasses.replace(s, output_metric="full"))
+        kind = "full" if s.structure.rows is None else "diag"
+        grams = _output_grams(model, adapter, batches, dataclasses.replace(s, output_metric=kind))
     fractions, counts = A.allocate(model, adapter, batches, s.allocation, s.sparsity, s.structure.units,
                                    device=s.device, offload=s.offload,
                                    output_grams=grams, metric_kind=s.output_metric or "full",
                                    metric_damp=s.metric_damp, damp=s.damp, damp_mode=s.damp_mode,
-                                   gram_dtype=s.gram_dtype, progress=progress)
+                                   gram_dtype=s.gram_dtype, rows=s.structure.rows, progress=progress)
     report.allocation = {"sparsity": list(fractions), **{k: [c[k] for c in counts] for k in s.structure.units}}
     report.allocation_seconds = time.perf_counter() - start
     return dataclasses.replace(s, block_sparsity=tuple(fractions), counts=tuple(counts))

@@ -84,13 +84,16 @@ class PruneReport:
 
     def summary(self) -> str:
         """A table of the layers (aggregated per target) and the totals."""
-        lines = [f"{'target':<12}{'layers':>7}{'kept/total':>14}{'mean rel.err':>14}{'max rel.err':>13}{'solver s':>10}"]
-        for target in dict.fromkeys(r.target for r in self.layers):
-            rs = [r for r in self.layers if r.target == target]
+        groups = {t: [r for r in self.layers if r.target == t] for t in dict.fromkeys(r.target for r in self.layers)}
+        kept_texts = {}
+        for target, rs in groups.items():
             kept = sorted({r.kept for r in rs})
-            kept_text = f"{kept[0]}/{rs[0].total}" if len(kept) == 1 else f"{kept[0]}-{kept[-1]}/{rs[0].total}"
+            kept_texts[target] = f"{kept[0]}/{rs[0].total}" if len(kept) == 1 else f"{kept[0]}-{kept[-1]}/{rs[0].total}"
+        width = max([14] + [len(t) + 2 for t in kept_texts.values()])  # per-block targets give ranges
+        lines = [f"{'target':<12}{'layers':>7}{'kept/total':>{width}}{'mean rel.err':>14}{'max rel.err':>13}{'solver s':>10}"]
+        for target, rs in groups.items():
             lines.append(
-                f"{target:<12}{len(rs):>7}{kept_text:>14}"
+                f"{target:<12}{len(rs):>7}{kept_texts[target]:>{width}}"
                 f"{sum(r.relative_error for r in rs) / len(rs):>14.5f}{max(r.relative_error for r in rs):>13.5f}"
                 f"{sum(r.seconds for r in rs):>10.1f}"
             )

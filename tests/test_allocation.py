@@ -4,6 +4,7 @@ spap.allocation, prune_layerwise(sparsity=..., allocation=...))."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 
 import numpy as np
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import solvers
+from solvers.synthetic import make_problem
 import spap
 from spap.allocation import OWL, Knapsack
 
@@ -121,9 +123,12 @@ def test_heads_per_block_targets():
 
 
 def test_unstructured_per_block_targets():
-    model, _ = spap.prune_layerwise(_model(), _ids(), [0.5, 0.25, 0.0, 0.5], structure="unstructured", progress=False)
+    model, report = spap.prune_layerwise(_model(), _ids(), [0.5, 0.25, 0.0, 0.5], structure="unstructured",
+                                         progress=False)
     zeros = [float((b.mlp.up_proj.weight == 0).double().mean()) for b in model.model.layers]
     assert zeros == pytest.approx([0.5, 0.25, 0.0, 0.5], abs=1e-9)
+    rows = {line.split()[0]: line.split() for line in report.summary().splitlines()[1:8]}
+    assert rows["q"][1:3] == ["4", "2048-4096/4096"]  # the kept range stays a column of its own
 
 
 BAD = [
@@ -136,7 +141,9 @@ BAD = [
     (dict(sparsity=[0.3, 0.3, 0.3, 0.999]), "all 128 MLP channels|every MLP channel"),
     (dict(allocation="best"), "'allocation' argument"),
     (dict(sparsity=[0.3] * 4, allocation="owl"), "must then be a float"),
-    (dict(structure="unstructured", allocation="knapsack"), "'knapsack'"),
+    (dict(structure="2:4", allocation="knapsack"), "only 'uniform' applies"),
+    (dict(structure="unstructured", allocation=Knapsack(row_levels=0)), "row_levels"),
+    (dict(structure="unstructured", allocation=Knapsack(row_spread=-0.1)), "row_spread"),
     (dict(structure="2:4", allocation="owl"), "only 'uniform' applies"),
     (dict(allocation=OWL(threshold=0.0)), "threshold"),
     (dict(allocation=OWL(spread=-0.1)), "spread"),
@@ -216,3 +223,53 @@ def test_resume_with_an_allocation_gives_the_identical_result(tmp_path):
                                       resume=True, progress=False)
     ref = reference.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in resumed.state_dict().items())
+
+
+# --- the knapsack for unstructured targets ---------------------------------------------------------
+
+def test_row_removal_costs_are_the_sparsegpt_objectives():
+    problem = make_problem(12, 40, kind="correlated", structure=solvers.Unstructured(), n_prune=0)
+    counts = [0, 100, 240, 479]
+    costs = solvers.row_removal_costs(problem, counts)
+    assert costs[0] == 0
+    for k, c in zip(counts[1:], costs[1:]):
+        alone = dataclasses.replace(problem, n_prune=k)
+        sol = solvers.solve(alone, "sparsegpt")
+        assert int((sol.weight == 0).sum()) >= k
+        assert c == pytest.approx(alone.objective(sol.weight), rel=1e-9)
+    with pytest.raises(solvers.InvalidArgumentError, match="n_prunes"):
+        solvers.row_removal_costs(problem, [481])
+    with pytest.raises(solvers.InvalidArgumentError, match="unstructured"):
+        solvers.row_removal_costs(make_problem(12, 40, structure=solvers.NM(2, 4)), [10])
+
+
+def test_row_levels_hold_the_uniform_fraction_and_stay_in_range():
+    from spap.allocation import row_levels
+
+    levels = row_levels(Knapsack(row_levels=8, row_spread=0.25), 0.5)
+    assert levels == pytest.approx([0.25, 0.375, 0.5, 0.625, 0.75])
+    assert row_levels(Knapsack(row_levels=10, row_spread=0.5, max_sparsity=0.8), 0.3) == pytest.approx(
+        [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    assert row_levels(Knapsack(row_spread=0.0), 0.4) == [0.4]
+
+
+def _zeros(model) -> int:
+    return sum(int((m.weight == 0).sum()) for b in model.model.layers for m in b.modules()
+               if isinstance(m, torch.nn.Linear))
+
+
+def test_unstructured_knapsack_keeps_the_budget_and_prunes_most_where_cheap():
+    model = _model()
+    with torch.no_grad():  # block 2 barely reaches the residual stream: pruning it costs almost nothing
+        model.model.layers[2].mlp.down_proj.weight.mul_(1e-3)
+        model.model.layers[2].self_attn.o_proj.weight.mul_(1e-3)
+    uniform, _ = spap.prune_layerwise(copy.deepcopy(model), _ids(), 0.5, structure="unstructured", progress=False)
+    pruned, report = spap.prune_layerwise(model, _ids(), 0.5, structure="unstructured",
+                                          allocation=Knapsack(row_levels=16, windows=3), progress=False)
+    fractions = report.allocation["sparsity"]
+    assert fractions[2] == max(fractions) > 0.5 and len(set(fractions)) > 1
+    assert all(f * 16 == pytest.approx(round(f * 16)) for f in fractions)  # on the grid
+    assert _zeros(pruned) == _zeros(uniform)  # every linear's size is a multiple of 16: the budget is exact
+    zeros = [float((b.mlp.gate_proj.weight == 0).double().mean()) for b in pruned.model.layers]
+    assert zeros == pytest.approx(fractions, abs=1e-12)
+    assert report.settings["allocation"]["name"] == "knapsack" and report.allocation_seconds > 0

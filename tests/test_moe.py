@@ -163,6 +163,14 @@ def test_what_experts_do_not_support_is_refused_before_any_work(name, kwargs, ar
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_the_unstructured_knapsack_refuses_experts():
+    model = _model("mixtral")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="'allocation'.*'knapsack'.*not its experts"):
+        spap.prune_layerwise(model, _ids(), 0.5, structure="unstructured", allocation="knapsack", progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_other_entry_points_refuse_experts(tmp_path):
     model = _model("mixtral")
     with pytest.raises(ValueError, match="'model' argument of gisp is a MixtralForCausalLM, whose MLPs are mixtures"):
