@@ -58,6 +58,7 @@ _OPTIONS = {
     "max_swaps": Interval(int, 0, None),
     "guard": Boolean(),
     "kernel": Options(kernels.KERNELS),
+    "round_precision": Options(("float32", "float64")),
 }
 
 
@@ -99,6 +100,7 @@ def spap(
     guard: bool = True,
     kernel: str = "auto",
     row_swap: bool = False,
+    round_precision: str = "float32",
 ):
     """Penalty method + alternating minimization, then an exact 1-swap local search.
 
@@ -140,6 +142,12 @@ def spap(
         The swap search's table for single-column groups, and the row swap search: a Numba kernel for
         CPU tensors (``"auto"``) or torch (any device).  Same swaps up to round-off
         (``tests/test_kernels.py``, ``tests/test_row_swap.py``).
+    round_precision : {"float32", "float64"}, default "float32"
+        Unstructured and N:M: the dtype of the penalty rounds (each ρ's Cholesky factor is computed in
+        float64 and rounded).  The rounds only choose the mask, whose refit is float64 either way; on
+        the layers of three SmolLM2 blocks both precisions end within 0.3% of each other's error, neither
+        ahead (``docs/performance.md``).  ``"float64"`` for layers so ill-conditioned that float32
+        rounds lose the mask.
     """
     columns = isinstance(problem.structure, ColumnGroups)
     default = _COLUMN_SCHEDULE if columns else _ROW_SCHEDULE
@@ -150,7 +158,8 @@ def spap(
     if columns:
         counts = prune_schedule(problem.n_pruned_target, steps, gradual)
         return _spap_columns(problem, schedule, counts, max_inner, swap, max_swaps, guard, kernel)
-    return _spap_rows(problem, schedule, max_inner, gradual, guard, swap and row_swap, max_swaps, kernel)
+    dtype = torch.float32 if round_precision == "float32" else torch.float64
+    return _spap_rows(problem, schedule, max_inner, gradual, guard, swap and row_swap, max_swaps, kernel, dtype)
 
 
 # --- column groups ---------------------------------------------------------------------------------
@@ -281,13 +290,16 @@ def _project_count(problem: LayerProblem, scores: torch.Tensor, n_pruned: int) -
 
 
 def _spap_rows(problem: LayerProblem, schedule, max_inner: int, gradual: bool, guard: bool, swap: bool = True,
-               max_swaps: int = 10_000, kernel: str = "auto"):
-    W, H = problem.W64, problem.hessian
+               max_swaps: int = 10_000, kernel: str = "auto", dtype: torch.dtype = torch.float32):
+    W64, H = problem.W64, problem.hessian
     k = problem.n_pruned_target
     if k == 0:
-        return W.clone(), torch.ones_like(W, dtype=torch.bool), {"iterations": 0}
-    c = 1.0 / problem.hessian_inverse.diagonal()
-    WH = W @ H
+        return W64.clone(), torch.ones_like(W64, dtype=torch.bool), {"iterations": 0}
+    c64 = 1.0 / problem.hessian_inverse.diagonal()
+    # The rounds only steer the mask (the final support is refit exactly, in float64): in float32 their
+    # triangular solves and elementwise passes take about half the time.  Each ρ's factor is computed in
+    # float64 and rounded.
+    W, c, WH = W64.to(dtype), c64.to(dtype), (W64 @ H).to(dtype)
     rounds = len(schedule) * max_inner
     counts = prune_schedule(k, rounds, gradual)
     # Scaled multiplier U of the constraint Ŵ = Z: it keeps the pull of the weights already pruned, so a
@@ -301,10 +313,12 @@ def _spap_rows(problem: LayerProblem, schedule, max_inner: int, gradual: bool, g
     for i, rho in enumerate(schedule):
         if i:
             U *= schedule[i - 1] / rho  # the multiplier ρU is unchanged by a new ρ
-        L = cholesky(H + rho * torch.diag(c), what="the penalty system")
+        L = cholesky(H + rho * torch.diag(c64), what="the penalty system").to(dtype)
         for _ in range(max_inner):
             # Ŵ-step: Ŵ (H + ρC) = W H + ρ (Z − U) C, one Cholesky per ρ shared by every row.
-            W_hat = torch.cholesky_solve((WH + rho * (Z - U) * c).T, L).T
+            # Two triangular solves on the right: faster than cholesky_solve on the transposed rows.
+            V = torch.linalg.solve_triangular(L.T, WH + rho * (Z - U) * c, upper=True, left=False)
+            W_hat = torch.linalg.solve_triangular(L, V, upper=False, left=False)
             S = W_hat + U
             keep = _project_count(problem, S * S * c, counts[t])  # Z-step: exact projection
             Z = S * keep
@@ -312,11 +326,11 @@ def _spap_rows(problem: LayerProblem, schedule, max_inner: int, gradual: bool, g
             residual.append(float((((W_hat - Z) ** 2) * c).sum().sqrt()))
             t += 1
     stats = {"iterations": t, "rho": list(schedule), "pruned_per_step": counts, "constraint_residual": residual}
-    W_hat = refit_rows(problem, keep, start=Z)  # the last iterate is close: CG starts there
+    W_hat = refit_rows(problem, keep, start=Z.to(H.dtype))  # the last iterate is close: CG starts there
     if guard:
         # The OBS-score mask's refit only matters if it beats the penalty mask's: its refit stops as soon
         # as its objective provably cannot (refit_rows_below), which is usually after a few iterations.
-        start = project(problem, W * W * c)
+        start = project(problem, W64 * W64 * c64)
         e_pen = problem.objective(W_hat)
         below = refit_rows_below(problem, start, e_pen)
         W_start, e_start = below if below is not None else (None, None)

@@ -72,6 +72,9 @@ def refit_columns(problem: LayerProblem, keep_cols: torch.Tensor, H: torch.Tenso
 # iterations more than the direct solve (measured by ``python benchmarks/row_refit.py``).
 _CG_RTOL = 1e-11
 _CG_MAX_ITERATIONS = 40
+# The float32 iterations that precede the float64 ones stop once rᵀz has fallen by this factor: about
+# where float32 round-off stops it falling on SmolLM2's layers (a few float64 iterations finish).
+_CG32_DROP = 1e-10
 # method="auto" uses CG from this input width up.  On SmolLM2's layers (576 and 1536 inputs) CG took a
 # third to a half of the direct solve's time; on narrow or synthetic problems it was not faster, and
 # the direct solve is exact to round-off (``python benchmarks/row_refit.py``).
@@ -146,6 +149,8 @@ def _refit_rows_cg(problem: LayerProblem, keep: torch.Tensor, H: torch.Tensor, H
         Hinv = inverse_from_cholesky(cholesky(H, what="the Gram matrix", hint="raise 'damp'"))
     kept = keep.to(H.dtype)
     X = W * kept if start is None else start.to(H.dtype) * kept
+    if stop_above is None and H.dtype == torch.float64:
+        X += _correction_in_float32(W, X, kept, H, Hinv)
     D = X - W
     DH = D @ H
     f = 0.5 * (DH * D).sum(1)  # each row's objective
@@ -173,6 +178,46 @@ def _refit_rows_cg(problem: LayerProblem, keep: torch.Tensor, H: torch.Tensor, H
     if late.numel():  # not provably there: solve those rows directly
         X[late] = _refit_rows_direct(W[late], keep[late], H)
     return X
+
+
+def _correction_in_float32(W: torch.Tensor, X: torch.Tensor, kept: torch.Tensor, H: torch.Tensor,
+                           Hinv: torch.Tensor) -> torch.Tensor:
+    """A float32 conjugate-gradient solve of the refit's correction from ``X``: ``δ_K`` with
+    ``H_KK δ_K = ((W − X) H)_K`` for every row, preconditioned by ``(H⁻¹)_KK``.
+
+    A float32 product costs about half of a float64 one on the host (and far less on most GPUs), and
+    float32 conjugate gradients cut the preconditioned residual by ``1e-10`` in about as many iterations
+    as float64 ones (SmolLM2's layers; docs/performance.md).  The residual it starts from is computed in
+    float64, and :func:`_refit_rows_cg` certifies the result in float64 and iterates on where needed, so
+    the refit's accuracy is unchanged.  Stops where ``rᵀz`` has fallen by ``_CG32_DROP`` (near float32's
+    floor) or the float64 stopping rule already holds, or after ``_CG_MAX_ITERATIONS``.
+    """
+    D = X - W
+    DH = D @ H
+    f = (0.5 * (DH * D).sum(1)).float()  # each row's objective, lowered by every step as in _refit_rows_cg
+    k32, H32, Hinv32 = kept.float(), H.float(), Hinv.float()
+    R = (-DH * kept).float()
+    delta = torch.zeros_like(R)
+    Z = (R @ Hinv32) * k32
+    rz = (R * Z).sum(1)
+    floor = _CG32_DROP * rz
+    P = Z.clone()
+    tiny = torch.finfo(torch.float32).tiny
+    for _ in range(_CG_MAX_ITERATIONS):
+        if bool(((rz <= floor) | (0.5 * rz <= _CG_RTOL * f)).all()):
+            break
+        Q = (P @ H32) * k32
+        pq = (P * Q).sum(1)
+        alpha = torch.where(pq > 0, rz / pq.clamp_min(tiny), torch.zeros_like(pq))
+        delta += alpha[:, None] * P
+        R -= alpha[:, None] * Q
+        f -= 0.5 * alpha * rz
+        Z = (R @ Hinv32) * k32
+        rz_next = (R * Z).sum(1)
+        beta = torch.where(rz > 0, rz_next / rz.clamp_min(tiny), torch.zeros_like(rz))
+        P = Z + beta[:, None] * P
+        rz = rz_next
+    return delta.to(H.dtype) * kept
 
 
 def _refit_rows_direct(W: torch.Tensor, keep: torch.Tensor, H: torch.Tensor) -> torch.Tensor:

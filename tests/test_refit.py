@@ -59,6 +59,24 @@ def test_keep_largest_selects_as_a_stable_sort(device, values, data):
     assert torch.equal(solvers.masks.keep_largest(scores.to(device), k).cpu(), expected)
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, float("inf"), float("-inf")]), min_size=2,
+                       max_size=400), layout=st.sampled_from(["as drawn", "sorted", "sawtooth"]), data=st.data())
+def test_sampled_selection_is_kthvalue(values, layout, data, monkeypatch):
+    """The host's selection on a sampled band gives kthvalue's threshold, also where the strided sample
+    is unlike the whole (sorted or periodic inputs, ties, infinities) and the band misses."""
+    masks = importlib.import_module("solvers.masks")
+    monkeypatch.setattr(masks, "_SAMPLED_SELECTION_FROM", 2)
+    monkeypatch.setattr(masks, "_SAMPLE_SIZE", data.draw(st.integers(1, 64)))
+    x = torch.tensor(values, dtype=torch.float64)
+    if layout == "sorted":
+        x = x.sort().values
+    elif layout == "sawtooth":
+        x = torch.arange(x.numel(), dtype=torch.float64) % 7
+    k = data.draw(st.integers(1, x.numel() - 1))
+    assert masks._kth_largest_host(x, k) == torch.kthvalue(x, x.numel() - k + 1).values
+
+
 @pytest.mark.parametrize("d_in", [24, 512])  # the direct solve, and conjugate gradients (from 512 inputs)
 @pytest.mark.parametrize("kind", ["random", "correlated"])
 def test_refit_below_a_bound_is_the_refit_or_none(d_in, kind):

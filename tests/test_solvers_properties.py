@@ -209,3 +209,21 @@ def test_refit_through_inverse_is_the_exact_refit(problem, seed):
     assert torch.allclose(W_hat, expected, atol=1e-7 * scale, rtol=1e-6)
     assert bool((W_hat[:, ~cols] == 0).all())
     assert math.isclose(value, problem.objective(expected), rel_tol=1e-6, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+@SETTINGS
+@given(problem=small_problems(structures=("unstructured", "2:4")))
+def test_spap_rows_in_either_round_precision(precision, problem):
+    """The rounds' precision changes only the path to the mask: the result has the exact count and is the
+    exact refit of its mask, in the problem's dtype."""
+    sol = solvers.solve(problem, "spap", round_precision=precision)
+    assert int((~sol.keep).sum()) == problem.n_pruned_target
+    assert sol.weight.dtype == problem.weight.dtype
+    assert kept_gradient(problem, sol.weight, sol.keep) < 1e-8
+
+
+def test_spap_refuses_an_unknown_round_precision():
+    p = make_problem(3, 8, structure=solvers.Unstructured(), sparsity=0.5, seed=0)
+    with pytest.raises(ValueError, match="round_precision.*'float32', 'float64'"):
+        solvers.solve(p, "spap", round_precision="float16")
