@@ -144,6 +144,18 @@ def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | No
 # One run, in its own process (``harness.run_and_cache`` starts it)
 
 
+def solver_and_keywords(job: Job) -> tuple[str, dict, dict]:
+    """The solver's name, its options and the other ``prune_layerwise`` keywords of a job: ``+refit``
+    becomes the solver's option, and ``--set method_options={...}`` is added to the options."""
+    name, _, extra = job.method.partition("+")
+    options = {}
+    if extra == "refit":  # ADMM's own weights are its last iterate; "+refit" swaps them for the exact refit
+        options = {"final": "refit"} if name == "admm" else {"refit": True}
+    keywords = job.prune_keywords()
+    options.update(keywords.pop("method_options", {}))
+    return name, options, keywords
+
+
 def run_one(job: Job, protocol: str, model_source: str, device: str | None, threads: int, floor: bool = True) -> dict:
     import torch
 
@@ -154,16 +166,13 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
     p = PROTOCOLS[protocol]
     model, tok = spap.load_model(model_source)
     calib = calibration_set("c4", tok, n=p["n"], seqlen=p["seqlen"], seed=0)
-    name, _, extra = job.method.partition("+")
-    options = {}
-    if extra == "refit":  # ADMM's own weights are its last iterate; "+refit" swaps them for the exact refit
-        options = {"final": "refit"} if name == "admm" else {"refit": True}
+    name, options, keywords = solver_and_keywords(job)
     sparsity = 0.5 if job.sparsity is None else job.sparsity
     # The floor, in the same process: one plain pass of the calibration set through the dense blocks.
     floor_s = spap.forward_seconds(model, calib, device=device) if floor else None
     model, report = spap.prune_layerwise(model, calib, sparsity, method=name, structure=job.structure,
                                          method_options=options, damp=job.damp, target=job.target, device=device,
-                                         progress=False, **job.prune_keywords())
+                                         progress=False, **keywords)
     row = {
         "structure": job.structure, "method": job.label, "sparsity": job.sparsity, "damp": job.damp, "target": job.target,
         **evaluate(model, tok, protocol),
@@ -339,7 +348,8 @@ def main(argv=None) -> None:
                         help="what each layer fits: its own outputs on the pruned inputs (default) or the dense "
                              "model's (cached and shown as METHOD@target=dense)")
     parser.add_argument("--set", nargs="+", type=setting, default=[], metavar="KEY=VALUE",
-                        help="further prune_layerwise keywords (e.g. output_metric=full); part of the cached label")
+                        help="further prune_layerwise keywords (e.g. output_metric=full, or "
+                             "method_options={'round_precision':'float64'}, added to the solver's options); part of the cached label")
     parser.add_argument("--damp", type=float, default=DEFAULT_DAMP,
                         help="relative damping of every Gram matrix (default 0.01); another value is "
                              "cached and shown as METHOD@damp=VALUE")

@@ -1,7 +1,7 @@
 """Where SPAP's time goes on one unstructured or N:M layer, next to ADMM and SparseGPT on the same layer.
 
 SPAP's row path has four phases: the inverse Gram matrix (shared with every second-order method), the
-penalty rounds (one Cholesky per ρ, one ``cholesky_solve`` per round, and the projection onto the
+penalty rounds (one Cholesky per ρ, two triangular solves per round, and the projection onto the
 structure, timed apart as ``selection``), the exact refit of the final mask by conjugate gradients, and
 the guard's refit of the OBS-score mask (stopped once it provably loses).  Each phase is timed by
 wrapping the function that runs it, with a device synchronisation on both sides, so the phases add up

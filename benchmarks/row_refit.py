@@ -5,12 +5,14 @@
 
 - ``cholesky``: one Cholesky solve per row, rows sorted by kept count, batches of 2M elements;
 - ``cg``: conjugate gradients on all rows at once preconditioned by ``(H⁻¹)_KK``, started from
-  ``W ⊙ keep``, until the bound on the objective's excess is below 1e-12 of the objective.
+  ``W ⊙ keep``, until the bound on the objective's excess is below 1e-11 of the objective: float32
+  iterations first, then float64 ones from their result (the default);
+- ``cg64``: the same with the float64 iterations only (``solvers.refit._FLOAT32_PHASE`` off).
 
 ``H⁻¹`` is computed before the clock starts (every second-order solver has it already).  The masks are
 magnitude masks at 50% (chosen over the whole layer, so rows keep unequal counts) and at 2:4; the last
-columns compare the two results (relative objective difference, largest weight difference relative to
-the largest weight).  Timings are printed, never asserted; the header prints the load average.
+columns compare ``cg`` with ``cholesky`` (relative objective difference, largest weight difference
+relative to the largest weight).  Timings are printed, never asserted; the header prints the load average.
 
     python benchmarks/row_refit.py --layers 5 --threads 2
 """
@@ -18,6 +20,7 @@ the largest weight).  Timings are printed, never asserted; the header prints the
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -27,13 +30,19 @@ import torch
 import real_layers
 import solvers
 
-METHODS = ("cholesky", "cg")
+METHODS = ("cholesky", "cg", "cg64")
+refit_module = importlib.import_module("solvers.refit")
 
 
 def time_refit(problem: solvers.LayerProblem, keep: torch.Tensor, method: str) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
-    W = solvers.refit_rows(problem, keep, method=method)
-    return time.perf_counter() - start, W
+    float32_phase = refit_module._FLOAT32_PHASE
+    refit_module._FLOAT32_PHASE = method != "cg64"
+    try:
+        start = time.perf_counter()
+        W = solvers.refit_rows(problem, keep, method="cg" if method == "cg64" else method)
+        return time.perf_counter() - start, W
+    finally:
+        refit_module._FLOAT32_PHASE = float32_phase
 
 
 def main(argv=None) -> None:
@@ -48,9 +57,9 @@ def main(argv=None) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# benchmarks/row_refit.py {' '.join(sys.argv[1:])}\n# torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {load:.2f}\n")
-    print("| layer | linear | mask | kept per row (min-max) | " + " s | ".join(METHODS) + " s | speed-up "
-          "| objective rel. diff | max weight diff |")
-    print("|---|---|---|---|" + "---|" * len(METHODS) + "---|---|---|")
+    print("| layer | linear | mask | kept per row (min-max) | " + " s | ".join(METHODS) + " s | cholesky/cg "
+          "| cg64/cg | objective rel. diff | max weight diff |")
+    print("|---|---|---|---|" + "---|" * len(METHODS) + "---|---|---|---|")
     for layer in args.layers:
         for linear in args.linears:
             for name, structure, target in (("50%", solvers.Unstructured(), {"sparsity": 0.5}), ("2:4", solvers.NM(2, 4), {})):
@@ -63,7 +72,8 @@ def main(argv=None) -> None:
                 rel = (objectives[1] - objectives[0]) / objectives[0]
                 diff = float((weights[1] - weights[0]).abs().max() / weights[0].abs().max())
                 print(f"| {layer} | {linear} {tuple(p.shape)} | {name} | {int(counts.min())}-{int(counts.max())} | "
-                      + " | ".join(f"{s:.2f}" for s in seconds) + f" | {seconds[0] / seconds[1]:.1f}x | {rel:.1e} | "
+                      + " | ".join(f"{s:.2f}" for s in seconds) + f" | {seconds[0] / seconds[1]:.1f}x | "
+                      f"{seconds[2] / seconds[1]:.2f}x | {rel:.1e} | "
                       f"{diff:.1e} |", flush=True)
 
 

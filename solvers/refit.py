@@ -75,6 +75,8 @@ _CG_MAX_ITERATIONS = 40
 # The float32 iterations that precede the float64 ones stop once rᵀz has fallen by this factor: about
 # where float32 round-off stops it falling on SmolLM2's layers (a few float64 iterations finish).
 _CG32_DROP = 1e-10
+# Whether that float32 phase runs (``python benchmarks/row_refit.py`` times the refit with and without).
+_FLOAT32_PHASE = True
 # method="auto" uses CG from this input width up.  On SmolLM2's layers (576 and 1536 inputs) CG took a
 # third to a half of the direct solve's time; on narrow or synthetic problems it was not faster, and
 # the direct solve is exact to round-off (``python benchmarks/row_refit.py``).
@@ -149,7 +151,7 @@ def _refit_rows_cg(problem: LayerProblem, keep: torch.Tensor, H: torch.Tensor, H
         Hinv = inverse_from_cholesky(cholesky(H, what="the Gram matrix", hint="raise 'damp'"))
     kept = keep.to(H.dtype)
     X = W * kept if start is None else start.to(H.dtype) * kept
-    if stop_above is None and H.dtype == torch.float64:
+    if stop_above is None and _FLOAT32_PHASE and H.dtype == torch.float64:
         X += _correction_in_float32(W, X, kept, H, Hinv)
     D = X - W
     DH = D @ H

@@ -87,6 +87,13 @@ def test_a_further_keyword_is_its_own_cached_run_and_reaches_the_worker(e2e):
     assert again == job and again.prune_keywords() == {"output_metric": "full", "x": 3}
 
 
+def test_solver_options_set_on_the_command_line_join_the_methods_own(e2e):
+    extra = (("method_options", "{'round_precision': 'float64'}"), ("allocation", "owl"))
+    job = e2e.jobs_for(["unstructured"], [], ["admm+refit"], False, row_targets=["0.5"], extra=extra)[0]
+    assert job.key("quick") == "quick|unstructured|admm+refit@method_options={'round_precision': 'float64'}@allocation=owl|0.5"
+    assert e2e.solver_and_keywords(job) == ("admm", {"final": "refit", "round_precision": "float64"}, {"allocation": "owl"})
+
+
 def test_a_malformed_setting_is_refused_before_any_run(e2e, capsys):
     with pytest.raises(SystemExit):
         e2e.main(["--set", "output_metric", "--report"])
