@@ -14,8 +14,8 @@ Row masks (unstructured, N:M).  Each row ``r`` has its own kept set ``K_r``; the
 solved either directly, as batched Cholesky over chunks of rows (each system padded to the largest kept
 count with identity rows so that one batched factorization serves unequal sizes), or by conjugate
 gradients on all rows at once, preconditioned by ``(H⁻¹)_{K_r K_r}``: each iteration is two dense
-``d_out × d_in × d_in`` products, and the stopping rule bounds the objective's excess over the direct
-solution (derivation: docs/method.md §3b).
+``d_out × d_in × d_in`` products (float32 ones first, then float64 ones), and the float64 stopping rule
+bounds the objective's excess over the direct solution (derivation: docs/method.md §3b).
 """
 
 from __future__ import annotations
