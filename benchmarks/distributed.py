@@ -97,15 +97,19 @@ def _launch(args, procs: int, out: Path) -> float:
 
 
 def compare(reference: dict, state: dict) -> dict:
-    """Whether ``state`` prunes what ``reference`` prunes (same shapes, same zero weights) and the largest
-    absolute weight difference."""
+    """Whether ``state`` prunes what ``reference`` prunes (same shapes, same zero weights), how many weights
+    are pruned in one and kept in the other, the first tensor where that happens, and the largest absolute
+    weight difference (over tensors of the same shape)."""
     import torch
 
-    same = reference.keys() == state.keys() and all(
-        reference[k].shape == state[k].shape and torch.equal(reference[k] == 0, state[k] == 0) for k in reference)
-    diff = max((float((reference[k].double() - state[k].double()).abs().max()) for k in reference
-                if same and reference[k].numel()), default=float("nan"))
-    return {"same_masks": same, "max_abs_diff": diff}
+    shaped = [k for k in reference if k in state and reference[k].shape == state[k].shape]
+    flips = {k: int(((reference[k] == 0) != (state[k] == 0)).sum()) for k in shaped}
+    same = reference.keys() == state.keys() and len(shaped) == len(reference) and not any(flips.values())
+    diff = max((float((reference[k].double() - state[k].double()).abs().max()) for k in shaped
+                if reference[k].numel()), default=float("nan"))
+    first = next((k for k in reference if k not in shaped or flips[k]), None)
+    return {"same_masks": same, "flipped_weights": sum(flips.values()), "first_difference": first,
+            "max_abs_diff": diff}
 
 
 def main(argv=None) -> list[dict]:
@@ -131,11 +135,11 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
     print(f"SmolLM2-135M, {args.structure} {args.sparsity:.0%}, {args.windows} x {args.seqlen} C4 tokens in all, "
           f"batch {args.batch_size}, device {args.device}")
-    print(f"{'procs':>5} {'prune s':>8} {'wall s':>7} {'peak RSS GiB per rank':>24} {'same masks':>10} {'max |dW|':>9}")
+    print(f"{'procs':>5} {'prune s':>8} {'wall s':>7} {'peak RSS GiB per rank':>24} {'same masks':>10} {'flipped':>8} {'max |dW|':>9}  first difference")
     for r in rows:
         rss = " ".join(f"{x:.2f}" for x in r["peak_rss_gib_per_rank"])
         print(f"{r['procs']:>5} {r['prune_s']:>8.1f} {r['wall_s']:>7.1f} {rss:>24} {str(r['same_masks']):>10} "
-              f"{r['max_abs_diff']:>9.2e}")
+              f"{r['flipped_weights']:>8} {r['max_abs_diff']:>9.2e}  {r['first_difference'] or '-'}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return rows

@@ -157,25 +157,12 @@ def _refit_rows_cg(problem: LayerProblem, keep: torch.Tensor, H: torch.Tensor, H
     DH = D @ H
     f = 0.5 * (DH * D).sum(1)  # each row's objective
     R = -DH * kept  # (W − X) H on K: the right-hand side minus H_KK x
-    Z = (R @ Hinv) * kept
-    rz = (R * Z).sum(1)
-    P = Z.clone()
-    for _ in range(_CG_MAX_ITERATIONS):
+    rz = None
+    for rz in _pcg_steps(X, R, f, kept, H, Hinv):
         if stop_above is not None and float(f.sum() - 0.5 * rz.sum()) > stop_above:
             return None
         if bool((0.5 * rz <= _CG_RTOL * f).all()):
             break
-        Q = (P @ H) * kept
-        pq = (P * Q).sum(1)
-        alpha = torch.where(pq > 0, rz / pq.clamp_min(torch.finfo(H.dtype).tiny), torch.zeros_like(pq))
-        X += alpha[:, None] * P
-        R -= alpha[:, None] * Q
-        f -= 0.5 * alpha * rz
-        Z = (R @ Hinv) * kept
-        rz_next = (R * Z).sum(1)
-        beta = torch.where(rz > 0, rz_next / rz.clamp_min(torch.finfo(H.dtype).tiny), torch.zeros_like(rz))
-        P = Z + beta[:, None] * P
-        rz = rz_next
     late = torch.nonzero(0.5 * rz > _CG_RTOL * f).flatten()
     if late.numel():  # not provably there: solve those rows directly
         X[late] = _refit_rows_direct(W[late], keep[late], H)
@@ -197,29 +184,45 @@ def _correction_in_float32(W: torch.Tensor, X: torch.Tensor, kept: torch.Tensor,
     D = X - W
     DH = D @ H
     f = (0.5 * (DH * D).sum(1)).float()  # each row's objective, lowered by every step as in _refit_rows_cg
-    k32, H32, Hinv32 = kept.float(), H.float(), Hinv.float()
+    k32 = kept.float()
     R = (-DH * kept).float()
     delta = torch.zeros_like(R)
-    Z = (R @ Hinv32) * k32
-    rz = (R * Z).sum(1)
-    floor = _CG32_DROP * rz
-    P = Z.clone()
-    tiny = torch.finfo(torch.float32).tiny
-    for _ in range(_CG_MAX_ITERATIONS):
+    floor = None
+    for rz in _pcg_steps(delta, R, f, k32, H.float(), Hinv.float()):
+        floor = _CG32_DROP * rz if floor is None else floor
         if bool(((rz <= floor) | (0.5 * rz <= _CG_RTOL * f)).all()):
             break
-        Q = (P @ H32) * k32
+    return delta.to(H.dtype) * kept
+
+
+def _pcg_steps(X: torch.Tensor, R: torch.Tensor, f: torch.Tensor, kept: torch.Tensor, H: torch.Tensor,
+               Minv: torch.Tensor):
+    """Preconditioned conjugate gradients on every row at once, in the dtype of its arguments.
+
+    ``X`` (d_out, d_in) is the iterate, ``R`` its residual on the kept entries ``kept`` (0/1 of ``X``'s
+    shape), ``f`` (d_out,) each row's objective; all three are updated in place by every step
+    (``f`` falls by ``½ α rᵀz``).  ``H`` is the system's matrix, ``Minv`` the preconditioner, both
+    (d_in, d_in).  Yields ``rᵀz`` (d_out,) before each step and once after the last of
+    ``_CG_MAX_ITERATIONS``; the caller stops the iterations by leaving the loop.
+    """
+    tiny = torch.finfo(H.dtype).tiny
+    Z = (R @ Minv) * kept
+    rz = (R * Z).sum(1)
+    P = Z.clone()
+    for _ in range(_CG_MAX_ITERATIONS):
+        yield rz
+        Q = (P @ H) * kept
         pq = (P * Q).sum(1)
         alpha = torch.where(pq > 0, rz / pq.clamp_min(tiny), torch.zeros_like(pq))
-        delta += alpha[:, None] * P
+        X += alpha[:, None] * P
         R -= alpha[:, None] * Q
         f -= 0.5 * alpha * rz
-        Z = (R @ Hinv32) * k32
+        Z = (R @ Minv) * kept
         rz_next = (R * Z).sum(1)
         beta = torch.where(rz > 0, rz_next / rz.clamp_min(tiny), torch.zeros_like(rz))
         P = Z + beta[:, None] * P
         rz = rz_next
-    return delta.to(H.dtype) * kept
+    yield rz
 
 
 def _refit_rows_direct(W: torch.Tensor, keep: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
