@@ -46,6 +46,7 @@ from .capture import (ExpertGrams, GramHooks, calibration_batches, capture_block
 from .checks import (Boolean, DistinctNames, Interval, InvalidArgumentError, NoneOr, Options, PathLike, check_table,
                      device as _device_arg, finite)
 from .gradients import output_gradient_grams
+from .hostmemory import release_free_memory
 from .report import LayerRecord, PruneReport, count_parameters, peak_memory
 from .units import PruneStructure, check_model
 
@@ -605,6 +606,7 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
     if s.output_metric is not None:
         with clock.stage("metric"), D.step(r, "the output metric's pass"):
             output_grams = _output_grams(model, adapter, batches, s)
+            release_free_memory()  # the pass's per-sequence activations, freed into the heap
         if r is not None:
             with clock.stage("metric"):
                 D.all_reduce_sum(r, [G for grams in output_grams.values() for G in grams.values()])
@@ -643,6 +645,8 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
         if propagate == "pruned":
             with clock.stage("propagate"), D.step(r, f"propagating through block {i}"):
                 _propagate(adapter, block, i, hidden, kwargs[i], kept, mlp_inputs, tail, device, offload)
+        del mlp_inputs
+        release_free_memory()  # the block's batches, freed into the heap: without it the peak creeps up
         block.to(offload if device.type == "cuda" else device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
