@@ -4,11 +4,12 @@ The prune calls ``spap.hostmemory.release_free_memory`` (glibc ``malloc_trim``) 
 metric's pass and after each block.  This script runs the same prune twice, each in its own process
 (peak RSS is a per-process high-water mark): as the package does (``released``) and with that call
 replaced by a no-op (``kept``).  A thread samples the resident set every 10 ms and charges it to the
-block being pruned; the table gives, per block, the highest sample, and the processes' peak RSS
-(``ru_maxrss``, which includes loading the model).  ``--blocks`` stops the prune after that many blocks.
-Memory only: seconds are not reported.
+block being pruned (by ``report.block_seconds``: the blocks run one after the other at the end of the
+prune); the table gives, per block, the highest sample, and the processes' peak RSS (``ru_maxrss``,
+which includes loading the model).  Memory only: seconds are not reported.
 
-    python benchmarks/host_memory.py --target dense --blocks 8 --parallel
+    python benchmarks/host_memory.py --target dense --parallel
+    python benchmarks/host_memory.py --target dense --windows 16 --seqlen 512 --parallel   # quicker
 """
 
 from __future__ import annotations
@@ -35,50 +36,49 @@ def worker(args, config: str, out: str) -> None:
     import torch
 
     import spap
-    import spap.pipeline as pipeline
-    from spap.checkpoint import Interrupted
+    import spap.pipeline
     from spap.data import calibration_set
 
     torch.set_num_threads(args.threads)
-    where = ["load"]  # the block being pruned ("metric" and "inputs" before the first)
-    peaks: dict[str, float] = {}
+    samples: list[tuple[float, float]] = []  # (perf_counter, resident GiB)
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            rss = _resident_gib()
-            peaks[where[0]] = max(peaks.get(where[0], 0.0), rss)
+            samples.append((time.perf_counter(), _resident_gib()))
             time.sleep(0.01)
 
     threading.Thread(target=sample, daemon=True).start()
     model, tokenizer = spap.load_model("smollm2")
     calib = calibration_set("c4", tokenizer, n=args.windows, seqlen=args.seqlen, seed=0)
-    where[0] = "before the blocks"
-    prune_block = pipeline._prune_block
-
-    def labelled(adapter, block, index, *rest, **keywords):
-        where[0] = index
-        return prune_block(adapter, block, index, *rest, **keywords)
-
-    pipeline._prune_block = labelled
     if config == "kept":
-        pipeline.release_free_memory = lambda: False
-    pipeline._HOOKS.stop_after_blocks = args.blocks
-    try:
-        spap.prune_layerwise(model, calib, args.sparsity, target=args.target, batch_size=args.batch_size,
-                             progress=False)
-    except Interrupted:  # stopped after --blocks blocks
-        pass
+        spap.pipeline.release_free_memory = lambda: False
+    loaded = time.perf_counter()
+    model, report = spap.prune_layerwise(model, calib, args.sparsity, target=args.target,
+                                         batch_size=args.batch_size, progress=False)
+    end = time.perf_counter()
     done.set()
+    # The blocks run one after the other at the end of the prune: block i ended the later blocks' seconds
+    # before the last one did (which is about when the prune returned).
+    ends = [end - sum(report.block_seconds[i + 1:]) for i in range(len(report.block_seconds))]
+    starts = [e - s for e, s in zip(ends, report.block_seconds)]
+    peaks: dict[str, float] = {}
+    for t, rss in samples:
+        if t < loaded:
+            where = "load"
+        elif t < starts[0]:
+            where = "before the blocks"
+        else:
+            where = next((str(i) for i, e in enumerate(ends) if t <= e), "after the blocks")
+        peaks[where] = max(peaks.get(where, 0.0), rss)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     with open(out, "w") as f:
-        json.dump({"config": config, "per_block": {str(k): v for k, v in peaks.items()}, "peak_rss_gib": peak}, f)
+        json.dump({"config": config, "per_block": peaks, "peak_rss_gib": peak}, f)
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="dense", choices=["pruned", "dense"])
-    parser.add_argument("--blocks", type=int, default=8, help="stop after this many blocks (default 8)")
     parser.add_argument("--windows", type=int, default=64, help="calibration windows (default 64: quick protocol)")
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -109,7 +109,7 @@ def main(argv=None) -> list[dict]:
                 results.append(json.load(f))
     print(f"SmolLM2-135M, MLP channels {args.sparsity:.0%}, target {args.target}, {args.windows} x {args.seqlen} "
           f"C4 tokens, batch {args.batch_size}, {args.threads} thread(s) per process; peak resident GiB")
-    labels = list(results[0]["per_block"])
+    labels = list(dict.fromkeys(k for r in results for k in r["per_block"]))
     print("| where | " + " | ".join(CONFIGS) + " |")
     print("|---|" + "---|" * len(CONFIGS))
     for label in labels:

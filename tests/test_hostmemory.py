@@ -46,13 +46,13 @@ def test_release_is_a_no_op_without_glibc(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_host_memory_benchmark_charges_every_block():
-    """benchmarks/host_memory.py on SmolLM2 (2 blocks, 4 windows of 256 tokens): both processes report
-    each block, and no sample exceeds the process's own peak."""
+    """benchmarks/host_memory.py on SmolLM2 (4 windows of 256 tokens): both processes report every block,
+    and no sample exceeds the process's own peak."""
     from tests.helpers import benchmark_module
 
-    rows = benchmark_module("host_memory").main(["--windows", "4", "--seqlen", "256", "--blocks", "2",
-                                                 "--target", "dense", "--parallel"])
+    rows = benchmark_module("host_memory").main(["--windows", "4", "--seqlen", "256", "--target", "dense",
+                                                 "--parallel"])
     assert [r["config"] for r in rows] == ["released", "kept"]
     for r in rows:
-        assert {"0", "1"} <= set(r["per_block"]) and "2" not in r["per_block"]
+        assert {str(i) for i in range(30)} <= set(r["per_block"])
         assert all(0 < v <= r["peak_rss_gib"] + 0.01 for v in r["per_block"].values())
