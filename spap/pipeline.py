@@ -646,7 +646,10 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
             with clock.stage("propagate"), D.step(r, f"propagating through block {i}"):
                 _propagate(adapter, block, i, hidden, kwargs[i], kept, mlp_inputs, tail, device, offload)
         del mlp_inputs
-        release_free_memory()  # the block's batches, freed into the heap: without it the peak creeps up
+        # The block's batches, freed into the heap: without it the peak creeps up from block to block.  On
+        # the CPU _prune_block also releases before each pass of a batch: the holes that the batches before
+        # leave in the heap raise the peak inside a block too.
+        release_free_memory()
         block.to(offload if device.type == "cuda" else device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -785,13 +788,17 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
                 lambda m, args: None if hooks.recording else residuals.append(args[0].detach())))
             extra.append(wanted["mlp"].register_forward_pre_hook(stop_at_mlp_out))
         last = k == len(stages) - 1
+        # the activations of the pass before, freed into the heap (see _run); on CUDA they live on the device
+        release_host = release_free_memory if s.device.type == "cpu" else (lambda: None)
         try:
             with torch.no_grad(), clock.stage("forward"), D.step(s.ranks, f"the forward pass of block {index}"):
                 for b, h in enumerate(hidden):
+                    release_host()
                     if dense_hidden is not None:
                         hooks.recording = True
                         out = run_block(dense_block, dense_hidden[b], block_kwargs[b], s.device)
                         hooks.recording = False
+                        release_host()
                         if last:
                             dense_hidden[b] = finite(out, f"dense output of block {index}").to(dense_hidden[b].device)
                     try:

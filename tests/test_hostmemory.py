@@ -57,3 +57,25 @@ def test_host_memory_benchmark_charges_every_block():
     for r in rows:
         assert {str(i) for i in range(30)} <= set(r["per_block"])
         assert all(0 < v <= r["peak_rss_gib"] + 0.01 for v in r["per_block"].values())
+
+
+@pytest.mark.parametrize("target, passes", [("pruned", 1), ("dense", 2)])
+def test_the_cpu_prune_releases_before_each_pass_of_each_batch(monkeypatch, target, passes):
+    """On the CPU the prune returns the heap's free pages before every pass of a batch through a block
+    (each stream's), after each block, and not only between blocks."""
+    import torch
+    import transformers
+
+    import spap
+    import spap.pipeline
+
+    calls = []
+    monkeypatch.setattr(spap.pipeline, "release_free_memory", lambda: calls.append(1) or True)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                   vocab_size=128, num_hidden_layers=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(1))
+    spap.prune_layerwise(model, ids, 0.25, batch_size=2, target=target, output_metric=None, progress=False)
+    batches, blocks = 3, 2
+    assert len(calls) == blocks * (batches * passes + 1)
