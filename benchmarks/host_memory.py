@@ -1,7 +1,7 @@
 """Host memory of a SmolLM2 prune block by block, with and without returning the heap's free pages.
 
 The prune calls ``spap.hostmemory.release_free_memory`` (glibc ``malloc_trim``) after the loss-aware
-metric's pass and after each block.  This script runs the same prune twice, each in its own process
+metric's pass, after each block and, on the CPU, before each pass of a batch through a block.  This script runs the same prune twice, each in its own process
 (peak RSS is a per-process high-water mark): as the package does (``released``) and with that call
 replaced by a no-op (``kept``).  A thread samples the resident set every 10 ms and charges it to the
 block being pruned (by ``report.block_seconds``: the blocks run one after the other at the end of the

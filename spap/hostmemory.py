@@ -35,7 +35,8 @@ def release_free_memory() -> bool:
     """Return the host heap's free pages to the operating system; True if the C library can (glibc).
 
     Cheap (a walk over the heap's free chunks) and safe at any point: memory in use is not touched.
-    The prune calls it after the loss-aware metric's pass and after each block.
+    The prune calls it after the loss-aware metric's pass, after each block and, on the CPU, before each
+    pass of a batch through a block.
     """
     trim = _malloc_trim()
     if trim is None:

@@ -155,8 +155,6 @@ def test_gram_panels_equal_the_full_product(d):
     assert torch.equal(acc.H, acc.H.T)
 
 
-
-
 def test_float32_batches_are_never_copied_whole_to_float64():
     # The mean's float64 sum by row panels: no allocation of the whole batch in float64 (the prune's
     # resident memory peaks while a batch is added), and the sum of every row all the same.
@@ -169,6 +167,8 @@ def test_float32_batches_are_never_copied_whole_to_float64():
     largest = max(e.cpu_memory_usage for e in prof.events())
     assert 0 < largest < X.numel() * 8 // 2
     torch.testing.assert_close(acc.mean, X.double().mean(0), rtol=1e-12, atol=1e-14)
+
+
 def test_factor_problem_is_a_valid_seeded_problem():
     from solvers.synthetic import make_factor_problem
 
