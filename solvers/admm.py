@@ -38,13 +38,17 @@ from typing import Any
 
 import torch
 
-from .validation import Interval, InvalidArgumentError, NoneOr, Options
+from .validation import Boolean, Interval, InvalidArgumentError, NoneOr, Options
 from .masks import group_scores, keep_largest, project
 from .problem import LayerProblem
 from .refit import refit
 from .registry import get_solver, register
+from .row_swap import row_swap_search
+from .swap import swap_search
 from .structure import NM, ColumnGroups, Unstructured
 
+# Swaps in all (column groups) or per row with swap=True: SPAP's bound (solvers.penalty).
+_MAX_SWAPS = 10_000
 MASK_METHODS = ("magnitude", "wanda", "sparsegpt", "obs", "wanda_sp", "flap", "spap")
 
 
@@ -68,6 +72,7 @@ _OPTIONS = {
     "mask": NoneOr(BoolTensor()),
     "mask_method": NoneOr(Options(MASK_METHODS)),
     "final": Options(("admm", "refit")),
+    "swap": Boolean(),
 }
 
 
@@ -138,6 +143,7 @@ def admm(
     mask: torch.Tensor | None = None,
     mask_method: str | None = None,
     final: str = "admm",
+    swap: bool = False,
 ):
     """ADMM weight update with gradual mask selection (unstructured, N:M) or group projection (columns).
 
@@ -165,11 +171,20 @@ def admm(
         Take the fixed mask from this registered method (default options), e.g. ``"wanda"``.
     final : {"admm", "refit"}, default "admm"
         ``"admm"`` returns the last ``Z`` (as the paper); ``"refit"`` the exact refit of the final mask.
+    swap : bool, default False
+        Improve ADMM's final mask by the exact 1-swap local search that ends SPAP
+        (:func:`solvers.swap.swap_search` over column groups of equal size,
+        :func:`solvers.row_swap.row_swap_search` row by row for unstructured and N:M) and return the exact
+        refit of the result, whatever ``final`` says: ADMM's gradual path picks the start, the search
+        finishes it.
 
     Cost
     ----
     ``O(d_in³)`` once (eigendecomposition of ``H̃``) and ``O(d_out·d_in²)`` per iteration.
     """
+    if swap and isinstance(problem.structure, ColumnGroups) and problem.structure.group_size is None:
+        raise InvalidArgumentError("solve(method='admm', swap=True) needs column groups of equal size; "
+                                   f"{problem.structure!r} has groups of unequal size.")
     if mask is not None and mask_method is not None:
         raise InvalidArgumentError("solve(method='admm') takes at most one of 'mask' and 'mask_method'.")
     if mask_method is not None:
@@ -214,8 +229,23 @@ def admm(
         keep = _entry_mask(problem, mask)
         Z = (V + U) * keep
     stats = {"iterations": iterations, "rho_final": r, "primal_residual": primal, "dual_residual": dual,
-             "fixed_mask": fixed, "final": final}
+             "fixed_mask": fixed, "final": "refit" if swap else final}
+    if swap:
+        return _swap_and_refit(problem, mask, stats)
     if final == "refit":
         return refit(problem, mask), mask, stats
     W_hat = Z / norm[None, :]
     return W_hat, mask, stats
+
+
+def _swap_and_refit(problem: LayerProblem, mask: torch.Tensor, stats: dict):
+    """``swap=True``: the 1-swap local search from ``mask``, then the exact refit of its result."""
+    s = problem.structure
+    if isinstance(s, ColumnGroups):
+        keep, found = swap_search(problem.hessian, problem.W64, s.index(problem.device), mask,
+                                  max_swaps=_MAX_SWAPS, Hinv=problem.hessian_inverse)
+        stats.update(swaps=found["swaps"], local_optimum=found["local_optimum"])
+        return refit(problem, keep), keep, stats
+    keep, W_hat, found = row_swap_search(problem, mask, max_swaps=_MAX_SWAPS)
+    stats.update(swaps=found["swaps"], local_optimum=found["local_optimum"])
+    return W_hat, keep, stats

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import solvers
 from solvers.exact import ProblemTooLargeError
-from solvers.refit import refit_columns, refit_rows
+from solvers.refit import refit, refit_columns, refit_rows
 from solvers.synthetic import make_inputs, make_problem
 
 from .helpers import DEVICES
@@ -371,3 +371,38 @@ def test_every_new_method_is_registered_with_a_reference():
     for name in ("obs", "sparsegpt", "admm", "wanda_sp", "flap"):
         spec = solvers.get_solver(name)
         assert spec.reference and "Cost" in spec.fn.__doc__
+
+
+@SETTINGS
+@given(problem=column_problems())
+def test_admm_swap_ends_at_a_one_swap_optimum_below_its_start(problem):
+    """``swap=True``: ADMM's final mask improved to a 1-swap local optimum (brute force over every swap of a
+    kept and a pruned group), and never worse than the refit of ADMM's own mask."""
+    options = {"iterations": 8, "prune_iterations": 4}
+    start = solvers.solve(problem, "admm", final="refit", **options)
+    sol = solvers.solve(problem, "admm", swap=True, **options)
+    _check_structure(problem, sol)
+    assert sol.objective <= start.objective * (1 + 1e-9) + 1e-12
+    assert math.isclose(sol.objective, problem.objective(refit(problem, sol.keep)), rel_tol=1e-9, abs_tol=1e-12)
+    for p, q in itertools.product(torch.nonzero(~sol.keep).flatten(), torch.nonzero(sol.keep).flatten()):
+        other = sol.keep.clone()
+        other[p], other[q] = True, False
+        assert problem.objective(refit(problem, other)) >= sol.objective * (1 - 1e-7) - 1e-12
+
+
+@SETTINGS
+@given(problem=row_problems())
+def test_admm_swap_on_rows_never_loses_to_its_start(problem):
+    options = {"iterations": 8, "prune_iterations": 4}
+    start = solvers.solve(problem, "admm", final="refit", **options)
+    sol = solvers.solve(problem, "admm", swap=True, **options)
+    _check_structure(problem, sol)
+    assert sol.objective <= start.objective * (1 + 1e-9) + 1e-12
+    assert sol.stats["local_optimum"]
+
+
+def test_admm_swap_needs_groups_of_equal_size():
+    structure = solvers.column_groups([[0, 1], [2], [3, 4, 5]])
+    p = make_problem(3, 6, structure=structure, n_prune=1, seed=0)
+    with pytest.raises(solvers.InvalidArgumentError, match="equal size"):
+        solvers.solve(p, "admm", swap=True)
