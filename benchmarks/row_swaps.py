@@ -12,6 +12,7 @@ Numba kernel and with the batched torch path (the CPU reason for the kernel), an
 choose the same mask; ``--batches`` compares swaps tried per table.
 
     python benchmarks/row_swaps.py --blocks 0 15 29
+    python benchmarks/row_swaps.py --blocks 0 15 29 --linears mlp.down_proj --admm-swap   # + admm swap=True
     python benchmarks/row_swaps.py --blocks 15 --linears self_attn.o_proj mlp.down_proj --kernels
     python benchmarks/row_swaps.py --blocks 15 --linears self_attn.o_proj --batches 1 8 32
 """
@@ -32,21 +33,23 @@ from real_layers import LINEARS, load, problem
 from solvers.row_swap import row_swap_search
 
 METHODS = {"spap": ("spap", {}), "spap+row_swap": ("spap", {"row_swap": True}), "admm": ("admm", {})}
+# --admm-swap: ADMM's mask finished by the same search (solve(method="admm", swap=True)).
+ADMM_SWAP = {"admm+swap": ("admm", {"swap": True})}
 
 
 def structures(sparsity: float):
     return [(f"unstructured {sparsity:.0%}", solvers.Unstructured(), {"sparsity": sparsity}), ("2:4", solvers.NM(2, 4), {})]
 
 
-def compare(data, blocks, linears, sparsity: float, damp: float) -> None:
+def compare(data, blocks, linears, sparsity: float, damp: float, methods: dict = METHODS) -> None:
     totals = defaultdict(lambda: defaultdict(float))
     print(f"{'block':>5} {'linear':<17}{'structure':<18}"
-          + "".join(f"{name:>15}{'s':>8}" for name in METHODS) + f"{'swaps':>8}{'rows':>6}")
+          + "".join(f"{name:>15}{'s':>8}" for name in methods) + f"{'swaps':>8}{'rows':>6}")
     for sname, structure, target in structures(sparsity):
         for block in blocks:
             for linear in linears:
                 cells, swaps = [], ""
-                for name, (method, options) in METHODS.items():
+                for name, (method, options) in methods.items():
                     p = problem(data, block, linear, structure, damp=damp, **target)
                     sol = solvers.solve(p, method, **options)
                     seconds = sol.stats["seconds"]
@@ -59,7 +62,7 @@ def compare(data, blocks, linears, sparsity: float, damp: float) -> None:
                 print(f"{block:>5} {linear:<17}{sname:<18}" + "".join(cells) + swaps, flush=True)
     print("\nsummed relative error (seconds) over the problems of each structure")
     for sname, t in totals.items():
-        print(f"  {sname:<18}" + "   ".join(f"{name} {t[name]:.6f} ({t[name + ' s']:.1f} s)" for name in METHODS))
+        print(f"  {sname:<18}" + "   ".join(f"{name} {t[name]:.6f} ({t[name + ' s']:.1f} s)" for name in methods))
     print("swaps: the row search's swaps in all; rows: rows stopped by max_swaps before a 1-swap optimum")
 
 
@@ -94,6 +97,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kernels", action="store_true", help="time the search alone with each kernel instead")
     parser.add_argument("--batches", type=int, nargs="+", help="time the search alone with these batch sizes instead")
+    parser.add_argument("--admm-swap", action="store_true",
+                        help="also ADMM's mask finished by the same search (admm with swap=True)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -106,7 +111,8 @@ def main(argv=None) -> None:
     if args.kernels or args.batches:
         kernels_and_batches(data, args.blocks, args.linears, args.sparsity, args.damp, args.batches)
     else:
-        compare(data, args.blocks, args.linears, args.sparsity, args.damp)
+        compare(data, args.blocks, args.linears, args.sparsity, args.damp,
+                {**METHODS, **ADMM_SWAP} if args.admm_swap else METHODS)
 
 
 if __name__ == "__main__":
