@@ -44,11 +44,9 @@ from .problem import LayerProblem
 from .refit import refit
 from .registry import get_solver, register
 from .row_swap import row_swap_search
-from .swap import swap_search
+from .swap import MAX_SWAPS, swap_then_refit
 from .structure import NM, ColumnGroups, Unstructured
 
-# Swaps in all (column groups) or per row with swap=True: SPAP's bound (solvers.penalty).
-_MAX_SWAPS = 10_000
 MASK_METHODS = ("magnitude", "wanda", "sparsegpt", "obs", "wanda_sp", "flap", "spap")
 
 
@@ -240,12 +238,10 @@ def admm(
 
 def _swap_and_refit(problem: LayerProblem, mask: torch.Tensor, stats: dict):
     """``swap=True``: the 1-swap local search from ``mask``, then the exact refit of its result."""
-    s = problem.structure
-    if isinstance(s, ColumnGroups):
-        keep, found = swap_search(problem.hessian, problem.W64, s.index(problem.device), mask,
-                                  max_swaps=_MAX_SWAPS, Hinv=problem.hessian_inverse)
-        stats.update(swaps=found["swaps"], local_optimum=found["local_optimum"])
-        return refit(problem, keep), keep, stats
-    keep, W_hat, found = row_swap_search(problem, mask, max_swaps=_MAX_SWAPS)
-    stats.update(swaps=found["swaps"], local_optimum=found["local_optimum"])
+    if isinstance(problem.structure, ColumnGroups):
+        W_hat, keep, found = swap_then_refit(problem, mask, max_swaps=MAX_SWAPS)
+    else:
+        keep, W_hat, found = row_swap_search(problem, mask, max_swaps=MAX_SWAPS)
+    stats.update(swaps=found["swaps"], local_optimum=found.get("local_optimum"))
+    stats.update({key: found[key] for key in ("fallback", "swap_skipped") if key in found})
     return W_hat, keep, stats

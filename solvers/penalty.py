@@ -41,11 +41,11 @@ from ._linalg import cholesky
 from .validation import Boolean, Interval, NoneOr, Options
 from .masks import group_scores, keep_largest, project
 from .problem import LayerProblem
-from .refit import refit_rows, refit_rows_below
+from .refit import mask_objective, refit_rows, refit_rows_below, refit_through_inverse
 from .registry import register
 from .structure import ColumnGroups, Unstructured
 from .row_swap import row_swap_search
-from .swap import swap_search
+from .swap import MAX_SWAPS, swap_then_refit
 
 _OPTIONS = {
     "rho0": NoneOr(Interval(float, 0.0, None, closed="neither")),
@@ -96,7 +96,7 @@ def spap(
     gradual: bool = True,
     max_inner: int = 3,
     swap: bool = True,
-    max_swaps: int = 10_000,
+    max_swaps: int = MAX_SWAPS,
     guard: bool = True,
     kernel: str = "auto",
     row_swap: bool = False,
@@ -132,7 +132,7 @@ def spap(
     row_swap : bool, default False
         Run the row swap search for unstructured and N:M (with ``swap``).  Off by default until its
         effect on a whole model's perplexity and prune time is measured (docs/results.md).
-    max_swaps : int, default 10000
+    max_swaps : int, default MAX_SWAPS (10000)
         Upper bound on swaps: in all for column groups, per row for unstructured and N:M (the search
         normally stops at a local optimum long before).
     guard : bool, default True
@@ -229,54 +229,13 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
     stats["start_errors"] = errors
     stats["start"] = start
     keep = candidates[start]
-    if swap and s.group_size is not None and 0 < k < g:
-        keep, swap_stats = swap_search(H, W, s.index(W.device), keep, max_swaps=max_swaps, Hinv=Hinv, kernel=kernel)
-        stats.update({"swaps": swap_stats["swaps"], "local_optimum": swap_stats["local_optimum"], "swap_errors": swap_stats["errors"]})
-    elif swap:
-        stats["swaps"] = 0
-        stats["swap_skipped"] = "groups of unequal size" if s.group_size is None else "nothing to swap"
-    final, W_hat = refit_through_inverse(Hinv, W, s.columns(~keep))
-    if final > errors[start] * (1 + 1e-9):  # round-off in the rank updates; never return worse
-        stats["fallback"] = f"swap result {final:.6g} above its start {errors[start]:.6g}; start kept"
-        keep = candidates[start]
+    if swap:
+        W_hat, keep, swap_stats = swap_then_refit(problem, keep, max_swaps=max_swaps, kernel=kernel,
+                                                  start_error=errors[start])
+        stats.update(swap_stats)
+    else:
         _, W_hat = refit_through_inverse(Hinv, W, s.columns(~keep))
     return W_hat, keep, stats
-
-
-def _pruned_correction(Hinv: torch.Tensor, W: torch.Tensor, pruned_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``W_P`` and ``E = W_P (H⁻¹_PP)⁻¹`` (both ``m×|P|``), through one ``|P|×|P|`` Cholesky."""
-    WP = W[:, pruned_cols]
-    L = cholesky(Hinv[pruned_cols][:, pruned_cols], what="the pruned block of the inverse Gram matrix")
-    return WP, torch.cholesky_solve(WP.T, L).T
-
-
-def refit_through_inverse(Hinv: torch.Tensor, W: torch.Tensor, pruned_cols: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """The exact refit for pruned columns ``P`` and its damped objective, from ``H⁻¹``.
-
-    ``Ŵ = W − W_P (H⁻¹_PP)⁻¹ H⁻¹_{P,:}`` (zero on ``P``) is the same optimum as
-    :func:`solvers.refit.refit_columns` (which factors ``H_KK``), by the block inverse; with ``H⁻¹``
-    at hand it costs one ``|P|×|P|`` Cholesky, shared with the objective ``½ tr(W_P (H⁻¹_PP)⁻¹ W_Pᵀ)``
-    (:func:`mask_objective`), and one ``m×|P|×n`` product, against a ``|K|×|K|`` Cholesky and solve,
-    which was a large share of SPAP's time (SPAP's solve is measured by ``python benchmarks/down_proj.py``;
-    figures in ``docs/performance.md``).
-    """
-    if pruned_cols.numel() == 0:
-        return 0.0, W.clone()
-    WP, E = _pruned_correction(Hinv, W, pruned_cols)
-    W_hat = W - E @ Hinv[pruned_cols]
-    W_hat[:, pruned_cols] = 0.0  # exactly zero, not round-off
-    return 0.5 * float((WP * E).sum()), W_hat
-
-
-def mask_objective(Hinv: torch.Tensor, W: torch.Tensor, pruned_cols: torch.Tensor) -> float:
-    """Damped objective of the exact refit for pruned columns ``P``: ``½ tr(W_P (H⁻¹_PP)⁻¹ W_Pᵀ)``.
-
-    ``O(|P|³ + m|P|²)``, against ``O(|K|³ + m n²)`` for a refit followed by the quadratic form.
-    """
-    if pruned_cols.numel() == 0:
-        return 0.0
-    WP, E = _pruned_correction(Hinv, W, pruned_cols)
-    return 0.5 * float((WP * E).sum())
 
 
 # --- unstructured and N:M --------------------------------------------------------------------------
@@ -290,7 +249,7 @@ def _project_count(problem: LayerProblem, scores: torch.Tensor, n_pruned: int) -
 
 
 def _spap_rows(problem: LayerProblem, schedule, max_inner: int, gradual: bool, guard: bool, swap: bool = True,
-               max_swaps: int = 10_000, kernel: str = "auto", dtype: torch.dtype = torch.float32):
+               max_swaps: int = MAX_SWAPS, kernel: str = "auto", dtype: torch.dtype = torch.float32):
     W64, H = problem.W64, problem.hessian
     k = problem.n_pruned_target
     if k == 0:

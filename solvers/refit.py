@@ -278,6 +278,46 @@ def _chunks_by_count(rows: torch.Tensor, counts: torch.Tensor, budget: int):
         start = stop
 
 
+# --- column refits through H⁻¹ ------------------------------------------------------------------
+
+
+def _pruned_correction(Hinv: torch.Tensor, W: torch.Tensor, pruned_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W_P`` and ``E = W_P (H⁻¹_PP)⁻¹`` (both ``m×|P|``), through one ``|P|×|P|`` Cholesky."""
+    WP = W[:, pruned_cols]
+    L = cholesky(Hinv[pruned_cols][:, pruned_cols], what="the pruned block of the inverse Gram matrix")
+    return WP, torch.cholesky_solve(WP.T, L).T
+
+
+def refit_through_inverse(Hinv: torch.Tensor, W: torch.Tensor, pruned_cols: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The exact refit for pruned columns ``P`` and its damped objective, from ``H⁻¹``.
+
+    ``Ŵ = W − W_P (H⁻¹_PP)⁻¹ H⁻¹_{P,:}`` (zero on ``P``) is the same optimum as
+    :func:`refit_columns` (which factors ``H_KK``), by the block inverse; with ``H⁻¹``
+    at hand it costs one ``|P|×|P|`` Cholesky, shared with the objective ``½ tr(W_P (H⁻¹_PP)⁻¹ W_Pᵀ)``
+    (:func:`mask_objective`), and one ``m×|P|×n`` product, against a ``|K|×|K|`` Cholesky and solve,
+    which was a large share of SPAP's time (SPAP's solve is measured by ``python benchmarks/down_proj.py``;
+    figures in ``docs/performance.md``).
+    """
+    if pruned_cols.numel() == 0:
+        return 0.0, W.clone()
+    WP, E = _pruned_correction(Hinv, W, pruned_cols)
+    W_hat = W - E @ Hinv[pruned_cols]
+    W_hat[:, pruned_cols] = 0.0  # exactly zero, not round-off
+    return 0.5 * float((WP * E).sum()), W_hat
+
+
+def mask_objective(Hinv: torch.Tensor, W: torch.Tensor, pruned_cols: torch.Tensor) -> float:
+    """Damped objective of the exact refit for pruned columns ``P``: ``½ tr(W_P (H⁻¹_PP)⁻¹ W_Pᵀ)``.
+
+    ``O(|P|³ + m|P|²)``, against ``O(|K|³ + m n²)`` for a refit followed by the quadratic form.
+    """
+    if pruned_cols.numel() == 0:
+        return 0.0
+    WP, E = _pruned_correction(Hinv, W, pruned_cols)
+    return 0.5 * float((WP * E).sum())
+
+
+
 def refit(problem: LayerProblem, keep: torch.Tensor) -> torch.Tensor:
     """Refit for the problem's structure: ``keep`` over groups (column structures) or over weights."""
     from .structure import ColumnGroups

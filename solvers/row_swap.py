@@ -50,6 +50,7 @@ from . import kernels
 from ._linalg import cholesky
 from .problem import LayerProblem
 from .refit import refit_rows
+from .swap import MAX_SWAPS
 from .structure import NM, Unstructured
 from .validation import InvalidArgumentError
 
@@ -268,7 +269,7 @@ def row_swap_search(
     problem: LayerProblem,
     keep: torch.Tensor,
     *,
-    max_swaps: int = 10_000,
+    max_swaps: int = MAX_SWAPS,
     rel_tol: float = 1e-9,
     batch: int = 8,
     refresh: int = _REFRESH_EVERY,
@@ -282,7 +283,7 @@ def row_swap_search(
         Unstructured or N:M; the damped Gram matrix ``problem.hessian`` is the objective's.
     keep : BoolTensor of shape (d_out, d_in)
         The starting mask (any per-row counts; N:M: the pattern).  Each row keeps its count.
-    max_swaps : int, default 10000
+    max_swaps : int, default MAX_SWAPS (10000)
         Swaps per row at most.
     rel_tol : float, default 1e-9
         A swap must lower its row's error by more than ``rel_tol`` times that error.

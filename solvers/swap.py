@@ -34,12 +34,19 @@ import torch
 
 from . import kernels
 from ._linalg import cholesky, inverse_from_cholesky, spd_inverse
+from .problem import LayerProblem
+from .refit import mask_objective, refit_through_inverse
 
 # Swaps between two rebuilds of the state from H⁻¹.  The rank updates drift little: on SmolLM2 down_proj
 # layers the tracked error after 29-74 swaps with no rebuild matched the exact refit error to 2.2e-16
 # (relative; the command is in docs/performance.md), so a rebuild, which costs as much as many swaps,
 # is only a bound for long searches.
 _REFRESH_EVERY = 128
+
+# Swaps allowed in one search from a solver (column groups: in all; rows: per row).  The column search
+# makes tens of swaps on SmolLM2's down_proj layers (29-74 from SPAP's start, 43-109 from ADMM's; the
+# commands are in docs/performance.md and docs/results.md), so the bound only stops a runaway search.
+MAX_SWAPS = 10_000
 
 
 class _ColumnState:
@@ -299,3 +306,58 @@ def swap_search(
                 err += delta
             errors.append(err)
     return state.keep_groups.clone(), {"swaps": swaps, "tables": tables, "local_optimum": local_optimum, "errors": errors}
+
+
+def swap_then_refit(
+    problem: LayerProblem,
+    keep_groups: torch.Tensor,
+    *,
+    max_swaps: int = MAX_SWAPS,
+    kernel: str = "auto",
+    start_error: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Finish a column-group mask: :func:`swap_search` from ``keep_groups``, then the exact refit.
+
+    The result is never worse than the start: if round-off in the search's rank updates makes the
+    refit of its mask worse than the start's, the start is kept (``stats["fallback"]`` says so).
+    Groups of unequal size are not searched (``stats["swap_skipped"]``); the start is refit.
+
+    Parameters
+    ----------
+    problem : LayerProblem
+        A column-group problem.
+    keep_groups : BoolTensor of shape (n_groups,)
+        The starting mask (True = kept).
+    max_swaps : int, default MAX_SWAPS
+        Bound on the swaps of the search.
+    kernel : {"auto", "numba", "torch"}
+        Passed to :func:`swap_search`.
+    start_error : float, optional
+        The start's damped refit objective when the caller has it; computed here otherwise.
+
+    Returns
+    -------
+    W_hat : Tensor of shape (m, n), float64
+        The exact refit for the returned mask (zero on its pruned columns).
+    keep_groups : BoolTensor of shape (n_groups,)
+    stats : dict with ``swaps`` and, when searched, ``local_optimum`` and ``swap_errors``.
+    """
+    s = problem.structure
+    W, Hinv = problem.W64, problem.hessian_inverse
+    n_pruned = int((~keep_groups).sum())
+    stats: dict = {}
+    keep = keep_groups
+    if s.group_size is not None and 0 < n_pruned < s.n_groups:
+        keep, found = swap_search(problem.hessian, W, s.index(W.device), keep_groups, max_swaps=max_swaps,
+                                  Hinv=Hinv, kernel=kernel)
+        stats.update(swaps=found["swaps"], local_optimum=found["local_optimum"], swap_errors=found["errors"])
+    else:
+        stats.update(swaps=0, swap_skipped="groups of unequal size" if s.group_size is None else "nothing to swap")
+    final, W_hat = refit_through_inverse(Hinv, W, s.columns(~keep))
+    if start_error is None:
+        start_error = mask_objective(Hinv, W, s.columns(~keep_groups))
+    if final > start_error * (1 + 1e-9):  # round-off in the rank updates; never return worse
+        stats["fallback"] = f"swap result {final:.6g} above its start {start_error:.6g}; start kept"
+        keep = keep_groups.clone()
+        _, W_hat = refit_through_inverse(Hinv, W, s.columns(~keep))
+    return W_hat, keep, stats

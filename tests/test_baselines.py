@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import solvers
 from solvers.exact import ProblemTooLargeError
+from solvers.masks import keep_largest
 from solvers.refit import refit, refit_columns, refit_rows
 from solvers.synthetic import make_inputs, make_problem
 
@@ -406,3 +407,25 @@ def test_admm_swap_needs_groups_of_equal_size():
     p = make_problem(3, 6, structure=structure, n_prune=1, seed=0)
     with pytest.raises(solvers.InvalidArgumentError, match="equal size"):
         solvers.solve(p, "admm", swap=True)
+
+
+@pytest.mark.parametrize("method", ["spap", "admm"])
+def test_column_swap_finish_keeps_its_start_when_the_search_comes_back_worse(method, monkeypatch):
+    """Both solvers finish column masks through ``solvers.swap.swap_then_refit``: if the search (here
+    replaced by one that returns the worst mask, as round-off could in principle) ends above its start,
+    the start's mask and its exact refit are returned and the fallback is recorded."""
+    import solvers.swap as swap_module
+
+    p = make_problem(5, 12, kind="correlated", n_prune=4, seed=3)
+    reference = solvers.solve(p, method, **({"swap": False} if method == "spap" else {"final": "refit"}))
+
+    def worst_search(H, W, groups, keep_groups, **_):
+        energy = (p.W64 * p.W64).sum(0) * H.diagonal()
+        return keep_largest(-energy, int(keep_groups.sum())), {"swaps": 1, "local_optimum": False, "errors": []}
+
+    monkeypatch.setattr(swap_module, "swap_search", worst_search)
+    sol = solvers.solve(p, method, swap=True)
+    assert "fallback" in sol.stats
+    assert math.isclose(sol.objective, p.objective(refit(p, sol.keep)), rel_tol=1e-9, abs_tol=1e-12)
+    assert torch.equal(sol.keep, reference.keep)  # the start: the mask each solver has without the search
+    assert math.isclose(sol.objective, reference.objective, rel_tol=1e-9, abs_tol=1e-12)

@@ -197,7 +197,7 @@ def test_swap_search_runs_on_hard_problems():
 def test_refit_through_inverse_is_the_exact_refit(problem, seed):
     """SPAP's final refit from H⁻¹ (Woodbury form) equals the refit on the kept block of H, and its
     objective is the damped objective of that refit."""
-    from solvers.penalty import refit_through_inverse
+    from solvers.refit import refit_through_inverse
 
     s = problem.structure
     g = torch.Generator().manual_seed(seed)
