@@ -56,6 +56,7 @@ class Job:
     damp: float = DEFAULT_DAMP
     target: str = "pruned"  # prune_layerwise's target: "dense" fits the dense model's outputs
     extra: tuple[tuple[str, str], ...] = ()  # further prune_layerwise keywords (``--set KEY=VALUE``), as text
+    calib_seed: int = 0  # the calibration draw's seed (the validation split is what that draw leaves)
 
     def key(self, protocol: str) -> str:
         s = "nm" if self.sparsity is None else f"{self.sparsity:g}"
@@ -66,7 +67,8 @@ class Job:
         """The method's name in tables; a damping or target other than the default is part of it."""
         label = self.method if self.damp == DEFAULT_DAMP else f"{self.method}@damp={self.damp:g}"
         label = label if self.target == "pruned" else f"{label}@target={self.target}"
-        return label + "".join(f"@{k}={v}" for k, v in self.extra)
+        label += "".join(f"@{k}={v}" for k, v in self.extra)
+        return label if self.calib_seed == 0 else f"{label}@calib_seed={self.calib_seed}"
 
     @classmethod
     def from_payload(cls, fields: dict) -> "Job":
@@ -119,7 +121,7 @@ def row_target(text: str) -> str:
 
 def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | None, refit_scores: bool,
              row_targets: list[str] = ("0.5", "0.6", "2:4"), damp: float = DEFAULT_DAMP,
-             target: str = "pruned", extra: tuple[tuple[str, str], ...] = ()) -> list[Job]:
+             target: str = "pruned", extra: tuple[tuple[str, str], ...] = (), calib_seed: int = 0) -> list[Job]:
     jobs = []
     for suite in suites:
         if suite in ("structured", "structured-heads"):
@@ -127,16 +129,16 @@ def jobs_for(suites: list[str], sparsities: list[float], methods: list[str] | No
             names = methods or STRUCTURED_METHODS
             if refit_scores:
                 names = names + [m + "+refit" for m in names if m in ("flap", "wanda_sp", "magnitude")]
-            jobs += [Job(structure, m, s, damp, target, extra) for s in sparsities for m in names]
+            jobs += [Job(structure, m, s, damp, target, extra, calib_seed) for s in sparsities for m in names]
         elif suite == "unstructured":
             names = methods or ROW_METHODS
             if refit_scores:
                 names = names + [m + "+refit" for m in names if m in ("wanda", "magnitude")]
             for row in row_targets:
                 if ":" in row:
-                    jobs += [Job(row, m, None, damp, target, extra) for m in names]
+                    jobs += [Job(row, m, None, damp, target, extra, calib_seed) for m in names]
                 else:
-                    jobs += [Job("unstructured", m, float(row), damp, target, extra) for m in names]
+                    jobs += [Job("unstructured", m, float(row), damp, target, extra, calib_seed) for m in names]
     return jobs
 
 
@@ -165,7 +167,7 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
     torch.set_num_threads(threads)
     p = PROTOCOLS[protocol]
     model, tok = spap.load_model(model_source)
-    calib = calibration_set("c4", tok, n=p["n"], seqlen=p["seqlen"], seed=0)
+    calib = calibration_set("c4", tok, n=p["n"], seqlen=p["seqlen"], seed=job.calib_seed)
     name, options, keywords = solver_and_keywords(job)
     sparsity = 0.5 if job.sparsity is None else job.sparsity
     # The floor, in the same process: one plain pass of the calibration set through the dense blocks.
@@ -175,7 +177,7 @@ def run_one(job: Job, protocol: str, model_source: str, device: str | None, thre
                                          progress=False, **keywords)
     row = {
         "structure": job.structure, "method": job.label, "sparsity": job.sparsity, "damp": job.damp, "target": job.target,
-        **evaluate(model, tok, protocol),
+        **evaluate(model, tok, protocol, seed=job.calib_seed),
         "prune_s": report.seconds, "solver_s": report.solver_seconds, "metric_s": report.metric_seconds,
         "floor_s": floor_s, "stage_s": report.stage_seconds,
         "peak_rss_gib": report.peak_memory["rss"] / 2**30,
@@ -207,7 +209,7 @@ def sweep(args) -> dict:
     if dense_key not in cache:
         todo.append((dense_key, None))
     for job in jobs_for(args.suite, args.sparsities, args.methods, args.refit_scores, args.row_targets, args.damp,
-                        args.target, tuple(args.set)):
+                        args.target, tuple(args.set), args.calib_seed):
         if job.key(args.protocol) not in cache:
             todo.append((job.key(args.protocol), job))
     print(protocol_text(args.protocol), flush=True)
@@ -350,6 +352,10 @@ def main(argv=None) -> None:
     parser.add_argument("--set", nargs="+", type=setting, default=[], metavar="KEY=VALUE",
                         help="further prune_layerwise keywords (e.g. output_metric=full, or "
                              "method_options={'round_precision':'float64'}, added to the solver's options); part of the cached label")
+    parser.add_argument("--calib-seed", type=int, default=0,
+                        help="seed of the calibration draw from C4 docs[:500] (default 0); the validation split is "
+                             "then what that draw leaves. Another value is cached and shown as METHOD@calib_seed=N, "
+                             "to see how much a table's figures move with the calibration set")
     parser.add_argument("--damp", type=float, default=DEFAULT_DAMP,
                         help="relative damping of every Gram matrix (default 0.01); another value is "
                              "cached and shown as METHOD@damp=VALUE")
@@ -378,7 +384,7 @@ def main(argv=None) -> None:
                           payload["threads"], payload.get("floor", True))
         print(json.dumps(row))
         return
-    check_args(parser, args, at_least={"threads": 1})
+    check_args(parser, args, at_least={"threads": 1, "calib_seed": 0})
     if args.methods:
         import solvers
 

@@ -45,9 +45,10 @@ def protocol_text(protocol: str) -> str:
 # Evaluation
 
 
-def evaluate(model, tok, protocol: str) -> dict:
+def evaluate(model, tok, protocol: str, seed: int = 0) -> dict:
     """The protocol's evaluation of ``model``: ``{"wikitext_ppl", "c4_ppl", "val_ppl", "eval_s"}``
-    (``val_ppl`` on the validation split, the one to choose defaults by)."""
+    (``val_ppl`` on the validation split, the one to choose defaults by: the C4 documents ``[:500]`` that
+    the calibration draw with ``seed`` does not use)."""
     from spap.data import c4_documents, validation_documents, wikitext_rows
     from spap.eval import perplexity
 
@@ -56,7 +57,7 @@ def evaluate(model, tok, protocol: str) -> dict:
     t = time.perf_counter()
     wiki = perplexity(model, tok, wikitext_rows(), **options)
     c4 = perplexity(model, tok, c4_documents(500, None), **options)
-    val = perplexity(model, tok, validation_documents(tok, n=p["n"], seqlen=p["seqlen"]), seqlen=p["eval_seqlen"],
+    val = perplexity(model, tok, validation_documents(tok, n=p["n"], seqlen=p["seqlen"], seed=seed), seqlen=p["eval_seqlen"],
                      max_windows=VALIDATION_WINDOWS)
     return {"wikitext_ppl": wiki, "c4_ppl": c4, "val_ppl": val, "eval_s": time.perf_counter() - t}
 

@@ -113,3 +113,16 @@ def test_report_gives_prune_time_in_forward_passes_and_by_stage(e2e, tmp_path, c
     assert "| 30% | obs | 40.00 | 45.00 |  | 30 |  | 5 |" in out
     assert "| forward | solve | gram | other |" in out
     assert "| mlp | 30% | spap | 20 | 30 | 1.50 | 0.90 | 0.30 | 0.10 | 0.20 |" in out
+
+
+def test_another_calibration_seed_is_its_own_cached_run_and_reaches_the_worker(e2e):
+    default, other = (e2e.jobs_for(["structured"], [0.3], ["spap"], False, calib_seed=s)[0] for s in (0, 2))
+    assert default.key("quick") == "quick|mlp|spap|0.3"
+    assert other.key("quick") == "quick|mlp|spap@calib_seed=2|0.3" and e2e.is_variant(other.label)
+    assert e2e.Job.from_payload(json.loads(json.dumps(other.__dict__))).calib_seed == 2
+
+
+def test_a_negative_calibration_seed_is_refused_before_any_run(e2e, capsys):
+    with pytest.raises(SystemExit):
+        e2e.main(["--calib-seed", "-1", "--report"])
+    assert "--calib-seed" in capsys.readouterr().err
