@@ -130,8 +130,9 @@ def spap(
         row, a kept and a pruned weight of one row (N:M: of one group of ``M``)
         (:func:`solvers.row_swap.row_swap_search`).
     row_swap : bool, default False
-        Run the row swap search for unstructured and N:M (with ``swap``).  Off by default until its
-        effect on a whole model's perplexity and prune time is measured (docs/results.md).
+        Run the row swap search for unstructured and N:M (with ``swap``).  Off by default: it lowers
+        every layer's error at a large multiple of the solver time, and the whole model's validation
+        perplexity only at some targets (docs/results.md, "The row swap search on the whole model").
     max_swaps : int, default MAX_SWAPS (10000)
         Upper bound on swaps: in all for column groups, per row for unstructured and N:M (the search
         normally stops at a local optimum long before).
