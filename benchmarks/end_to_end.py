@@ -213,6 +213,9 @@ def sweep(args) -> dict:
         if job.key(args.protocol) not in cache:
             todo.append((job.key(args.protocol), job))
     print(protocol_text(args.protocol), flush=True)
+    if args.calib_seed:
+        print(f"this sweep calibrates on the draw with seed {args.calib_seed} instead (its rows: METHOD@calib_seed="
+              f"{args.calib_seed}); validation: the C4 docs[:500] that draw does not use", flush=True)
     print(f"{len(todo)} runs to do, {len(cache)} cached in {cache_path}", flush=True)
     for i, (key, job) in enumerate(todo, 1):
         if key in load_cache(cache_path):  # finished meanwhile by a sweep running beside this one
