@@ -242,6 +242,7 @@ def _swap_and_refit(problem: LayerProblem, mask: torch.Tensor, stats: dict):
         W_hat, keep, found = swap_then_refit(problem, mask, max_swaps=MAX_SWAPS)
     else:
         keep, W_hat, found = row_swap_search(problem, mask, max_swaps=MAX_SWAPS)
-    stats.update(swaps=found["swaps"], local_optimum=found.get("local_optimum"))
-    stats.update({key: found[key] for key in ("fallback", "swap_skipped") if key in found})
+    stats.update(swaps=found["swaps"], local_optimum=found["local_optimum"])  # admm refuses unequal groups
+    if "fallback" in found:
+        stats["fallback"] = found["fallback"]
     return W_hat, keep, stats

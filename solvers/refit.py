@@ -317,7 +317,6 @@ def mask_objective(Hinv: torch.Tensor, W: torch.Tensor, pruned_cols: torch.Tenso
     return 0.5 * float((WP * E).sum())
 
 
-
 def refit(problem: LayerProblem, keep: torch.Tensor) -> torch.Tensor:
     """Refit for the problem's structure: ``keep`` over groups (column structures) or over weights."""
     from .structure import ColumnGroups

@@ -340,7 +340,8 @@ def swap_then_refit(
     W_hat : Tensor of shape (m, n), float64
         The exact refit for the returned mask (zero on its pruned columns).
     keep_groups : BoolTensor of shape (n_groups,)
-    stats : dict with ``swaps`` and, when searched, ``local_optimum`` and ``swap_errors``.
+    stats : dict with ``swaps``, ``local_optimum`` (not for groups of unequal size) and, when searched,
+        ``swap_errors``.
     """
     s = problem.structure
     W, Hinv = problem.W64, problem.hessian_inverse
@@ -351,9 +352,13 @@ def swap_then_refit(
         keep, found = swap_search(problem.hessian, W, s.index(W.device), keep_groups, max_swaps=max_swaps,
                                   Hinv=Hinv, kernel=kernel)
         stats.update(swaps=found["swaps"], local_optimum=found["local_optimum"], swap_errors=found["errors"])
-    else:
-        stats.update(swaps=0, swap_skipped="groups of unequal size" if s.group_size is None else "nothing to swap")
+    elif s.group_size is None:
+        stats.update(swaps=0, swap_skipped="groups of unequal size")
+    else:  # every group kept or every group pruned: no swap exists
+        stats.update(swaps=0, local_optimum=True, swap_skipped="nothing to swap")
     final, W_hat = refit_through_inverse(Hinv, W, s.columns(~keep))
+    if "swap_skipped" in stats:  # the start itself was refit: nothing to compare
+        return W_hat, keep, stats
     if start_error is None:
         start_error = mask_objective(Hinv, W, s.columns(~keep_groups))
     if final > start_error * (1 + 1e-9):  # round-off in the rank updates; never return worse
