@@ -10,7 +10,8 @@ process runs without a process group).  Every rank loads SmolLM2-135M, takes its
 ``--batch-size`` sequences (a rank's batches are then the single process's).  Rank 0 gathers each rank's
 wall time and peak memory (host RSS; CUDA peak on a GPU) and the pruned weights.  The table compares
 every run with the single process: identical masks (the same weights pruned, the same MLP channels kept)
-and the largest weight difference.  Timings are printed, never asserted.
+and the largest weight difference.  Timings are printed, never asserted.  Each rank's output is also kept
+under torchrun's ``--log-dir``; a launch that fails raises an error quoting each rank's last stderr lines.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def _worker(args) -> None:
         state = {k: v.cpu() for k, v in model.state_dict().items()}
         torch.save({"ranks": rows, "state": state, "params_after": report.params_after}, args.worker)
     if world > 1:
+        dist.barrier()  # no rank tears its connections down while rank 0 is still writing
         dist.destroy_process_group()
 
 
@@ -88,12 +90,31 @@ def _launch(args, procs: int, out: Path) -> float:
     common = [str(Path(__file__).resolve()), "--worker", str(out), "--windows", str(args.windows), "--seqlen", str(args.seqlen),
               "--batch-size", str(args.batch_size), "--sparsity", str(args.sparsity), "--structure", args.structure,
               "--output-metric", args.output_metric, "--device", args.device, "--threads", str(args.threads)]
+    logs = out.parent / f"logs{procs}"  # each rank's stdout and stderr, also shown as it runs (--tee)
     command = [sys.executable, *common] if procs == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *common]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+         "--log-dir", str(logs), "--tee", "3", *common]
+    # PYTHONFAULTHANDLER: a rank killed by a signal (a native abort) prints every thread's Python stack first
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               PYTHONFAULTHANDLER="1")
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    done = subprocess.run(command, cwd=ROOT, env=env)
+    if done.returncode:
+        raise RuntimeError(f"the run with {procs} process(es) failed (exit code {done.returncode}); "
+                           + (rank_errors(logs) or "see its output above"))
     return time.perf_counter() - start
+
+
+def rank_errors(logs: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of each rank's stderr under torchrun's ``--log-dir`` ``logs`` (progress bars
+    dropped), one block per rank, or "" when there are none: what a failed rank said before it died."""
+    blocks = []
+    for path in sorted(logs.glob("*/attempt_*/*/stderr.log")):
+        text = [ln for ln in path.read_text(errors="replace").replace("\r", "\n").splitlines()
+                if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]
+        if text:
+            blocks.append(f"rank {path.parent.name}, {path.parent.parent.name}:\n" + "\n".join(text[-lines:]))
+    return "\n".join(blocks)
 
 
 def compare(reference: dict, state: dict) -> dict:

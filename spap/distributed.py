@@ -47,6 +47,8 @@ class Ranks:
         Global index of this rank's first calibration sequence (ranks hold consecutive shards in rank order).
     sequences : tuple of int
         Calibration sequences held by each rank.
+    tokens : tuple of int
+        Calibration tokens held by each rank.
     """
 
     rank: int
@@ -54,6 +56,7 @@ class Ranks:
     device: torch.device
     offset: int
     sequences: tuple[int, ...]
+    tokens: tuple[int, ...]
 
     def owner(self, job: int, block: int = 0) -> int:
         """The rank that solves the ``job``-th problem of block ``block``: rotated by the block, so that a
@@ -66,18 +69,18 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def ranks(n_sequences: int) -> Ranks | None:
+def ranks(n_sequences: int, n_tokens: int) -> Ranks | None:
     """This rank's :class:`Ranks` (a collective: every rank calls it), or None without a process group of
-    more than one rank.  ``n_sequences`` is the number of calibration sequences this rank holds."""
+    more than one rank.  ``n_sequences`` and ``n_tokens`` count the calibration this rank holds."""
     if not active():
         return None
     world, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    counts = torch.zeros(world, dtype=torch.int64, device=device)
-    counts[rank] = n_sequences
+    counts = torch.zeros(2, world, dtype=torch.int64, device=device)
+    counts[0, rank], counts[1, rank] = n_sequences, n_tokens
     dist.all_reduce(counts)
-    sequences = tuple(int(c) for c in counts.tolist())
-    return Ranks(rank, world, device, sum(sequences[:rank]), sequences)
+    sequences, tokens = (tuple(int(c) for c in row) for row in counts.tolist())
+    return Ranks(rank, world, device, sum(sequences[:rank]), sequences, tokens)
 
 
 def shard(n: int, world: int, rank: int) -> slice:

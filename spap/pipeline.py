@@ -282,8 +282,9 @@ def prune_layerwise(
                                select_windows=select_windows)
     batches = calibration_batches(calib, tokenizer, batch_size=batch_size)
     check_calibration(batches, model, "prune_layerwise")
-    _warn_few_tokens(get_adapter(model), settings.structure, batches)
-    ranks = D.ranks(sum(len(b) for b in batches))  # None without a process group of several ranks
+    # None without a process group of several ranks
+    ranks = D.ranks(sum(len(b) for b in batches), sum(b.numel() for b in batches))
+    _warn_few_tokens(get_adapter(model), settings.structure, batches, ranks)
     settings = dataclasses.replace(settings, ranks=ranks)
     snapshot = _Snapshot(model, get_adapter(model)) if restore_on_failure else None
     try:
@@ -490,10 +491,13 @@ def _check_counts(adapter: Adapter, parsed: PruneStructure, sparsities: Sequence
                                   caller="prune_layerwise")
 
 
-def _warn_few_tokens(adapter: Adapter, structure: PruneStructure, batches: list[torch.Tensor]) -> None:
+def _warn_few_tokens(adapter: Adapter, structure: PruneStructure, batches: list[torch.Tensor],
+                     ranks: D.Ranks | None = None) -> None:
     """Warn, naming 'calib', when the calibration holds fewer tokens than the widest solved linear has
-    inputs: that layer's Gram matrix is then singular and its problem underdetermined."""
-    tokens = sum(b.numel() for b in batches)
+    inputs: that layer's Gram matrix is then singular and its problem underdetermined.  Under a process
+    group (``ranks``) the problems sum every rank's tokens, so the count is theirs together."""
+    tokens = sum(b.numel() for b in batches) if ranks is None else sum(ranks.tokens)
+    held = "" if ranks is None else f" (with the other ranks' shards: the {ranks.world} ranks together)"
     kind_linear = {"mlp": "the MLP's output linear", "heads": "the attention's output linear"}
     linears = [(kind_linear[name], kind.output_linear(b)) for b in adapter.blocks()
                for name, kind in U.kinds(adapter, structure.units).items() if name != "experts"]
@@ -504,7 +508,7 @@ def _warn_few_tokens(adapter: Adapter, structure: PruneStructure, batches: list[
         return
     what, widest = max(((n, LinearView(m).d_in) for n, m in linears), key=lambda t: t[1])
     if tokens < widest:
-        warnings.warn(f"The 'calib' argument of prune_layerwise holds {tokens} tokens, fewer than the {widest} inputs "
+        warnings.warn(f"The 'calib' argument of prune_layerwise holds {tokens} tokens{held}, fewer than the {widest} inputs "
                       f"of {what}: its problem is underdetermined and can report error 0 whatever is pruned; use at "
                       f"least {widest} tokens.", UserWarning, stacklevel=3)
 

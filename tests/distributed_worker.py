@@ -1,16 +1,19 @@
 """One rank of a data-parallel prune of a tiny model, for tests/test_distributed.py.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT STRUCTURE [--fail-rank R]
+        [--sequences N]
 
 Each rank prunes the same tiny random Llama (:func:`tiny_model`) on its consecutive shard of
-:func:`calibration` and writes ``OUT/rank{r}.pt``: the pruned state dict and the report's per-layer records,
-or the error it stopped with.  ``--fail-rank R`` makes rank ``R`` fail while propagating through block 1.
+:func:`calibration` (``N`` sequences in all, default 8) and writes ``OUT/rank{r}.pt``: the pruned state dict,
+the report's per-layer records and the warnings it raised, or the error it stopped with.  ``--fail-rank R``
+makes rank ``R`` fail while propagating through block 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,6 +64,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("structure")
     parser.add_argument("--fail-rank", type=int)
+    parser.add_argument("--sequences", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -68,11 +72,14 @@ def main() -> None:
     if args.fail_rank == rank:
         plant_failure(rank)
     model = tiny_model()
-    calib = calibration()
+    calib = calibration(args.sequences)
     result = {}
     try:
-        model, report = prune(model, calib[shard(len(calib), world, rank)], args.structure)
-        result.update(records=[(r.block, r.target, r.kept, r.total) for r in report.layers], settings=report.settings)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, report = prune(model, calib[shard(len(calib), world, rank)], args.structure)
+        result.update(records=[(r.block, r.target, r.kept, r.total) for r in report.layers], settings=report.settings,
+                      warnings=[str(w.message) for w in caught])
     except Exception as error:  # noqa: BLE001 - the test reads what each rank stopped with
         result.update(error=f"{type(error).__name__}: {error}")
     result["state"] = model.state_dict()
