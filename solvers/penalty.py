@@ -38,7 +38,7 @@ import torch
 
 from . import kernels
 from ._linalg import cholesky
-from .validation import Boolean, Interval, NoneOr, Options
+from .validation import Boolean, InvalidArgumentError, Interval, NoneOr, Options
 from .masks import group_scores, keep_largest, project
 from .problem import LayerProblem
 from .refit import mask_objective, refit_rows, refit_rows_below, refit_through_inverse
@@ -59,6 +59,7 @@ _OPTIONS = {
     "guard": Boolean(),
     "kernel": Options(kernels.KERNELS),
     "round_precision": Options(("float32", "float64")),
+    "uncompensated": Interval(float, 0.0, None),
 }
 
 
@@ -81,11 +82,18 @@ def prune_schedule(k: int, steps: int, gradual: bool) -> list[int]:
     return [int(round(k * (1 - (1 - (t + 1) / steps) ** 3))) for t in range(steps)]
 
 
+def _check_structure(options: dict, structure: object) -> None:
+    if options.get("uncompensated") and not isinstance(structure, ColumnGroups):
+        raise InvalidArgumentError(f"The 'uncompensated' option of spap applies to column groups (channels, heads); "
+                                   f"the structure is {structure!r}. Leave it at 0.0.")
+
+
 @register(
     "spap",
     reference="Hu & Yuan, Structured Pruning via Alternating Optimization and Penalty Methods, 2025; "
     "OBS-weighted penalty, gradual schedule, Woodbury W-step and swap search: this package (docs/method.md).",
     options=_OPTIONS,
+    check=_check_structure,
 )
 def spap(
     problem: LayerProblem,
@@ -101,6 +109,7 @@ def spap(
     kernel: str = "auto",
     row_swap: bool = False,
     round_precision: str = "float32",
+    uncompensated: float = 0.0,
 ):
     """Penalty method + alternating minimization, then an exact 1-swap local search.
 
@@ -149,6 +158,12 @@ def spap(
         SmolLM2's layers both precisions end within 0.4% of each other's error, neither ahead, and the
         default was chosen on the validation split (``docs/performance.md``).  ``"float64"`` for layers
         so ill-conditioned that float32 rounds lose the mask.
+    uncompensated : float, default 0.0
+        Column groups: choose the mask by the refit error plus ``uncompensated`` times the error the
+        pruned groups would cause with no refit, ``β·½ Σ_{j pruned} H_jj ‖W_{:,j}‖²`` (the diagonal of
+        ``½ tr(W_P H_PP W_Pᵀ)``), in the penalty path's s-step, the choice of start and the swap search.
+        It favours pruning groups that matter little on their own over groups that the kept ones can
+        stand in for.  The refit of the chosen mask is the exact one either way (``docs/method.md`` §6f).
     """
     columns = isinstance(problem.structure, ColumnGroups)
     default = _COLUMN_SCHEDULE if columns else _ROW_SCHEDULE
@@ -158,7 +173,7 @@ def spap(
     schedule = rho_schedule(rho0, rho_max, steps)
     if columns:
         counts = prune_schedule(problem.n_pruned_target, steps, gradual)
-        return _spap_columns(problem, schedule, counts, max_inner, swap, max_swaps, guard, kernel)
+        return _spap_columns(problem, schedule, counts, max_inner, swap, max_swaps, guard, kernel, uncompensated)
     dtype = torch.float32 if round_precision == "float32" else torch.float64
     return _spap_rows(problem, schedule, max_inner, gradual, guard, swap and row_swap, max_swaps, kernel, dtype)
 
@@ -167,7 +182,7 @@ def spap(
 
 
 def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap: bool, max_swaps: int, guard: bool,
-                  kernel: str = "auto"):
+                  kernel: str = "auto", uncompensated: float = 0.0):
     s: ColumnGroups = problem.structure  # type: ignore[assignment]
     W, H = problem.W64, problem.hessian
     k = problem.n_pruned_target
@@ -177,6 +192,9 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
     Hinv = problem.hessian_inverse
     c = 1.0 / Hinv.diagonal()  # OBS weights: c_j‖w_j‖² is the cost of pruning column j alone
     obs_score = group_scores(problem, c * (W * W).sum(0))
+    # ½ H_jj‖w_j‖² summed per group: the error of pruning a group with no refit (diagonal part)
+    unrefit = 0.5 * group_scores(problem, H.diagonal() * (W * W).sum(0))
+    group_cost = uncompensated * unrefit if uncompensated > 0 else None
     keep = torch.ones(g, dtype=torch.bool, device=W.device)
     score = obs_score
     penalized, fits, changes = [], [], []
@@ -185,7 +203,8 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
         changed = 0
         values: list[float] = []  # F_rho after each s-step and W-step at this (rho, k_t): non-increasing
         for inner in range(max_inner):
-            new_keep = keep_largest(score, g - k_t)  # s-step: exact for the current W_hat
+            # s-step: exact for the current W_hat (with the cost: prune the smallest ρ/2·score + cost)
+            new_keep = keep_largest(score if group_cost is None else 0.5 * rho * score + group_cost, g - k_t)
             moved = int((new_keep != keep).sum())
             keep = new_keep
             if inner > 0 and moved == 0:
@@ -193,7 +212,7 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
             changed += moved
             Pc = s.columns(~keep)
             if inner > 0:
-                values.append(fits[-1] + 0.5 * rho * float(score[~keep].sum()))
+                values.append(fits[-1] + 0.5 * rho * float(score[~keep].sum()) + _cost(group_cost, keep))
             # W-step (Woodbury): W_hat = W − E Hinv[P,:],  E = W_P (Hinv_PP + (ρ c_P)⁻¹)⁻¹.
             HinvP = Hinv[Pc]  # (|P|, n), gathered once per W-step
             HinvPP = HinvP[:, Pc]
@@ -205,10 +224,10 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
             # definition of E: O(m|P|) instead of a third m×|P|×|P| product.
             fits.append(0.5 * float((W[:, Pc] * E).sum() - (E * E / (rho * c[Pc])).sum()))
             score = group_scores(problem, c * (W_hat * W_hat).sum(0))
-            values.append(fits[-1] + 0.5 * rho * float(score[~keep].sum()))
+            values.append(fits[-1] + 0.5 * rho * float(score[~keep].sum()) + _cost(group_cost, keep))
         penalized.append(values)
         changes.append(changed)
-    keep = keep_largest(score, g - k)
+    keep = keep_largest(score if group_cost is None else 0.5 * schedule[-1] * score + group_cost, g - k)
     stats = {
         "iterations": iterations,
         "rho": list(schedule),
@@ -222,21 +241,27 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
         # The rho -> 0 limit of the method (OBS scores of the dense weight) and the score selections
         # (Wanda's weighting, magnitude): continue from whichever refits best.
         candidates["obs_score"] = keep_largest(obs_score, g - k)
-        candidates["weighted_magnitude"] = keep_largest(group_scores(problem, H.diagonal() * (W * W).sum(0)), g - k)
+        candidates["weighted_magnitude"] = keep_largest(unrefit, g - k)
         candidates["magnitude"] = keep_largest(group_scores(problem, (W * W).sum(0)), g - k)
     # Exact refit error of each mask from the pruned block of H⁻¹ (|P|×|P|), without refitting.
-    errors = {name: mask_objective(Hinv, W, s.columns(~mask)) for name, mask in candidates.items()}
+    errors = {name: mask_objective(Hinv, W, s.columns(~mask)) + _cost(group_cost, mask)
+              for name, mask in candidates.items()}
     start = min(errors, key=errors.get)
     stats["start_errors"] = errors
     stats["start"] = start
     keep = candidates[start]
     if swap:
         W_hat, keep, swap_stats = swap_then_refit(problem, keep, max_swaps=max_swaps, kernel=kernel,
-                                                  start_error=errors[start])
+                                                  start_error=errors[start], group_cost=group_cost)
         stats.update(swap_stats)
     else:
         _, W_hat = refit_through_inverse(Hinv, W, s.columns(~keep))
     return W_hat, keep, stats
+
+
+def _cost(group_cost: torch.Tensor | None, keep: torch.Tensor) -> float:
+    """The pruned groups' summed cost (0 without one)."""
+    return 0.0 if group_cost is None else float(group_cost[~keep].sum())
 
 
 # --- unstructured and N:M --------------------------------------------------------------------------

@@ -33,9 +33,15 @@ class SolverSpec:
     options: dict[str, Any]
     summary: str
     compensates_bias: bool = False  # returns a new bias (Solution.bias) that the layer must use
+    check: Callable[[dict[str, Any], object], None] | None = None  # options against a structure
 
     def supports(self, structure: object) -> bool:
         return isinstance(structure, self.structures)
+
+    def check_structure(self, options: dict[str, Any], structure: object) -> None:
+        """Raise :class:`InvalidArgumentError` for options that do not apply to ``structure``."""
+        if self.check is not None:
+            self.check(options, structure)
 
 
 _REGISTRY: dict[str, SolverSpec] = {}
@@ -51,16 +57,19 @@ def register(
     options: dict[str, Any] | None = None,
     summary: str = "",
     compensates_bias: bool = False,
+    check: Callable[[dict[str, Any], object], None] | None = None,
 ) -> Callable[[SolverFn], SolverFn]:
     """Decorator that registers ``fn`` under ``name``.  ``compensates_bias``: the solver returns a new
-    bias (``stats["bias"]``, :attr:`Solution.bias`) that the layer must use, also where it had none."""
+    bias (``stats["bias"]``, :attr:`Solution.bias`) that the layer must use, also where it had none.
+    ``check(options, structure)``: raises for options that do not apply to a structure (run with the
+    option table's check, before any work)."""
 
     def wrap(fn: SolverFn) -> SolverFn:
         if name in _REGISTRY:
             raise ValueError(f"solver {name!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = SolverSpec(name, fn, structures, reference, dict(options or {}),
-                                     summary or (doc[0] if doc else ""), compensates_bias)
+                                     summary or (doc[0] if doc else ""), compensates_bias, check)
         return fn
 
     return wrap
@@ -89,6 +98,8 @@ def check_method(method: str, options: dict[str, Any] | None = None, structure: 
             f"Method {method!r} does not support structure {structure!r}; it supports: {allowed}."
         )
     check_options(dict(options or {}), spec.options, f"solve(method={method!r})")
+    if structure is not None:
+        spec.check_structure(dict(options or {}), structure)
     return spec
 
 
@@ -116,6 +127,7 @@ def solve(problem: LayerProblem, method: str = "spap", **options: Any) -> Soluti
             f"Method {method!r} does not support structure {problem.structure!r}; it supports: {allowed}."
         )
     check_options(options, spec.options, f"solve(method={method!r})")
+    spec.check_structure(options, problem.structure)
     start = time.perf_counter()
     weight64, keep, stats = spec.fn(problem, **options)
     if problem.device.type == "cuda":

@@ -154,10 +154,14 @@ class _ColumnState:
         trace = torch.cholesky_solve(quad, cholesky(kq, what="a kept block in the swap search"))
         return 0.5 * trace.diagonal(dim1=-2, dim2=-1).sum(-1) - gain[:, None]
 
-    def improving_swaps(self, threshold: float, batch: int) -> list[tuple[float, int, int]]:
-        """Up to ``batch`` disjoint swaps ``(Δ, slot, q)`` with ``Δ < threshold``, best first."""
+    def improving_swaps(self, threshold: float, batch: int,
+                        group_cost: torch.Tensor | None = None) -> list[tuple[float, int, int]]:
+        """Up to ``batch`` disjoint swaps ``(Δ, slot, q)`` with ``Δ < threshold``, best first (``Δ`` with
+        ``group_cost[q] − group_cost[p]`` added when a cost per pruned group is given)."""
         kept = torch.nonzero(self.keep_groups).flatten()
         table = self.deltas(None, kept)
+        if group_cost is not None:
+            table = table + (group_cost[kept][None, :] - group_cost[self.pruned][:, None])
         r = kept.numel()
         n_best = min(table.numel(), 8 * batch)
         values, flat = torch.topk(table.flatten(), n_best, largest=False)
@@ -243,6 +247,7 @@ def swap_search(
     batch: int = 8,
     Hinv: torch.Tensor | None = None,
     kernel: str = "auto",
+    group_cost: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Exact 1-swap local search: best swap first, then up to ``batch − 1`` more per table.
 
@@ -267,25 +272,30 @@ def swap_search(
         ``H⁻¹`` when the caller has it; computed here otherwise.
     kernel : {"auto", "numba", "torch"}
         The swap table for single-column groups: a fused Numba kernel on CPU (``"auto"``) or torch.
+    group_cost : Tensor of shape (g,), float64, optional
+        A cost added to the objective for each pruned group: the search minimizes the refit error plus
+        ``Σ_{p pruned} group_cost[p]`` (a swap changes it by ``group_cost[q] − group_cost[p]``).
 
     Returns
     -------
     keep_groups : BoolTensor of shape (g,)
-    stats : dict with ``swaps``, ``local_optimum`` (no improving swap remained) and ``errors``.
+    stats : dict with ``swaps``, ``local_optimum`` (no improving swap remained) and ``errors`` (the
+        objective after each swap, the cost included).
     """
     if bool(keep_groups.all()) or not bool(keep_groups.any()):
         return keep_groups.clone(), {"swaps": 0, "local_optimum": True, "errors": []}
     if Hinv is None:
         Hinv = inverse_from_cholesky(cholesky(H, what="the Gram matrix", hint="raise 'damp'"))
     state = _ColumnState(H, W, groups, keep_groups, Hinv, kernel)
-    err = state.reset_error
+    cost = (lambda: 0.0) if group_cost is None else (lambda: float(group_cost[~state.keep_groups].sum()))
+    err = state.reset_error + cost()
     errors = [err]
     swaps, local_optimum, tables = 0, False, 0
     while swaps < max_swaps:
         # One table, then up to `batch` disjoint swaps from its best entries: the first is the best
         # swap; each later one is re-evaluated exactly on the updated state and applied only if it
         # still improves.  The loop ends on a table with no improving swap: a 1-swap local optimum.
-        candidates = state.improving_swaps(-rel_tol * max(err, 1e-300), batch)
+        candidates = state.improving_swaps(-rel_tol * max(err, 1e-300), batch, group_cost)
         tables += 1
         if not candidates:
             local_optimum = True
@@ -295,13 +305,15 @@ def swap_search(
                 break
             if i > 0:
                 delta = float(state.deltas(torch.tensor([pos], device=H.device), torch.tensor([q], device=H.device))[0, 0])
+                if group_cost is not None:
+                    delta += float(group_cost[q] - group_cost[state.pruned[pos]])
                 if not delta < -rel_tol * max(err, 1e-300):
                     continue
             state.apply_swap(pos, q)
             swaps += 1
             if swaps % _REFRESH_EVERY == 0:
                 state.reset(state.keep_groups)  # bound the round-off of the rank updates
-                err = state.reset_error
+                err = state.reset_error + cost()
             else:
                 err += delta
             errors.append(err)
@@ -315,6 +327,7 @@ def swap_then_refit(
     max_swaps: int = MAX_SWAPS,
     kernel: str = "auto",
     start_error: float | None = None,
+    group_cost: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Finish a column-group mask: :func:`swap_search` from ``keep_groups``, then the exact refit.
 
@@ -333,7 +346,10 @@ def swap_then_refit(
     kernel : {"auto", "numba", "torch"}
         Passed to :func:`swap_search`.
     start_error : float, optional
-        The start's damped refit objective when the caller has it; computed here otherwise.
+        The start's objective (its damped refit error, plus its pruned groups' ``group_cost``) when the
+        caller has it; computed here otherwise.
+    group_cost : Tensor of shape (n_groups,), optional
+        A cost per pruned group added to the objective (see :func:`swap_search`).
 
     Returns
     -------
@@ -350,7 +366,7 @@ def swap_then_refit(
     keep = keep_groups
     if s.group_size is not None and 0 < n_pruned < s.n_groups:
         keep, found = swap_search(problem.hessian, W, s.index(W.device), keep_groups, max_swaps=max_swaps,
-                                  Hinv=Hinv, kernel=kernel)
+                                  Hinv=Hinv, kernel=kernel, group_cost=group_cost)
         stats.update(swaps=found["swaps"], local_optimum=found["local_optimum"], swap_errors=found["errors"])
     elif s.group_size is None:
         stats.update(swaps=0, swap_skipped="groups of unequal size")
@@ -359,8 +375,12 @@ def swap_then_refit(
     final, W_hat = refit_through_inverse(Hinv, W, s.columns(~keep))
     if "swap_skipped" in stats:  # the start itself was refit: nothing to compare
         return W_hat, keep, stats
+    def cost(mask: torch.Tensor) -> float:
+        return 0.0 if group_cost is None else float(group_cost[~mask].sum())
+
     if start_error is None:
-        start_error = mask_objective(Hinv, W, s.columns(~keep_groups))
+        start_error = mask_objective(Hinv, W, s.columns(~keep_groups)) + cost(keep_groups)
+    final += cost(keep)
     if final > start_error * (1 + 1e-9):  # round-off in the rank updates; never return worse
         stats["fallback"] = f"swap result {final:.6g} above its start {start_error:.6g}; start kept"
         keep = keep_groups.clone()

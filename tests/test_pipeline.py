@@ -154,6 +154,7 @@ def test_bad_arguments_fail_before_any_work():
         (dict(structure="rows"), "'structure'"),
         (dict(method="nope"), "'method'"),
         (dict(method_options={"rho": 1}), "unknown option"),
+        (dict(structure="unstructured", method_options={"uncompensated": 0.3}), "applies to column groups"),
         (dict(propagate="sideways"), "'propagate'"),
         (dict(batch_size=0), "'batch_size'"),
         (dict(resume=True), "checkpoint_dir"),

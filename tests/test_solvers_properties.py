@@ -227,3 +227,89 @@ def test_spap_refuses_an_unknown_round_precision():
     p = make_problem(3, 8, structure=solvers.Unstructured(), sparsity=0.5, seed=0)
     with pytest.raises(ValueError, match="round_precision.*'float32', 'float64'"):
         solvers.solve(p, "spap", round_precision="float16")
+
+
+def _uncompensated_cost(problem, keep: torch.Tensor, beta: float) -> float:
+    """β·½ Σ_{j pruned} H_jj ‖W_j‖² over the pruned groups' columns (damped H), computed directly."""
+    s = problem.structure
+    pruned = ~s.column_keep_mask(keep, problem.shape[1])
+    W, H = problem.W64, problem.hessian
+    return beta * 0.5 * float((H.diagonal()[pruned] * (W[:, pruned] ** 2).sum(0)).sum())
+
+
+@SETTINGS
+@given(problem=small_problems(structures=("channels", "heads")), beta=st.sampled_from([0.1, 1.0, 10.0]))
+def test_spap_with_the_uncompensated_cost_ends_at_a_one_swap_local_optimum_of_its_objective(problem, beta):
+    """With ``uncompensated=β`` no exchange of one pruned and one kept group lowers the refit error plus
+    β·½ Σ_{pruned} H_jj‖W_j‖² (brute force), and the weight is still the exact refit of the mask."""
+    sol = solvers.solve(problem, "spap", uncompensated=beta)
+    s = problem.structure
+    assert kept_gradient(problem, sol.weight, _entry_keep(problem, sol)) < 1e-8
+    best = sol.objective + _uncompensated_cost(problem, sol.keep, beta)
+    for p in torch.nonzero(~sol.keep).flatten().tolist():
+        for q in torch.nonzero(sol.keep).flatten().tolist():
+            keep = sol.keep.clone()
+            keep[p], keep[q] = True, False
+            W_hat = solvers.refit_columns(problem, s.column_keep_mask(keep, problem.shape[1]))
+            assert problem.objective(W_hat) + _uncompensated_cost(problem, keep, beta) >= best * (1 - 1e-7) - 1e-12
+    for values in sol.stats.get("penalized_objective", []):  # the cost's s-step is exact too: F_ρ stays monotone
+        for before, after in zip(values, values[1:]):
+            assert after <= before * (1 + 1e-9) + 1e-12
+
+
+def test_a_large_uncompensated_weight_prunes_by_the_uncompensated_error_alone():
+    """β → ∞: the objective is the no-refit error, minimised by pruning the channels of smallest
+    H_jj‖W_j‖²; β = 0 is SPAP unchanged."""
+    problem = make_problem(16, 24, kind="correlated", n_prune=9, seed=5)
+    W, H = problem.W64, problem.hessian
+    alone = H.diagonal() * (W * W).sum(0)
+    expected = torch.ones(24, dtype=torch.bool)
+    expected[torch.argsort(alone)[:9]] = False
+    assert torch.equal(solvers.solve(problem, "spap", uncompensated=1e9).keep, expected)
+    plain, zero = solvers.solve(problem, "spap"), solvers.solve(problem, "spap", uncompensated=0.0)
+    assert torch.equal(plain.keep, zero.keep) and torch.equal(plain.weight, zero.weight)
+    assert not torch.equal(plain.keep, expected)  # the refit matters on this problem: the test can tell
+
+
+def test_spap_refuses_a_negative_uncompensated_weight_and_one_for_rows():
+    problem = make_problem(4, 8, n_prune=2, seed=0)
+    with pytest.raises(ValueError, match="uncompensated"):
+        solvers.solve(problem, "spap", uncompensated=-1.0)
+    rows = make_problem(4, 8, structure=solvers.Unstructured(), n_prune=8, seed=0)
+    with pytest.raises(ValueError, match="'uncompensated' option of spap applies to column groups"):
+        solvers.solve(rows, "spap", uncompensated=0.5)
+    assert solvers.solve(rows, "spap", uncompensated=0.0).keep.sum() == 24
+
+
+@SETTINGS
+@given(problem=small_problems(structures=("channels", "heads")), beta=st.sampled_from([0.1, 1.0, 10.0]),
+       seed=st.integers(0, 1000))
+def test_swap_search_with_a_group_cost_ends_at_a_one_swap_optimum_from_any_start(problem, beta, seed):
+    """``swap_search(group_cost=…)`` from a random mask: the objectives it reports are the refit error plus
+    the pruned groups' cost, each swap lowers them, and no single swap lowers the last (brute force)."""
+    from solvers.masks import group_scores
+    from solvers.swap import swap_search
+
+    s = problem.structure
+    W, H = problem.W64, problem.hessian
+    k = problem.n_pruned_target
+    start = torch.ones(s.n_groups, dtype=torch.bool)
+    start[torch.randperm(s.n_groups, generator=torch.Generator().manual_seed(seed))[:k]] = False
+    cost = beta * 0.5 * group_scores(problem, H.diagonal() * (W * W).sum(0))
+
+    def objective(keep):
+        W_hat = solvers.refit_columns(problem, s.column_keep_mask(keep, problem.shape[1]))
+        return problem.objective(W_hat) + _uncompensated_cost(problem, keep, beta)
+
+    keep, stats = swap_search(H, W, s.index(W.device), start, group_cost=cost)
+    tol = 1e-8 * max(problem.dense_energy, 1e-12)
+    if stats["errors"]:
+        assert math.isclose(stats["errors"][0], objective(start), rel_tol=1e-8, abs_tol=tol)
+        assert math.isclose(stats["errors"][-1], objective(keep), rel_tol=1e-8, abs_tol=tol)
+        assert all(b < a for a, b in zip(stats["errors"], stats["errors"][1:]))
+    best = objective(keep)
+    for p in torch.nonzero(~keep).flatten().tolist():
+        for q in torch.nonzero(keep).flatten().tolist():
+            swapped = keep.clone()
+            swapped[p], swapped[q] = True, False
+            assert objective(swapped) >= best * (1 - 1e-7) - 1e-12
