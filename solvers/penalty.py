@@ -45,7 +45,7 @@ from .refit import mask_objective, refit_rows, refit_rows_below, refit_through_i
 from .registry import register
 from .structure import ColumnGroups, Unstructured
 from .row_swap import row_swap_search
-from .swap import MAX_SWAPS, swap_then_refit
+from .swap import MAX_SWAPS, pruned_cost, swap_then_refit
 
 _OPTIONS = {
     "rho0": NoneOr(Interval(float, 0.0, None, closed="neither")),
@@ -195,6 +195,11 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
     # ½ H_jj‖w_j‖² summed per group: the error of pruning a group with no refit (diagonal part)
     unrefit = 0.5 * group_scores(problem, H.diagonal() * (W * W).sum(0))
     group_cost = uncompensated * unrefit if uncompensated > 0 else None
+
+    def s_step_scores(rho: float) -> torch.Tensor:
+        """What the s-step keeps the largest of: F_ρ's penalty per group, plus the cost when there is one."""
+        return score if group_cost is None else 0.5 * rho * score + group_cost
+
     keep = torch.ones(g, dtype=torch.bool, device=W.device)
     score = obs_score
     penalized, fits, changes = [], [], []
@@ -203,8 +208,7 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
         changed = 0
         values: list[float] = []  # F_rho after each s-step and W-step at this (rho, k_t): non-increasing
         for inner in range(max_inner):
-            # s-step: exact for the current W_hat (with the cost: prune the smallest ρ/2·score + cost)
-            new_keep = keep_largest(score if group_cost is None else 0.5 * rho * score + group_cost, g - k_t)
+            new_keep = keep_largest(s_step_scores(rho), g - k_t)  # s-step: exact for the current W_hat
             moved = int((new_keep != keep).sum())
             keep = new_keep
             if inner > 0 and moved == 0:
@@ -212,7 +216,7 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
             changed += moved
             Pc = s.columns(~keep)
             if inner > 0:
-                values.append(fits[-1] + 0.5 * rho * float(score[~keep].sum()) + _cost(group_cost, keep))
+                values.append(fits[-1] + 0.5 * rho * float(score[~keep].sum()) + pruned_cost(group_cost, keep))
             # W-step (Woodbury): W_hat = W − E Hinv[P,:],  E = W_P (Hinv_PP + (ρ c_P)⁻¹)⁻¹.
             HinvP = Hinv[Pc]  # (|P|, n), gathered once per W-step
             HinvPP = HinvP[:, Pc]
@@ -224,10 +228,10 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
             # definition of E: O(m|P|) instead of a third m×|P|×|P| product.
             fits.append(0.5 * float((W[:, Pc] * E).sum() - (E * E / (rho * c[Pc])).sum()))
             score = group_scores(problem, c * (W_hat * W_hat).sum(0))
-            values.append(fits[-1] + 0.5 * rho * float(score[~keep].sum()) + _cost(group_cost, keep))
+            values.append(fits[-1] + 0.5 * rho * float(score[~keep].sum()) + pruned_cost(group_cost, keep))
         penalized.append(values)
         changes.append(changed)
-    keep = keep_largest(score if group_cost is None else 0.5 * schedule[-1] * score + group_cost, g - k)
+    keep = keep_largest(s_step_scores(schedule[-1]), g - k)
     stats = {
         "iterations": iterations,
         "rho": list(schedule),
@@ -244,7 +248,7 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
         candidates["weighted_magnitude"] = keep_largest(unrefit, g - k)
         candidates["magnitude"] = keep_largest(group_scores(problem, (W * W).sum(0)), g - k)
     # Exact refit error of each mask from the pruned block of H⁻¹ (|P|×|P|), without refitting.
-    errors = {name: mask_objective(Hinv, W, s.columns(~mask)) + _cost(group_cost, mask)
+    errors = {name: mask_objective(Hinv, W, s.columns(~mask)) + pruned_cost(group_cost, mask)
               for name, mask in candidates.items()}
     start = min(errors, key=errors.get)
     stats["start_errors"] = errors
@@ -257,11 +261,6 @@ def _spap_columns(problem: LayerProblem, schedule, counts, max_inner: int, swap:
     else:
         _, W_hat = refit_through_inverse(Hinv, W, s.columns(~keep))
     return W_hat, keep, stats
-
-
-def _cost(group_cost: torch.Tensor | None, keep: torch.Tensor) -> float:
-    """The pruned groups' summed cost (0 without one)."""
-    return 0.0 if group_cost is None else float(group_cost[~keep].sum())
 
 
 # --- unstructured and N:M --------------------------------------------------------------------------

@@ -49,6 +49,11 @@ _REFRESH_EVERY = 128
 MAX_SWAPS = 10_000
 
 
+def pruned_cost(group_cost: torch.Tensor | None, keep_groups: torch.Tensor) -> float:
+    """``Σ_{p pruned} group_cost[p]``: the cost per pruned group added to a column objective (0 without one)."""
+    return 0.0 if group_cost is None else float(group_cost[~keep_groups].sum())
+
+
 class _ColumnState:
     def __init__(self, H: torch.Tensor, W: torch.Tensor, groups: torch.Tensor, keep_groups: torch.Tensor,
                  Hinv: torch.Tensor, kernel: str = "auto") -> None:
@@ -287,8 +292,7 @@ def swap_search(
     if Hinv is None:
         Hinv = inverse_from_cholesky(cholesky(H, what="the Gram matrix", hint="raise 'damp'"))
     state = _ColumnState(H, W, groups, keep_groups, Hinv, kernel)
-    cost = (lambda: 0.0) if group_cost is None else (lambda: float(group_cost[~state.keep_groups].sum()))
-    err = state.reset_error + cost()
+    err = state.reset_error + pruned_cost(group_cost, state.keep_groups)
     errors = [err]
     swaps, local_optimum, tables = 0, False, 0
     while swaps < max_swaps:
@@ -313,7 +317,7 @@ def swap_search(
             swaps += 1
             if swaps % _REFRESH_EVERY == 0:
                 state.reset(state.keep_groups)  # bound the round-off of the rank updates
-                err = state.reset_error + cost()
+                err = state.reset_error + pruned_cost(group_cost, state.keep_groups)
             else:
                 err += delta
             errors.append(err)
@@ -375,12 +379,9 @@ def swap_then_refit(
     final, W_hat = refit_through_inverse(Hinv, W, s.columns(~keep))
     if "swap_skipped" in stats:  # the start itself was refit: nothing to compare
         return W_hat, keep, stats
-    def cost(mask: torch.Tensor) -> float:
-        return 0.0 if group_cost is None else float(group_cost[~mask].sum())
-
     if start_error is None:
-        start_error = mask_objective(Hinv, W, s.columns(~keep_groups)) + cost(keep_groups)
-    final += cost(keep)
+        start_error = mask_objective(Hinv, W, s.columns(~keep_groups)) + pruned_cost(group_cost, keep_groups)
+    final += pruned_cost(group_cost, keep)
     if final > start_error * (1 + 1e-9):  # round-off in the rank updates; never return worse
         stats["fallback"] = f"swap result {final:.6g} above its start {start_error:.6g}; start kept"
         keep = keep_groups.clone()
