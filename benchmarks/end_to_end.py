@@ -349,9 +349,9 @@ def main(argv=None) -> None:
     parser.add_argument("--suite", nargs="+", default=["structured"], choices=["structured", "structured-heads", "unstructured"])
     parser.add_argument("--protocol", default="quick", choices=list(PROTOCOLS))
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
-    parser.add_argument("--target", choices=["pruned", "dense"], default="pruned",
-                        help="what each layer fits: its own outputs on the pruned inputs (default) or the dense "
-                             "model's (cached and shown as METHOD@target=dense)")
+    parser.add_argument("--target", choices=["pruned", "dense", "block"], default="pruned",
+                        help="what each layer fits: its own outputs on the pruned inputs (default), the dense "
+                             "model's, or the dense block's output (cached and shown as METHOD@target=...)")
     parser.add_argument("--set", nargs="+", type=setting, default=[], metavar="KEY=VALUE",
                         help="further prune_layerwise keywords (e.g. output_metric=full, or "
                              "method_options={'round_precision':'float64'}, added to the solver's options); part of the cached label")

@@ -1,8 +1,9 @@
 """Zero-shot accuracy of SmolLM2-135M, dense and pruned by SPAP with the package defaults.
 
 Each sparsity runs on a freshly loaded model: 0 is the dense model; any other value prunes it first with
-``spap.prune_layerwise(model, calib, sparsity, structure=..., allocation=...)`` (SPAP; MLP channels and a
-uniform allocation unless ``--structure`` / ``--allocation`` say otherwise) on the quick protocol's
+``spap.prune_layerwise(model, calib, sparsity, structure=..., allocation=..., target=...)`` (SPAP; MLP
+channels, a uniform allocation and the default target unless ``--structure`` / ``--allocation`` /
+``--target`` say otherwise) on the quick protocol's
 calibration (64 windows of 1024 tokens of C4 documents ``[:500]``, seed 0), then scores the tasks with
 ``spap.eval.zeroshot`` on the first ``--limit`` items of each.  Prints one table per sparsity and a
 summary of mean accuracy; ``--json`` writes every result after each sparsity (with date, threads and
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--structure", default="mlp", help="structure of the prune (default mlp)")
     parser.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "knapsack"],
                         help="how the sparsity is spread over the blocks (default uniform)")
+    parser.add_argument("--target", default="pruned", choices=["pruned", "dense", "block"],
+                        help="what each layer fits (prune_layerwise's target; default pruned)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--data-dir", default=None, help="default $SPAP_DATA_DIR or ../shared/data")
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     runs = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
     for sparsity in args.sparsities:
-        setting = {"structure": args.structure, "allocation": args.allocation} if sparsity > 0 else {}
+        setting = {"structure": args.structure, "allocation": args.allocation, "target": args.target} \
+            if sparsity > 0 else {}
         done = [r for r in runs if r["sparsity"] == sparsity and r["limit"] == args.limit and r["tasks"] == list(names)
                 and _setting(r) == setting]
         if done:
@@ -81,17 +85,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _setting(run: dict) -> dict:
-    """A cached run's structure and allocation (runs without them were MLP channels, uniform)."""
+    """A cached run's structure, allocation and target (runs without them were MLP channels, uniform,
+    the pruned model's outputs)."""
     if run["sparsity"] == 0:
         return {}
-    return {"structure": run.get("structure", "mlp"), "allocation": run.get("allocation", "uniform")}
+    return {"structure": run.get("structure", "mlp"), "allocation": run.get("allocation", "uniform"),
+            "target": run.get("target", "pruned")}
 
 
 def _label(sparsity: float, setting: dict) -> str:
     if sparsity == 0:
         return "dense"
     what = "MLP channels" if setting["structure"] == "mlp" else setting["structure"]
-    return f"{sparsity:.0%} {what} (spap, {setting['allocation']})"
+    target = "" if setting["target"] == "pruned" else f", target={setting['target']}"
+    return f"{sparsity:.0%} {what} (spap, {setting['allocation']}{target})"
 
 
 def _summary(runs: list[dict], names: tuple[str, ...], limit: int | None) -> None:

@@ -9,7 +9,8 @@ earlier blocks; fitting the dense outputs, ``min ‖Ŵ X̂ − W X‖²``, corre
     W* = W (C + δ' I) Ĥ_d⁻¹,   Ĥ_d = Ĥ + δ' I,
 
 so the corrected problem is the ordinary :class:`~solvers.LayerProblem` of ``W*`` on ``Ĥ`` with the same
-``damp``, and every solver runs on it unchanged.  When ``X̂ = X``, ``W* = W``.  Derivation:
+``damp``, and every solver runs on it unchanged.  When ``X̂ = X``, ``W* = W``.  A target ``W X + E`` with
+a token-wise correction ``E`` (d_out × p) adds ``D = E X̂ᵀ``: ``W* = (W (C + δ' I) + D) Ĥ_d⁻¹``.  Derivation:
 ``docs/method.md``, "The error-correcting target".
 """
 
@@ -23,8 +24,8 @@ from .validation import Interval, InvalidArgumentError, Options, check
 
 
 def corrected_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01,
-                     damp_mode: str = "mean") -> torch.Tensor:
-    """``W* = W (C + δ'I)(Ĥ + δ'I)⁻¹`` with ``δ' = damp · mean(diag Ĥ)``, in float64 (a Cholesky solve).
+                     damp_mode: str = "mean", offset: torch.Tensor | None = None) -> torch.Tensor:
+    """``W* = (W (C + δ'I) + D)(Ĥ + δ'I)⁻¹`` with ``δ' = damp · mean(diag Ĥ)``, in float64 (a Cholesky solve).
 
     With ``damp_mode="diag"`` the ridge is per input, ``D = damp · diag(Ĥ)`` (the layer problem's
     ``ridge``), and ``W* = W (C + D)(Ĥ + D)⁻¹``: the derivation is the same with ``δ'I`` replaced by ``D``.
@@ -42,6 +43,10 @@ def corrected_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: fl
         The relative damping the layer problem uses (``LayerProblem.damp``).
     damp_mode : {"mean", "diag"}
         As ``LayerProblem.damp_mode``.
+    offset : Tensor of shape (d_out, d_in), optional
+        ``D = E X̂ᵀ`` for a target ``W X + E`` (``E``: d_out × p, a correction added to the dense
+        outputs token by token, e.g. the residual stream's error ``R − R̂`` in a block-output target);
+        ``D = 0`` when not given.
 
     Returns
     -------
@@ -54,8 +59,14 @@ def corrected_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: fl
         if not isinstance(M, torch.Tensor) or M.shape != (d_in, d_in):
             raise InvalidArgumentError(f"The {name!r} argument of corrected_weight must be a tensor of shape "
                                        f"({d_in}, {d_in}). Got {getattr(M, 'shape', type(M).__name__)}.")
+    if offset is not None and (not isinstance(offset, torch.Tensor) or offset.shape != (d_out, d_in)):
+        raise InvalidArgumentError(f"The 'offset' argument of corrected_weight must be a tensor of shape ({d_out}, {d_in}). "
+                                   f"Got {getattr(offset, 'shape', type(offset).__name__)}.")
     H64 = H.to(torch.float64)
     ridge = torch.diag(damping_ridge(H64, damp, damp_mode))  # as LayerProblem.ridge
     L = cholesky(H64 + ridge, what="the damped Gram matrix of the pruned inputs")
-    rhs = (W.to(device=H64.device, dtype=torch.float64) @ (C.to(torch.float64) + ridge)).T
+    rhs = W.to(device=H64.device, dtype=torch.float64) @ (C.to(torch.float64) + ridge)
+    if offset is not None:
+        rhs = rhs + offset.to(device=H64.device, dtype=torch.float64)
+    rhs = rhs.T
     return torch.cholesky_solve(rhs, L).T  # Ĥ_d symmetric: W* = rhsᵀ Ĥ_d⁻¹

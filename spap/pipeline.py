@@ -54,7 +54,7 @@ _CONSTRAINTS = {
     "damp": Interval(float, 0, None, closed="left"),
     "gram_dtype": Options((torch.float32, torch.float64)),
     "propagate": Options(("pruned", "dense")),
-    "target": Options(("pruned", "dense")),
+    "target": Options(("pruned", "dense", "block")),
     "output_metric": Options(("auto", None, "full", "diag")),
     "metric_windows": Interval(int, 1, None),
     "metric_damp": Interval(float, 0, None, closed="neither"),
@@ -214,11 +214,14 @@ def prune_layerwise(
         Where blocks run and problems are solved; default CUDA when available, else CPU.
     offload : str or torch.device, default "cpu"
         Where calibration activations live between blocks.
-    target : {"pruned", "dense"}, default "pruned"
+    target : {"pruned", "dense", "block"}, default "pruned"
         What each layer fits on the inputs the pruned model gives it: its own outputs on them
         (``"pruned"``), or the dense model's outputs (``"dense"``: errors of earlier blocks are corrected;
         a second activation stream, the dense model's, is kept on ``offload`` and run through each block
-        once more; see ``solvers.corrected_weight``).  Needs ``propagate="pruned"``.
+        once more; see ``solvers.corrected_weight``).  ``"block"`` fits the dense *block's* output: the
+        MLP's output linear also absorbs the residual stream's error where the MLP's output is added,
+        ``Ŵ x̂ ≈ W x + r − r̂`` (MLP channels only, families whose block ends with ``r + mlp(x)``).
+        Needs ``propagate="pruned"``.
     propagate : {"pruned", "dense"}, default "pruned"
         Next block's inputs from the pruned block (default) or from the dense block.
     output_metric : {"auto", None, "full", "diag"}, default "auto"
@@ -395,9 +398,11 @@ def check_arguments(
         _check_experts(model, sparsities, allocation, target, candidates)
     _check_counts(adapter, parsed, sparsities)
     counts = A.uniform_counts(sparsities, adapter, parsed.units)
-    if target == "dense" and propagate != "pruned":
-        raise InvalidArgumentError("The 'target' argument of prune_layerwise is 'dense', which needs propagate='pruned' "
+    if target != "pruned" and propagate != "pruned":
+        raise InvalidArgumentError(f"The 'target' argument of prune_layerwise is {target!r}, which needs propagate='pruned' "
                                    "(with dense propagation the inputs are the dense model's already).")
+    if target == "block":
+        _check_block_target(adapter, parsed, structure)
     if output_metric == "auto":  # docs/results.md: chosen on the validation split at 30% MLP channels
         output_metric = "full" if parsed.rows is None and method == "spap" else None
     if output_metric == "full" and parsed.rows is not None:
@@ -446,6 +451,24 @@ def _settings(s: BlockSettings, model: nn.Module) -> dict:
     if not isinstance(s.allocation, A.Uniform):
         out.update(allocation=A.describe(s.allocation))
     return out
+
+
+def _check_block_target(adapter: Adapter, parsed: PruneStructure, structure: str) -> None:
+    """Refuse ``target="block"`` where the MLP's output is not added to the residual stream as it is:
+    the target ``W x + r − r̂`` is the block output's error only when the block ends with ``r + mlp(x)``."""
+    what = "The 'target' argument of prune_layerwise is 'block', which"
+    if parsed.units != ("mlp",):
+        raise InvalidArgumentError(f"{what} fits the MLP's output linear to the block's output: only structure='mlp' "
+                                   f"(MLP channels) is implemented. Got {structure!r}.")
+    tail = adapter.mlp_tail(adapter.blocks()[0]) if _HOOKS.mlp_tail else None
+    if tail is not None:  # is ``finish(r, y)`` the plain sum?  (Gemma normalises y first)
+        r, y = torch.randn(2, 1, 1, adapter.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            p = next(adapter.blocks()[0].parameters())
+            summed = torch.equal(tail[1](r.to(p), y.to(p)), r.to(p) + y.to(p))
+    if tail is None or not summed:
+        raise InvalidArgumentError(f"{what} needs a block that ends with r + mlp(x); "
+                                   f"{type(adapter.model).__name__} does not (use target='pruned' or 'dense').")
 
 
 def _check_experts(model: nn.Module, sparsities: Sequence[float], allocation: A.Allocation, target: str,
@@ -629,7 +652,7 @@ def _run(model: nn.Module, batches: list[torch.Tensor], s: BlockSettings, checkp
                 outside_blocks_on(model, blocks, device):
             hidden, kwargs = capture_block_inputs(model, blocks, batches, device, offload)
         # The dense model's stream, for the error-correcting target (identical until a block is pruned).
-        dense_hidden = [h.clone() for h in hidden] if s.target == "dense" else None
+        dense_hidden = [h.clone() for h in hidden] if s.target != "pruned" else None
         if checkpoint_dir is not None:
             ckpt.start(checkpoint_dir, run)
     windows = None
@@ -762,6 +785,7 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
     records, kept = [], {}
     mlp_inputs: list[torch.Tensor | None] = []
     dense_out: list[torch.Tensor] = []
+    offsets: dict[str, torch.Tensor] = {}  # target="block": D = Σ (r − r̂) x̂ᵀ per output linear
     for k, names in enumerate(stages):
         kinds = U.kinds(adapter, names)
         wanted: dict[str, nn.Module] = {}
@@ -781,15 +805,27 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
                 hooks.add_reference(name, copies[paths[id(module)]])
         extra = []
         residuals: list[torch.Tensor] = []
+        dense_residual: list[torch.Tensor] = []  # target="block": the dense stream's r of the batch in flight
+        offset_seconds: list[float] = []
         if tail is not None:
             def stop_at_mlp_out(module, args):  # registered after the Gram hook, so it runs after it
                 if hooks.recording:  # the dense stream's pass runs the whole block
                     return
+                if s.target == "block":
+                    start = time.perf_counter()
+                    offsets["mlp"] = _add_block_offset(offsets.get("mlp"), dense_residual.pop(), residuals[-1], args[0],
+                                                       s.gram_dtype)
+                    offset_seconds.append(time.perf_counter() - start)
                 mlp_inputs.append(args[0].detach().to(hidden[0].device))  # NaN shows in the Gram check
                 raise _StopBlock
 
-            extra.append(tail[0].register_forward_pre_hook(
-                lambda m, args: None if hooks.recording else residuals.append(args[0].detach())))
+            def record_residual(module, args):
+                if not hooks.recording:
+                    residuals.append(args[0].detach())
+                elif s.target == "block":
+                    dense_residual.append(args[0].detach())
+
+            extra.append(tail[0].register_forward_pre_hook(record_residual))
             extra.append(wanted["mlp"].register_forward_pre_hook(stop_at_mlp_out))
         last = k == len(stages) - 1
         # the activations of the pass before, freed into the heap (see _run); on CUDA they live on the device
@@ -818,15 +854,16 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
                 expert_grams.remove()
             for handle in extra:
                 handle.remove()
-        gram_seconds = hooks.seconds + (expert_grams.seconds if expert_grams is not None else 0.0)
+        gram_seconds = hooks.seconds + sum(offset_seconds) + (expert_grams.seconds if expert_grams is not None else 0.0)
         clock.add("forward", -gram_seconds)
         clock.add("gram", gram_seconds)
         if s.ranks is not None:  # every rank's tokens in every problem
             with clock.stage("gram"):
                 D.reduce_accumulators(s.ranks, list(hooks.accumulators.values()))
+                D.all_reduce_sum(s.ranks, list(offsets.values()))
         with clock.stage("solve"):
             stage_records, stage_kept = _solve_block(block, index, hooks.accumulators, groups, kinds, s, output_grams,
-                                                     scorer, expert_grams)
+                                                     scorer, expert_grams, offsets)
         records += stage_records
         kept.update(stage_kept)
     del dense_block
@@ -846,10 +883,12 @@ def _stages(structure: PruneStructure) -> list[tuple[str, ...]]:
 
 def _solve_block(block: nn.Module, index: int, grams: dict, groups: list, kinds: dict,
                  s: BlockSettings, output_grams: dict, scorer: selection.TailScorer | None,
-                 expert_grams: ExpertGrams | None = None):
+                 expert_grams: ExpertGrams | None = None, offsets: dict | None = None):
     """Solve one block's problems from its Gram matrices and write the solutions into it; returns
     ``(records, kept)`` (see :func:`_prune_block`).  The experts (``expert_grams``, one accumulator per
-    expert) are solved by :func:`_solve_experts`."""
+    expert) are solved by :func:`_solve_experts`.  ``offsets`` (``target="block"``) maps a unit kind to
+    its output linear's ``D`` (:func:`solvers.corrected_weight`)."""
+    offsets = offsets or {}
     records, kept = [], {}
     accumulators = list(grams.items())
     if expert_grams is not None:
@@ -880,7 +919,7 @@ def _solve_block(block: nn.Module, index: int, grams: dict, groups: list, kinds:
         def pose(kind=kind, name=name):
             # counts by the one rounding rule (units.prune_count), checked by check_arguments
             p = _group_problem(LinearView(kind.output_linear(block)), grams[name], kind.column_groups(block), s,
-                               n_prune=s.counts[index][name])
+                               offsets.get(name), n_prune=s.counts[index][name])
             return p, _metric(p, s, output_grams.get(name))
         jobs.append(_Job(name, kind.column_groups(block), pose, lambda sol, kind=kind, name=name: kept.__setitem__(
             name, selection.write_units(kind, block, sol).cpu())))
@@ -1004,11 +1043,23 @@ def _propagate(adapter: Adapter, block: nn.Module, index: int, hidden: list[torc
             hidden[b] = finite(out, f"output of block {index}").to(offload)
 
 
-def _fitted_weight(view: LinearView, acc: solvers.GramAccumulator, s: BlockSettings) -> torch.Tensor:
-    """The weight a layer problem fits: the layer's own, or with ``target="dense"`` the corrected one."""
+def _fitted_weight(view: LinearView, acc: solvers.GramAccumulator, s: BlockSettings,
+                   offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight a layer problem fits: the layer's own, or with ``target="dense"`` (``"block"``: and its
+    ``offset``) the corrected one."""
     if acc.C is None:
         return view.weight
-    return solvers.corrected_weight(view.weight, acc.H, acc.C, s.damp, s.damp_mode).to(view.weight.dtype)
+    return solvers.corrected_weight(view.weight, acc.H, acc.C, s.damp, s.damp_mode, offset).to(view.weight.dtype)
+
+
+def _add_block_offset(total: torch.Tensor | None, r: torch.Tensor, r_hat: torch.Tensor, x_hat: torch.Tensor,
+                      product_dtype: torch.dtype) -> torch.Tensor:
+    """``total + Σ_t (r_t − r̂_t) x̂_tᵀ`` (float64; products in ``product_dtype``) for one batch: the block
+    target's correction of the output linear's fit (``r``, ``r̂``: the dense and the pruned stream's residual
+    where the MLP's output is added, ``(batch, seq, d_out)``; ``x̂``: the output linear's inputs)."""
+    e = (r.to(x_hat.device) - r_hat.to(x_hat.device)).reshape(-1, r.shape[-1]).to(product_dtype)
+    D = (e.T @ x_hat.detach().reshape(-1, x_hat.shape[-1]).to(product_dtype)).to(torch.float64)
+    return D if total is None else total + D
 
 
 def _metric(problem: solvers.LayerProblem, s: BlockSettings,
@@ -1061,10 +1112,10 @@ class _StopBlock(Exception):
 
 
 def _group_problem(view: LinearView, acc: solvers.GramAccumulator, structure: solvers.Structure,
-                   settings: BlockSettings, **target) -> solvers.LayerProblem:
-    """One output projection's column-group problem (``target``: ``n_prune``); solved by the caller and
-    written back with :func:`spap.selection.write_units`."""
-    return solvers.LayerProblem(_fitted_weight(view, acc, settings), acc.H, structure, bias=view.bias,
+                   settings: BlockSettings, offset: torch.Tensor | None = None, **target) -> solvers.LayerProblem:
+    """One output projection's column-group problem (``target``: ``n_prune``; ``offset``: see
+    :func:`_fitted_weight`); solved by the caller and written back with :func:`spap.selection.write_units`."""
+    return solvers.LayerProblem(_fitted_weight(view, acc, settings, offset), acc.H, structure, bias=view.bias,
                                 input_mean=acc.mean, n_samples=acc.n_samples, damp=settings.damp,
                                 damp_mode=settings.damp_mode, **target)
 

@@ -1,7 +1,9 @@
-"""The error-correcting target (``target="dense"``): the corrected weight, its objective, the pipeline."""
+"""The error-correcting targets (``target="dense"`` and ``"block"``): the corrected weight, its objective,
+the pipeline."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -43,6 +45,26 @@ def test_the_corrected_problem_is_the_dense_fit_up_to_a_constant(damp):
     gaps = [problem.objective(W_hat) - direct(W_hat) for W_hat in (torch.randn(4, 6, generator=g, dtype=torch.float64)
                                                                      for _ in range(5))]
     assert max(gaps) - min(gaps) < 1e-8 * max(1.0, abs(gaps[0]))
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.01])
+def test_an_offset_makes_the_corrected_problem_the_fit_of_a_corrected_output(damp):
+    W, X, X_hat = _inputs()
+    E = torch.randn(4, X.shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    H_hat, C, D = X_hat @ X_hat.T, X @ X_hat.T, E @ X_hat.T
+    problem = solvers.LayerProblem(solvers.corrected_weight(W, H_hat, C, damp, offset=D), H_hat, solvers.channels(6),
+                                   sparsity=0.5, damp=damp)
+    ridge = damp * float(H_hat.diagonal().mean())
+
+    def direct(W_hat):  # ½‖Ŵ X̂ − (W X + E)‖² + ½ δ'‖Ŵ − W‖²
+        return 0.5 * float(((W_hat @ X_hat - W @ X - E) ** 2).sum()) + 0.5 * ridge * float(((W_hat - W) ** 2).sum())
+
+    g = torch.Generator().manual_seed(1)
+    gaps = [problem.objective(W_hat) - direct(W_hat) for W_hat in (torch.randn(4, 6, generator=g, dtype=torch.float64)
+                                                                     for _ in range(5))]
+    assert max(gaps) - min(gaps) < 1e-8 * max(1.0, abs(gaps[0]))
+    with pytest.raises(ValueError, match="'offset' argument of corrected_weight"):
+        solvers.corrected_weight(W, H_hat, C, damp, offset=D.T)
 
 
 def test_the_exact_solve_of_the_corrected_problem_minimises_the_dense_fit():
@@ -99,10 +121,72 @@ def test_dense_target_the_mlp_shortcut_and_resume_give_the_same_weights(tmp_path
             torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6)
 
 
+def _inputs_at(model, layer: int, ids):
+    """``(r, x)`` at block ``layer`` of ``model`` on ``ids``: the residual entering the MLP's output addition
+    (the post-attention norm's input) and the MLP output linear's inputs, each ``(tokens, width)``."""
+    block, seen = model.model.layers[layer], {}
+    handles = [block.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.__setitem__("r", a[0])),
+               block.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return [seen[k].reshape(-1, seen[k].shape[-1]).double() for k in ("r", "x")]
+
+
+def test_block_target_fits_the_dense_blocks_output_on_the_kept_channels():
+    """Block 1's pruned down_proj is the least-squares fit, on its kept channels, of the dense block's output
+    minus the pruned stream's residual (``W x + r − r̂``), with the solvers' ridge toward ``W``."""
+    ids = _ids()
+    dense = _model("llama")
+    pruned, report = spap.prune_layerwise(_model("llama"), ids, 0.5, target="block", progress=False)
+    assert report.settings["target"] == "block"
+    mixed = copy.deepcopy(dense)  # the model as block 1 was solved: block 0 pruned, block 1 dense
+    mixed.model.layers[0] = copy.deepcopy(pruned.model.layers[0])
+    (r, x), (r_hat, x_hat) = _inputs_at(dense, 1, ids), _inputs_at(mixed, 1, ids)
+    W = dense.model.layers[1].mlp.down_proj.weight.double()
+    gate, kept_gate = dense.model.layers[1].mlp.gate_proj.weight, pruned.model.layers[1].mlp.gate_proj.weight
+    kept = [int((gate == row).all(1).nonzero()) for row in kept_gate]  # the kept channels, by their gate rows
+    H = x_hat.T @ x_hat
+    ridge = 0.01 * float(H.diagonal().mean())
+    T = x @ W.T + r - r_hat  # (tokens, d_out): the dense block's output less the pruned stream's residual
+    expected = torch.linalg.solve(H[kept][:, kept] + ridge * torch.eye(len(kept), dtype=torch.float64),
+                                  x_hat[:, kept].T @ T + ridge * W[:, kept].T).T
+    torch.testing.assert_close(pruned.model.layers[1].mlp.down_proj.weight.double(), expected, rtol=1e-3, atol=1e-5)
+    # and it is not the dense target's fit: the residual's error changes it
+    plain = torch.linalg.solve(H[kept][:, kept] + ridge * torch.eye(len(kept), dtype=torch.float64),
+                               x_hat[:, kept].T @ (x @ W.T) + ridge * W[:, kept].T).T
+    assert not torch.allclose(expected, plain, rtol=1e-3, atol=1e-5)
+
+
+def test_block_target_resumes_to_the_same_weights(tmp_path):
+    reference, _ = spap.prune_layerwise(_model("llama"), _ids(), 0.5, target="block", progress=False)
+    with pytest.raises(spap.checkpoint.Interrupted), _hooks(stop_after_blocks=1):
+        spap.prune_layerwise(_model("llama"), _ids(), 0.5, target="block", checkpoint_dir=str(tmp_path), progress=False)
+    resumed, _ = spap.prune_layerwise(_model("llama"), _ids(), 0.5, target="block", checkpoint_dir=str(tmp_path),
+                                      resume=True, progress=False)
+    ref = reference.state_dict()
+    for k, v in resumed.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, structure, match", [
+    ("llama", "heads", "only structure='mlp'"),
+    ("llama", "unstructured", "only structure='mlp'"),
+    ("gemma2", "mlp", "ends with r \\+ mlp\\(x\\); Gemma2ForCausalLM does not"),
+    ("gpt_neox", "mlp", "ends with r \\+ mlp\\(x\\); GPTNeoXForCausalLM does not"),
+])
+def test_block_target_is_refused_where_the_mlp_output_is_not_added_to_the_residual(name, structure, match):
+    with pytest.raises(ValueError, match=f"'target' argument of prune_layerwise is 'block'.*{match}"):
+        spap.prune_layerwise(_model(name), _ids(), 0.5, structure=structure, target="block", progress=False)
+
+
 def test_dense_target_needs_pruned_propagation():
     with pytest.raises(ValueError, match="'target'.*propagate='pruned'"):
         spap.prune_layerwise(_model("llama"), _ids(), 0.5, target="dense", propagate="dense", progress=False)
-    with pytest.raises(ValueError, match="'target' argument of prune_layerwise must be one of 'pruned', 'dense'"):
+    with pytest.raises(ValueError, match="'target'.*propagate='pruned'"):
+        spap.prune_layerwise(_model("llama"), _ids(), 0.5, target="block", propagate="dense", progress=False)
+    with pytest.raises(ValueError, match="'target' argument of prune_layerwise must be one of 'pruned', 'dense', 'block'"):
         spap.prune_layerwise(_model("llama"), _ids(), 0.5, target="both", progress=False)
 
 
