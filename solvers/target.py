@@ -27,8 +27,9 @@ def corrected_weight(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: fl
                      damp_mode: str = "mean", offset: torch.Tensor | None = None) -> torch.Tensor:
     """``W* = (W (C + δ'I) + D)(Ĥ + δ'I)⁻¹`` with ``δ' = damp · mean(diag Ĥ)``, in float64 (a Cholesky solve).
 
-    With ``damp_mode="diag"`` the ridge is per input, ``D = damp · diag(Ĥ)`` (the layer problem's
-    ``ridge``), and ``W* = W (C + D)(Ĥ + D)⁻¹``: the derivation is the same with ``δ'I`` replaced by ``D``.
+    With ``damp_mode="diag"`` the ridge is per input, ``Λ = damp · diag(Ĥ)`` (the layer problem's
+    ``ridge``), and ``W* = (W (C + Λ) + D)(Ĥ + Λ)⁻¹``: the derivation is the same with ``δ'I`` replaced by
+    ``Λ``.
 
     Parameters
     ----------

@@ -811,10 +811,14 @@ def _prune_block(adapter: Adapter, block: nn.Module, index: int, hidden: list[to
             def stop_at_mlp_out(module, args):  # registered after the Gram hook, so it runs after it
                 if hooks.recording:  # the dense stream's pass runs the whole block
                     return
-                if s.target == "block":
+                if s.target == "block":  # timed as a Gram product, synchronised on CUDA as GramHooks does
+                    if s.device.type == "cuda":
+                        torch.cuda.synchronize(s.device)
                     start = time.perf_counter()
                     offsets["mlp"] = _add_block_offset(offsets.get("mlp"), dense_residual.pop(), residuals[-1], args[0],
                                                        s.gram_dtype)
+                    if s.device.type == "cuda":
+                        torch.cuda.synchronize(s.device)
                     offset_seconds.append(time.perf_counter() - start)
                 mlp_inputs.append(args[0].detach().to(hidden[0].device))  # NaN shows in the Gram check
                 raise _StopBlock
